@@ -1,0 +1,2 @@
+"""The site server: SIP transports and transactions, registrar, guard, call control, storage,
+config and the ``edgecc`` command line."""

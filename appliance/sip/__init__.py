@@ -1,0 +1,1 @@
+"""SIP on the appliance: transports, transactions, registrar and guard."""

@@ -1,0 +1,1 @@
+"""The cloud side: gRPC server, ingest, backup store and central IT console."""

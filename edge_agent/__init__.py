@@ -1,0 +1,1 @@
+"""The site's link to the cloud (its own process)."""

@@ -1,0 +1,1 @@
+"""The bridge's ``.proto`` files and the code generated from them at build time."""
