@@ -59,6 +59,8 @@ setup(
         "PyYAML>=6.0",
         "sqlite-utils>=3.36",
         "cryptography>=42",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
         "test": [

@@ -1,0 +1,649 @@
+"""The site configuration: ``site.yaml`` validated into frozen, typed objects.
+
+``load_site(site_dir)`` reads ``site_dir/site.yaml`` and returns a :class:`SiteConfig`, or raises
+:class:`ConfigError`. Every problem in the file is reported at once, each naming the file, the
+key path (``sip.accounts[0].ha1_md5``), the line, and what is expected there. Unknown keys are
+errors, so a typo never silently falls back to a default.
+
+Paths in the file (TLS certificate and key, database, site key) are relative to the site
+directory; the loaded objects hold them resolved to absolute paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import typing
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+SITE_FILE = "site.yaml"
+
+KeyPath = tuple[str | int, ...]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem found in a configuration file."""
+
+    file: str
+    """The file the problem is in."""
+    path: KeyPath
+    """Key path of the offending value, ``()`` for the whole document."""
+    line: int | None
+    """1-based line of the key (or of the enclosing map when the key is missing)."""
+    expected: str
+    """What the file should hold there, in words."""
+
+    @property
+    def key(self) -> str:
+        """The key path as written in messages: ``sip.accounts[0].user``."""
+        return format_key_path(self.path)
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.key}: {self.expected}"
+
+
+class ConfigError(Exception):
+    """The site configuration is missing or invalid; nothing was started or written."""
+
+    def __init__(self, issues: list[ConfigIssue] | tuple[ConfigIssue, ...]) -> None:
+        self.issues: tuple[ConfigIssue, ...] = tuple(
+            sorted(issues, key=lambda i: (i.line if i.line is not None else 0, i.key))
+        )
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        count = len(self.issues)
+        head = f"invalid site configuration ({count} problem{'s' if count != 1 else ''}):"
+        return "\n".join([head, *(f"  {issue}" for issue in self.issues)])
+
+
+class _KeyedValueError(ValueError):
+    """A validator's complaint about a key below the model being validated."""
+
+    def __init__(self, path: KeyPath, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def format_key_path(path: KeyPath) -> str:
+    """Render a key path as ``a.b[0].c``; the empty path is ``(document)``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(document)"
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _check_ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(
+            f"expected an IP address such as 127.0.0.1, 0.0.0.0 or ::, got {value!r}"
+        ) from None
+
+
+def _check_cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        raise ValueError(
+            f"expected an address or CIDR network such as 192.0.2.10/32, got {value!r} ({exc})"
+        ) from None
+
+
+def parse_port_range(value: Any) -> tuple[int, int]:
+    """``"LOW-HIGH"`` (or a ``(low, high)`` tuple from code) -> ``(LOW, HIGH)``.
+
+    Raises ValueError saying what is expected otherwise.
+    """
+    bounds: tuple[Any, ...] = ()
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", value)
+        if match:
+            bounds = (int(match.group(1)), int(match.group(2)))
+    elif isinstance(value, tuple):
+        bounds = value
+    if len(bounds) == 2 and all(type(b) is int for b in bounds):
+        low, high = bounds
+        if 1024 <= low < high <= 65535:
+            return (low, high)
+    raise ValueError(
+        f"expected a port range 'LOW-HIGH' with 1024 <= LOW < HIGH <= 65535, got {value!r}"
+    )
+
+
+Port = Annotated[StrictInt, Field(ge=0, le=65535)]
+Seconds = Annotated[StrictFloat, Field(gt=0)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+IpAddress = Annotated[StrictStr, BeforeValidator(lambda v: _check_ip(v) if isinstance(v, str) else v)]
+Cidr = Annotated[StrictStr, BeforeValidator(lambda v: _check_cidr(v) if isinstance(v, str) else v)]
+PortRange = Annotated[tuple[int, int], BeforeValidator(parse_port_range)]
+
+
+def _site_path(value: Any, info: ValidationInfo) -> Any:
+    """Paths in site.yaml are relative to the site directory given in the validation context."""
+    if not isinstance(value, str | Path) or not str(value).strip():
+        raise ValueError("expected a file path (relative to the site directory)")
+    path = Path(value)
+    base = (info.context or {}).get("site_dir")
+    if base is not None and not path.is_absolute():
+        return Path(base) / path
+    return path
+
+
+# Defaults are validated too, so that default paths are resolved like written ones.
+SitePath = Annotated[Path, BeforeValidator(_site_path), Field(validate_default=True)]
+
+
+def _section() -> Any:
+    """A section that may be left out; its defaults are validated with the same context."""
+    return Field(default_factory=dict, validate_default=True)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class SiteInfo(_Model):
+    """Who this site is."""
+
+    id: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")] = "demo"
+    """Short stable identifier; every event sent to the cloud carries it."""
+    name: StrictStr = "Demo site"
+    """Human readable name shown on consoles."""
+    timezone: StrictStr = "UTC"
+    """IANA time zone of the site, used for opening hours and reports."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"expected an IANA time zone such as UTC or Europe/Paris, got {value!r}"
+            ) from None
+        return value
+
+
+class TlsFiles(_Model):
+    """Certificate and private key of the SIP TLS listener (PEM)."""
+
+    cert: SitePath = Path("tls/sip.crt")
+    key: SitePath = Path("tls/sip.key")
+
+
+class Timers(_Model):
+    """RFC 3261 §17.1.1.1 timer base values, in seconds."""
+
+    t1: Seconds = 0.5
+    """Round-trip estimate (RFC 3261 default 500 ms)."""
+    t2: Seconds = 4.0
+    """Maximum retransmit interval for non-INVITE requests and INVITE responses."""
+    t4: Seconds = 5.0
+    """Maximum time a message stays in the network."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timers:
+        if self.t2 < self.t1:
+            raise _KeyedValueError(("t2",), f"expected t2 >= t1 ({self.t1}), got {self.t2}")
+        return self
+
+
+class RegistrarConfig(_Model):
+    """REGISTER handling (RFC 3261 §10.3) and digest nonces."""
+
+    min_expires: PositiveInt = 60
+    """Shorter registrations are answered 423 Interval Too Brief."""
+    max_expires: PositiveInt = 3600
+    """Longer registrations are shortened to this."""
+    default_expires: PositiveInt = 3600
+    """Used when the REGISTER names no expiry."""
+    nonce_ttl: Seconds = 300
+    """Seconds a digest nonce stays valid; older ones get ``stale=true``."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RegistrarConfig:
+        if self.max_expires < self.min_expires:
+            raise _KeyedValueError(
+                ("max_expires",),
+                f"expected max_expires >= min_expires ({self.min_expires}), "
+                f"got {self.max_expires}",
+            )
+        if not self.min_expires <= self.default_expires <= self.max_expires:
+            raise _KeyedValueError(
+                ("default_expires",),
+                f"expected default_expires between min_expires ({self.min_expires}) and "
+                f"max_expires ({self.max_expires}), got {self.default_expires}",
+            )
+        return self
+
+
+class SipLimits(_Model):
+    """Size limits on what a peer may send; exceeding one is a clean error."""
+
+    max_message_bytes: PositiveInt = 65535
+    max_headers: PositiveInt = 100
+    max_vias: PositiveInt = 32
+    max_line_bytes: PositiveInt = 8192
+    stream_buffer_bytes: PositiveInt = 262144
+    """Per TCP/TLS connection receive buffer."""
+
+
+class Account(_Model):
+    """A SIP account (an agent's phone). Only digest HA1 values are stored, never passwords."""
+
+    user: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._+-]{1,64}$")]
+    """SIP user part, usually the extension ("1001")."""
+    display_name: StrictStr | None = None
+    ha1_md5: Annotated[StrictStr, Field(pattern=r"^[0-9a-fA-F]{32}$")]
+    """``md5("user:realm:password")`` in hex (RFC 2617 §3.2.2.2)."""
+    ha1_sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+    """``sha256("user:realm:password")`` in hex (RFC 7616 §3.4.2, RFC 8760)."""
+
+    @field_validator("ha1_md5", "ha1_sha256")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
+class SipConfig(_Model):
+    """SIP listeners, realm, timers, limits and accounts."""
+
+    bind: IpAddress = "127.0.0.1"
+    """Address the SIP listeners bind to."""
+    udp_port: Port = 5060
+    tcp_port: Port = 5060
+    tls_port: Port | None = 5061
+    """``null`` disables TLS."""
+    realm: Annotated[StrictStr, Field(pattern=r'^[^"\\\s]{1,128}$')] = "edgecc.local"
+    """Digest realm (RFC 3261 §22.1)."""
+    tls: TlsFiles = _section()
+    timers: Timers = _section()
+    registrar: RegistrarConfig = _section()
+    limits: SipLimits = _section()
+    accounts: tuple[Account, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SipConfig:
+        if self.tls_port and self.tls_port == self.tcp_port:
+            raise _KeyedValueError(
+                ("tls_port",), f"expected a port other than tcp_port ({self.tcp_port})"
+            )
+        seen: dict[str, int] = {}
+        for index, account in enumerate(self.accounts):
+            if account.user in seen:
+                raise _KeyedValueError(
+                    ("accounts", index, "user"),
+                    f"expected a unique user, {account.user!r} is already "
+                    f"accounts[{seen[account.user]}]",
+                )
+            seen[account.user] = index
+        return self
+
+    @property
+    def accounts_by_user(self) -> dict[str, Account]:
+        """The accounts keyed by SIP user."""
+        return {account.user: account for account in self.accounts}
+
+
+class GuardConfig(_Model):
+    """Protection against scanners, brute force and floods."""
+
+    enabled: StrictBool = True
+    max_auth_failures: PositiveInt = 5
+    """Failed digest attempts within ``failure_window`` before a source is banned."""
+    failure_window: Seconds = 60
+    ban_time: Seconds = 900
+    rate_limit: Seconds = 50
+    """Requests per second per source (token bucket refill rate)."""
+    rate_burst: PositiveInt = 100
+    """Token bucket size."""
+    exempt_sources: tuple[Cidr, ...] = ()
+    """Networks never rate-limited or banned (the SBC, load generators)."""
+    scanner_user_agents: tuple[StrictStr, ...] = (
+        "friendly-scanner", "sipvicious", "sipcli", "sipsak", "VaxSIPUserAgent", "iWar",
+        "sip-scan", "SIVuS", "Gulp", "smap", "pplsip",
+    )
+    """User-Agent substrings (case-insensitive) whose requests are dropped unanswered."""
+
+
+class TrunkConfig(_Model):
+    """The carrier trunk."""
+
+    allowed_sources: tuple[Cidr, ...] = ("127.0.0.1/32",)
+    """Networks the carrier's INVITEs may come from (no digest for these)."""
+
+
+class HttpConfig(_Model):
+    """The appliance's HTTP API."""
+
+    bind: IpAddress = "127.0.0.1"
+    port: Port = 8080
+
+
+class MediaConfig(_Model):
+    """RTP media."""
+
+    rtp_ports: PortRange = (20000, 29999)
+    """UDP ports the media engine allocates RTP/RTCP pairs from (``"LOW-HIGH"``)."""
+
+
+class StorageConfig(_Model):
+    """Files of the site."""
+
+    database: SitePath = Path("edgecc.db")
+    """The site's SQLite database."""
+    site_key: SitePath = Path("site.key")
+    """32 random bytes that wrap the per-recording encryption keys."""
+
+
+class SiteConfig(_Model):
+    """Everything ``site.yaml`` says, validated."""
+
+    site: SiteInfo = _section()
+    sip: SipConfig = _section()
+    guard: GuardConfig = _section()
+    trunk: TrunkConfig = _section()
+    http: HttpConfig = _section()
+    media: MediaConfig = _section()
+    storage: StorageConfig = _section()
+
+    _site_dir: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> SiteConfig:
+        base = (info.context or {}).get("site_dir")
+        if base is not None:
+            self._site_dir = Path(base)
+        low, high = self.media.rtp_ports
+        for key in ("udp_port", "tcp_port", "tls_port"):
+            port = getattr(self.sip, key)
+            if port and low <= port <= high:
+                raise _KeyedValueError(
+                    ("sip", key),
+                    f"expected a port outside media.rtp_ports ({low}-{high}), got {port}",
+                )
+        if self.http.port and self.http.port in (self.sip.tcp_port, self.sip.tls_port):
+            raise _KeyedValueError(
+                ("http", "port"), f"expected a port not used by SIP TCP/TLS, got {self.http.port}"
+            )
+        return self
+
+    @property
+    def site_dir(self) -> Path | None:
+        """The directory this configuration was loaded from (None when built in code)."""
+        return self._site_dir
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+class _LineMap:
+    """Key path -> 1-based line, built from the composed YAML node tree."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.lines: dict[KeyPath, int] = {}
+        self.duplicates: list[tuple[KeyPath, int]] = []
+        if root is not None:
+            self._walk(root, ())
+
+    def _walk(self, node: yaml.Node, path: KeyPath) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self._walk(value_node, path)
+                    continue
+                key: str | int = str(key_node.value)
+                child = (*path, key)
+                line = key_node.start_mark.line + 1
+                if child in self.lines and isinstance(key_node, yaml.ScalarNode):
+                    self.duplicates.append((child, line))
+                self.lines[child] = line
+                self._walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._walk(item, (*path, index))
+
+    def line_of(self, path: KeyPath) -> int | None:
+        """Line of the deepest existing prefix of ``path`` (a missing key -> its parent)."""
+        for end in range(len(path), -1, -1):
+            prefix = tuple(str(p) if not isinstance(p, int) else p for p in path[:end])
+            if prefix in self.lines:
+                return self.lines[prefix]
+        return None
+
+
+def _compose(text: str, file: str) -> tuple[Any, _LineMap]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        what = str(exc.problem or "")
+        if exc.context:
+            start = f" (from line {exc.context_mark.line + 1})" if exc.context_mark else ""
+            what = f"{exc.context}{start}: {what}"
+        raise ConfigError(
+            [ConfigIssue(file, (), line, f"malformed YAML: {what}")]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(file, (), None, f"malformed YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+    return data, _LineMap(node)
+
+
+# --------------------------------------------------------------------------- error wording
+
+_SECRET_HINTS = ("ha1", "password", "secret")
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+_PATTERN_HINTS = {
+    "id": "a short id of lower-case letters, digits, '-' and '_' (up to 63, not starting "
+    "with '-' or '_')",
+    "user": "a SIP user name of letters, digits, '.', '_', '+' and '-' (up to 64)",
+    "realm": "a realm without spaces, quotes or backslashes (up to 128 characters)",
+}
+_SIMPLE = {
+    "int_type": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "bool_type": "true or false",
+}
+
+
+def _model_at(path: KeyPath) -> type[BaseModel] | None:
+    """The model class that validates the mapping at ``path``, if any."""
+    model: Any = SiteConfig
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        model = _unwrap_model(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _expected(error: Mapping[str, Any], path: KeyPath) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        model = _model_at(path[:-1])
+        allowed = ", ".join(model.model_fields) if model is not None else ""
+        return f"unknown key (allowed here: {allowed})" if allowed else "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping (key: value), got {_describe(value)}"
+    if kind in ("tuple_type", "list_type"):
+        return f"expected a list, got {_describe(value)}"
+    if kind == "string_type":
+        hint = " (quote it: \"...\")" if isinstance(value, int | float) else ""
+        return f"expected a string{hint}, got {_describe(value)}"
+    if kind == "string_pattern_mismatch" and path and str(path[-1]).startswith("ha1_"):
+        size = 32 if path[-1] == "ha1_md5" else 64
+        return f"expected {size} hexadecimal digits"
+    if kind == "string_pattern_mismatch" and path and str(path[-1]) in _PATTERN_HINTS:
+        return f"expected {_PATTERN_HINTS[str(path[-1])]}, got {_describe(value)}"
+    ctx = error.get("ctx") or {}
+    last = str(path[-1]) if path else ""
+    if last.endswith("port") and kind in ("int_type", "greater_than_equal", "less_than_equal"):
+        return f"expected a port number from 0 to 65535 (0 = any free port), got {_describe(value)}"
+    if kind in _BOUNDS:
+        bound = next(ctx[k] for k in ("ge", "gt", "le", "lt") if k in ctx)
+        return f"expected a number {_BOUNDS[kind]} {bound}, got {_describe(value)}"
+    if kind in _SIMPLE:
+        return f"expected {_SIMPLE[kind]}, got {_describe(value)}"
+    message = str(error.get("msg", ""))
+    if isinstance(ctx.get("error"), ValueError):
+        message = str(ctx["error"])
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    elif message.startswith("Input should be "):
+        message = "expected " + message[len("Input should be ") :]
+    elif message.startswith("String should match pattern "):
+        message = "expected a value matching " + message[len("String should match pattern ") :]
+    if not message.startswith("expected"):
+        return message
+    secret = any(h in str(p) for p in path for h in _SECRET_HINTS)
+    if secret or isinstance(value, dict | list) or "got " in message:
+        return message
+    return f"{message}, got {_describe(value)}"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    return repr(value)
+
+
+def _issues(exc: ValidationError, file: str, lines: _LineMap) -> list[ConfigIssue]:
+    issues = []
+    for error in exc.errors():
+        path: KeyPath = tuple(error["loc"])
+        ctx = error.get("ctx") or {}
+        if isinstance(ctx.get("error"), _KeyedValueError):
+            path = (*path, *ctx["error"].path)
+        # pydantic adds the tagged union member / function name for some validators.
+        path = tuple(p for p in path if not (isinstance(p, str) and p.startswith("function-")))
+        issues.append(ConfigIssue(file, path, lines.line_of(path), _expected(error, path)))
+    return issues
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_site_yaml(
+    text: str, *, file: str = SITE_FILE, site_dir: Path | str | None = None
+) -> SiteConfig:
+    """Validate the text of a site.yaml; relative paths resolve against ``site_dir``."""
+    data, lines = _compose(text, file)
+    issues = [
+        ConfigIssue(file, path, line, "duplicate key (each key may appear once)")
+        for path, line in lines.duplicates
+    ]
+    if data is None:
+        data = {}
+    context = {"site_dir": Path(site_dir).resolve()} if site_dir is not None else None
+    try:
+        config = SiteConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        issues.extend(_issues(exc, file, lines))
+        raise ConfigError(issues) from None
+    if issues:
+        raise ConfigError(issues)
+    if site_dir is not None and config.sip.tls_port is not None:
+        for key in ("cert", "key"):
+            target = getattr(config.sip.tls, key)
+            if not target.is_file():
+                path = ("sip", "tls", key)
+                issues.append(
+                    ConfigIssue(
+                        file, path, lines.line_of(path),
+                        f"expected an existing PEM file, {target} does not exist "
+                        "(or set sip.tls_port: null to disable TLS)",
+                    )
+                )
+    if issues:
+        raise ConfigError(issues)
+    return config
+
+
+def load_site(site_dir: Path | str) -> SiteConfig:
+    """Read and validate ``site_dir/site.yaml``; raise ConfigError without touching anything."""
+    directory = Path(site_dir)
+    file = directory / SITE_FILE
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [ConfigIssue(str(file), (), None,
+                         f"file not found; create a site with `edgecc init --site-dir {directory}`")]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue(str(file), (), None, f"cannot read: {exc}")]) from None
+    return parse_site_yaml(text, file=str(file), site_dir=directory)
+
+
+def ha1(user: str, realm: str, password: str) -> tuple[str, str]:
+    """The (MD5, SHA-256) digest HA1 values for an account (RFC 7616 §3.4.2)."""
+    material = f"{user}:{realm}:{password}".encode()
+    return hashlib.md5(material).hexdigest(), hashlib.sha256(material).hexdigest()

@@ -1,0 +1,159 @@
+"""The site database: one SQLite file, WAL, ``synchronous=FULL``, numbered migrations.
+
+``open_site_db(path)`` opens (creating if needed) the database and brings its schema up to date.
+Each migration runs in its own ``BEGIN IMMEDIATE`` transaction together with the row that records
+it in ``schema_migrations``: it is applied whole or not at all, and a second opener (another
+process racing at start-up) waits for the lock and then finds it already applied.
+
+Migrations are plain SQL statements run through the connection, never sqlite-utils' table
+helpers, so no helper can commit half a migration behind our back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One numbered schema change."""
+
+    number: int
+    """Position in the sequence, starting at 1, never reused."""
+    name: str
+    """Short description kept in ``schema_migrations``."""
+    statements: tuple[str, ...]
+    """SQL statements, run in order inside one transaction."""
+
+
+class MigrationError(Exception):
+    """A migration failed; its transaction was rolled back and later ones were not tried."""
+
+    def __init__(self, migration: Migration, cause: BaseException) -> None:
+        super().__init__(f"migration {migration.number} ({migration.name}) failed: {cause}")
+        self.migration = migration
+        self.__cause__ = cause
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "sip bindings and audit log",
+        (
+            # RFC 3261 §10.3: a binding is keyed by address-of-record and contact URI.
+            """CREATE TABLE sip_bindings (
+                aor TEXT NOT NULL,
+                contact TEXT NOT NULL,
+                expires_at REAL NOT NULL,
+                call_id TEXT,
+                cseq INTEGER,
+                q REAL,
+                received TEXT,
+                transport TEXT,
+                instance TEXT,
+                user_agent TEXT,
+                PRIMARY KEY (aor, contact)
+            )""",
+            "CREATE INDEX sip_bindings_expires_at ON sip_bindings (expires_at)",
+            """CREATE TABLE audit_log (
+                id INTEGER PRIMARY KEY,
+                at REAL NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                detail TEXT
+            )""",
+        ),
+    ),
+)
+
+_BUSY_TIMEOUT_S = 10.0
+
+
+def open_site_db(
+    path: Path | str, *, migrations: Sequence[Migration] = MIGRATIONS
+) -> sqlite_utils.Database:
+    """Open the site database at ``path`` and apply pending migrations.
+
+    The connection may be handed to one worker thread at a time (``check_same_thread`` is off so
+    that blocking writes can run off the event loop). Raises MigrationError when a migration
+    fails; the database is then left at the last migration that succeeded.
+    """
+    _check_sequence(migrations)
+    conn = sqlite3.connect(str(path), timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+    try:
+        db = sqlite_utils.Database(conn)
+        db.enable_wal()
+        # Committed call records and events must survive power loss, not just a crash.
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        apply_migrations(db, migrations)
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+def apply_migrations(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> list[int]:
+    """Apply the migrations not yet recorded; return the numbers applied now."""
+    _check_sequence(migrations)
+    conn = db.conn
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        "number INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    applied_now: list[int] = []
+    for migration in sorted(migrations, key=lambda m: m.number):
+        # IMMEDIATE takes the write lock before the check, so two openers cannot both apply it.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            done = conn.execute(
+                "SELECT 1 FROM schema_migrations WHERE number = ?", (migration.number,)
+            ).fetchone()
+            if done is None:
+                for statement in migration.statements:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (number, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.number, migration.name, time.time()),
+                )
+                applied_now.append(migration.number)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise MigrationError(migration, exc) from exc
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return applied_now
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    """The highest migration number applied (0 for an empty database)."""
+    if "schema_migrations" not in db.table_names():
+        return 0
+    row = db.execute("SELECT MAX(number) FROM schema_migrations").fetchone()
+    return int(row[0] or 0)
+
+
+def audit(db: sqlite_utils.Database, actor: str, action: str, detail: str = "") -> int:
+    """Append one row to the audit log and return its id."""
+    with db.conn:
+        cursor = db.conn.execute(
+            "INSERT INTO audit_log (at, actor, action, detail) VALUES (?, ?, ?, ?)",
+            (time.time(), actor, action, detail),
+        )
+    return int(cursor.lastrowid or 0)
+
+
+def _check_sequence(migrations: Sequence[Migration]) -> None:
+    numbers = sorted(m.number for m in migrations)
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise ValueError(f"migrations must be numbered 1..N without gaps, got {numbers}")
