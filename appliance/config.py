@@ -260,7 +260,7 @@ class SipLimits(_Model):
 
     max_message_bytes: PositiveInt = 65535
     max_headers: PositiveInt = 100
-    max_vias: PositiveInt = 32
+    max_vias: PositiveInt = 70
     max_line_bytes: PositiveInt = 8192
     stream_buffer_bytes: PositiveInt = 262144
     """Per TCP/TLS connection receive buffer."""
