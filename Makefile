@@ -13,11 +13,12 @@ DEB_BENCH := kamailio rtpengine
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "setuptools>=68,<81" "wheel>=0.42" "Cython>=3.0.10,<4" "numpy>=1.26,<3"
+	$(PY) -m pip install -q "setuptools>=68,<81" "wheel>=0.42" "Cython>=3.0.10,<4" "numpy>=1.26,<3" "grpcio-tools>=1.85.1"
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	touch $@
 
-$(VENV)/.built: $(VENV)/.installed $(PYX) setup.py
+$(VENV)/.built: $(VENV)/.installed $(PYX) setup.py proto/bridge.proto proto/build.py
+	$(PY) -m proto.build
 	$(PY) setup.py -q build_ext --inplace -j 2
 	touch $@
 

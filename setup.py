@@ -51,7 +51,7 @@ setup(
     version="0.1.0",
     description="Hybrid contact center: on-site appliance, edge agent and cloud bridge",
     packages=find_packages(include=["media_core*", "appliance*", "edge_agent*", "cloud_bridge*", "proto*"]),
-    package_data={"media_core": ["*.pxd", "*.pyi"], "appliance": ["*.pxd", "*.pyi", "data/**/*"]},
+    package_data={"": ["*.pxd", "*.pyi", "*.proto", "*.h"]},
     python_requires=">=3.11",
     install_requires=[
         "numpy>=1.26",
@@ -61,9 +61,14 @@ setup(
         "cryptography>=42",
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        "grpcio>=1.85.1",
+        "grpcio-health-checking>=1.85.1",
+        "grpcio-reflection>=1.85.1",
+        "protobuf>=7.35.1",
     ],
     extras_require={
         "test": [
+            "grpcio-tools>=1.85.1",
             "pytest>=8.0",
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",

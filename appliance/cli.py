@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check that a site can run and how to fix it")
     doctor.add_argument("--site-dir", type=Path, required=True, help="directory of the site")
     doctor.set_defaults(handler=_cmd_doctor)
+
+    # The one console script starts every process; the cloud side is imported only here, lazily,
+    # so the appliance itself never loads it (they meet only through proto/).
+    from cloud_bridge.cli import add_parser as add_cloud_parser
+
+    add_cloud_parser(commands)
     return parser
 
 

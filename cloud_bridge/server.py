@@ -1,0 +1,627 @@
+"""The cloud's gRPC server: enrolment, the site link, backups; health and reflection.
+
+This module is the translation layer between the generated ``proto`` code and the cloud's
+own parts (``CertificateAuthority``, ``CloudStore``, ``BackupStore``); nothing else in
+``cloud_bridge`` imports generated code.
+
+Two TLS ports on one server:
+
+- the *link* port (``grpc_port``) requires a client certificate signed by the cloud's CA
+  (mutual TLS); every Bridge method is served there;
+- the *enrol* port (``enrol_port``) is server-authenticated TLS only, for sites that have no
+  certificate yet; Enrol, health and reflection answer there, the Bridge methods refuse.
+
+All database and disk work runs on one worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from cryptography import x509
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloud_bridge.auth import SiteAuthInterceptor, current_site
+from cloud_bridge.backups import CHUNK_LIMIT, BackupError, BackupStore, check_backup_id
+from cloud_bridge.ca import CertificateAuthority, CertificateError, SiteCertificate
+from cloud_bridge.store import (
+    ConfigRecord,
+    EventRecord,
+    SqliteCloudStore,
+    TokenRejected,
+    make_token,
+    open_store,
+)
+
+try:
+    from proto import bridge_pb2 as pb
+    from proto import bridge_pb2_grpc as pb_grpc
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "the bridge's generated code is missing: run `python -m proto.build`"
+    ) from exc
+
+log = logging.getLogger("edgecc.cloud")
+
+T = TypeVar("T")
+
+ENROLMENT_SERVICE = pb.DESCRIPTOR.services_by_name["Enrolment"].full_name
+BRIDGE_SERVICE = pb.DESCRIPTOR.services_by_name["Bridge"].full_name
+
+MAX_MESSAGE_BYTES = CHUNK_LIMIT + 64 * 1024
+"""Largest message either way: a full backup chunk plus its envelope."""
+MAX_EVENT_PAYLOAD = 256 * 1024
+MAX_KIND_CHARS = 64
+MAX_TOKEN_CHARS = 256
+MAX_CSR_BYTES = 16 * 1024
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """How the cloud server runs."""
+
+    data_dir: Path
+    """Holds the CA, the server certificate, the database (by default) and the backups."""
+    bind: str = "127.0.0.1"
+    """Address of both ports."""
+    grpc_port: int = 50051
+    """Link port (mutual TLS); 0 picks a free port."""
+    enrol_port: int | None = None
+    """Enrol port (server TLS); None means ``grpc_port + 1``, or a free port when that is 0."""
+    db_url: str | None = None
+    """Database URL or path; default ``DATA_DIR/cloud.db``."""
+    server_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    """Names (DNS or IP) in the server certificate; sites connect to one of these."""
+    keep_backups: int = 7
+    """Complete backups kept per site."""
+    max_backup_bytes: int = 64 * 1024**3
+    """Largest single backup."""
+    site_cert_days: int = 365
+    """Validity of a site certificate issued at enrolment."""
+    reorder_window: int = 100_000
+    """Events held beyond a gap at most this far past the ack; later ones are refused."""
+    ingest_batch: int = 500
+    """Most events stored in one transaction."""
+
+
+@dataclass
+class _Link:
+    """One live SiteLink stream."""
+
+    site: SiteCertificate
+    outbound: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(maxsize=256))
+
+
+@dataclass(frozen=True)
+class _Abort:
+    code: grpc.StatusCode
+    details: str
+
+
+def _timestamp(seconds: float | None) -> Timestamp:
+    stamp = Timestamp()
+    if seconds is not None:
+        stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _seconds(stamp: Any) -> float:
+    return float(stamp.seconds) + stamp.nanos / 1e9
+
+
+class CloudServer:
+    """Builds the cloud's parts, serves them over gRPC, and stops them in order."""
+
+    def __init__(self, config: CloudConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        data_dir = Path(config.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.ca = CertificateAuthority.load_or_create(data_dir / "ca")
+        self.store: SqliteCloudStore = open_store(
+            config.db_url or str(data_dir / "cloud.db"), data_dir=data_dir
+        )
+        self.backups = BackupStore(
+            data_dir / "backups", self.store, keep=config.keep_backups,
+            max_bytes=config.max_backup_bytes, clock=clock,
+        )
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-store")
+        self._links: dict[str, _Link] = {}
+        self._server: grpc.aio.Server | None = None
+        self._health: Any = None
+        self.link_port = 0
+        self.enrol_port = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind both ports and start serving. Raises OSError when a port cannot be bound."""
+        cert_pem, key_pem = self._server_certificate()
+        public = frozenset({f"/{ENROLMENT_SERVICE}/Enrol"})
+        server = grpc.aio.server(
+            interceptors=[SiteAuthInterceptor(self.ca, self._is_revoked, public)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # gRPC sets SO_REUSEPORT by default: a second cloud on the same port would
+                # silently share the sites' connections instead of failing to start.
+                ("grpc.so_reuseport", 0),
+                # Sites keep one stream open for days: let their keepalive pings through.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        pb_grpc.add_EnrolmentServicer_to_server(_EnrolmentServicer(self), server)
+        pb_grpc.add_BridgeServicer_to_server(_BridgeServicer(self), server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (ENROLMENT_SERVICE, BRIDGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+        )
+        link_credentials = grpc.ssl_server_credentials(
+            [(key_pem, cert_pem)], root_certificates=self.ca.certificate_pem,
+            require_client_auth=True,
+        )
+        enrol_credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+        host = f"[{self.config.bind}]" if ":" in self.config.bind else self.config.bind
+        self.link_port = self._bind(server, f"{host}:{self.config.grpc_port}", link_credentials)
+        enrol_port = self.config.enrol_port
+        if enrol_port is None:
+            enrol_port = self.config.grpc_port + 1 if self.config.grpc_port else 0
+        self.enrol_port = self._bind(server, f"{host}:{enrol_port}", enrol_credentials)
+        await server.start()
+        self._server = server
+        for service in ("", ENROLMENT_SERVICE, BRIDGE_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "event=started link=%s:%d enrol=%s:%d db=%s",
+            self.config.bind, self.link_port, self.config.bind, self.enrol_port, self.store.path,
+        )
+
+    @staticmethod
+    def _bind(server: grpc.aio.Server, address: str, credentials: Any) -> int:
+        try:
+            port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from None
+        if not port:
+            raise OSError(f"cannot listen on {address}")
+        return port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop serving (open streams get ``grace`` seconds), then close the store."""
+        if self._server is not None:
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            # End the long-lived links ourselves so that sites learn why and reconnect later.
+            for link in list(self._links.values()):
+                self._offer(link, _Abort(grpc.StatusCode.UNAVAILABLE, "cloud shutting down"))
+            await self._server.stop(grace)
+            self._server = None
+        self._worker.shutdown(wait=True)
+        self.store.close()
+        log.info("event=stopped")
+
+    async def wait_closed(self) -> None:
+        """Wait until the server stops serving."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    def _server_certificate(self) -> tuple[bytes, bytes]:
+        """The TLS server certificate, issued again when missing, expiring or renamed."""
+        tls = Path(self.config.data_dir) / "tls"
+        cert_path, key_path = tls / "server.crt", tls / "server.key"
+        if cert_path.exists() and key_path.exists():
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            try:
+                alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                names = {str(n.value) for n in alt}
+            except x509.ExtensionNotFound:
+                names = set()
+            fresh = cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=30)
+            ours = cert.issuer == self.ca.certificate.subject
+            if fresh and ours and set(self.config.server_names) <= names:
+                return cert_path.read_bytes(), key_path.read_bytes()
+        cert_pem, key_pem = self.ca.issue_server_certificate(list(self.config.server_names))
+        tls.mkdir(parents=True, exist_ok=True)
+        key_path.touch(mode=0o600, exist_ok=True)
+        key_path.write_bytes(key_pem)
+        cert_path.write_bytes(cert_pem)
+        return cert_pem, key_pem
+
+    # ------------------------------------------------------------ worker thread
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a blocking store or disk call on the worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, function, *args)
+
+    async def _is_revoked(self, serial: int) -> bool:
+        return await self.run(self.store.is_revoked, serial)
+
+    # ------------------------------------------------------------ console operations
+
+    async def push_config(self, site_id: str, yaml: bytes) -> ConfigRecord:
+        """Store the next signed config version of a site and send it down its live link."""
+        record = await self.run(
+            self.store.add_config, site_id, yaml, self.ca.sign_config, self.clock()
+        )
+        link = self._links.get(site_id)
+        if link is not None:
+            self._offer(link, _config_message(record))
+        log.info("event=config_pushed site=%s version=%d live=%s", site_id, record.version,
+                 link is not None)
+        return record
+
+    async def issue_token(self, site_id: str, ttl: float) -> str:
+        """A one-time enrolment token for ``site_id``, valid ``ttl`` seconds."""
+        token = make_token()
+        now = self.clock()
+        await self.run(self.store.add_token, site_id, token, now + ttl, now)
+        return token
+
+    async def request_backup(self, site_id: str, reason: str = "") -> bool:
+        """Ask a linked site to upload a backup now; False when the site is not linked."""
+        link = self._links.get(site_id)
+        if link is None:
+            return False
+        request_id = f"{site_id}-{int(self.clock() * 1000)}"
+        message = pb.CloudMessage(
+            backup_request=pb.BackupRequest(request_id=request_id, reason=reason)
+        )
+        return self._offer(link, message)
+
+    async def revoke(self, serial: int) -> bool:
+        """Revoke a certificate and close any live link using it."""
+        revoked = await self.run(self.store.revoke_certificate, serial, self.clock())
+        for link in list(self._links.values()):
+            if link.site.serial == serial:
+                self._offer(link, _Abort(grpc.StatusCode.UNAUTHENTICATED, "certificate revoked"))
+        return revoked
+
+    def linked_sites(self) -> list[str]:
+        """Sites with a live SiteLink stream."""
+        return sorted(self._links)
+
+    @staticmethod
+    def _offer(link: _Link, item: Any) -> bool:
+        try:
+            link.outbound.put_nowait(item)
+        except asyncio.QueueFull:
+            log.warning("event=link_congested site=%s dropped=command", link.site.site_id)
+            return False
+        return True
+
+
+def _config_message(record: ConfigRecord) -> Any:
+    return pb.CloudMessage(
+        config=pb.ConfigVersion(
+            version=record.version, yaml=record.yaml, signature=record.signature
+        )
+    )
+
+
+# ---------------------------------------------------------------- services
+
+
+class _EnrolmentServicer(pb_grpc.EnrolmentServicer):
+    def __init__(self, cloud: CloudServer) -> None:
+        self.cloud = cloud
+
+    async def Enrol(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        cloud = self.cloud
+        if not request.token or len(request.token) > MAX_TOKEN_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token missing or too long")
+        if not request.csr_pem or len(request.csr_pem) > MAX_CSR_BYTES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem missing or over {MAX_CSR_BYTES} bytes"
+            )
+        try:
+            # Check the CSR before spending the token on it.
+            cloud.ca.check_csr(request.csr_pem)
+        except CertificateError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            site_id = await cloud.run(cloud.store.redeem_token, request.token, cloud.clock())
+        except TokenRejected as exc:
+            log.info("event=enrol_refused reason=%r peer=%s", exc.reason, context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        issued = cloud.ca.issue_site_certificate(
+            request.csr_pem, site_id, days=cloud.config.site_cert_days
+        )
+        await cloud.run(
+            cloud.store.record_certificate, site_id, issued.serial,
+            issued.not_after.timestamp(), cloud.clock(),
+        )
+        log.info("event=enrolled site=%s serial=%x not_after=%s", site_id, issued.serial,
+                 issued.not_after.isoformat())
+        return pb.EnrolResponse(
+            site_id=site_id,
+            certificate_pem=issued.pem,
+            ca_certificate_pem=cloud.ca.certificate_pem,
+            not_after=_timestamp(issued.not_after.timestamp()),
+        )
+
+
+class _BridgeServicer(pb_grpc.BridgeServicer):
+    def __init__(self, cloud: CloudServer) -> None:
+        self.cloud = cloud
+
+    # ------------------------------------------------------------ SiteLink
+
+    async def SiteLink(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        cloud = self.cloud
+        site = current_site()
+        link = _Link(site)
+        previous = cloud._links.get(site.site_id)
+        if previous is not None:
+            cloud._offer(previous, _Abort(grpc.StatusCode.ABORTED, "replaced by a newer link"))
+        cloud._links[site.site_id] = link
+        inbound: asyncio.Queue[Any] = asyncio.Queue(maxsize=cloud.config.ingest_batch * 2)
+        tasks: list[asyncio.Task[None]] = []
+        log.info("event=link_up site=%s peer=%s", site.site_id, context.peer())
+        try:
+            await cloud.run(cloud.store.touch_site, site.site_id, cloud.clock())
+            acked = await cloud.run(cloud.store.acked_seq, site.site_id)
+            # Tell the site at once where to resume, before it sends anything.
+            await context.write(pb.CloudMessage(ack=pb.Ack(seq=acked)))
+            tasks.append(asyncio.create_task(self._read(request_iterator, inbound, link)))
+            tasks.append(asyncio.create_task(self._ingest(inbound, link)))
+            while True:
+                item = await link.outbound.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Abort):
+                    await context.abort(item.code, item.details)
+                await context.write(item)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if cloud._links.get(site.site_id) is link:
+                del cloud._links[site.site_id]
+            log.info("event=link_down site=%s", site.site_id)
+
+    async def _read(self, request_iterator: Any, inbound: asyncio.Queue[Any], link: _Link) -> None:
+        """Validate what the site sends and queue it for ingest, in order."""
+        cloud = self.cloud
+        site_id = link.site.site_id
+        try:
+            async for message in request_iterator:
+                body = message.WhichOneof("body")
+                if body == "event":
+                    problem = _check_event(message.event, site_id)
+                    if problem is not None:
+                        await inbound.put(problem)
+                        return
+                    event = message.event
+                    await inbound.put(
+                        EventRecord(site_id, event.seq, event.kind, event.payload,
+                                    _seconds(event.occurred_at))
+                    )
+                elif body == "hello":
+                    hello = message.hello
+                    if hello.site_id and hello.site_id != site_id:
+                        await inbound.put(_Abort(
+                            grpc.StatusCode.PERMISSION_DENIED,
+                            f"hello for site {hello.site_id!r} on a certificate of {site_id!r}",
+                        ))
+                        return
+                    latest = await cloud.run(cloud.store.latest_config, site_id)
+                    if latest is not None and latest.version > hello.config_version:
+                        await link.outbound.put(_config_message(latest))
+                elif body == "config_applied":
+                    applied = message.config_applied
+                    log.info("event=config_applied site=%s version=%d ok=%s error=%r", site_id,
+                             applied.version, applied.ok, applied.error)
+                else:
+                    await inbound.put(_Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty message"))
+                    return
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError:
+            # The site went away; the link ends.
+            pass
+        await inbound.put(_END)
+
+    async def _ingest(self, inbound: asyncio.Queue[Any], link: _Link) -> None:
+        """Store events in batches, each followed by an Ack; pass a stop on to the writer."""
+        cloud = self.cloud
+        limit = cloud.config.ingest_batch
+        while True:
+            batch: list[EventRecord] = []
+            stop: Any = None
+            item = await inbound.get()
+            while True:
+                if isinstance(item, EventRecord):
+                    batch.append(item)
+                else:
+                    stop = item
+                    break
+                if len(batch) >= limit or inbound.empty():
+                    break
+                item = inbound.get_nowait()
+            if batch:
+                acked = await cloud.run(self._store_batch, link.site, batch)
+                if acked is None:
+                    await link.outbound.put(
+                        _Abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate revoked")
+                    )
+                    return
+                await link.outbound.put(pb.CloudMessage(ack=pb.Ack(seq=acked)))
+            if stop is not None:
+                await link.outbound.put(stop)
+                return
+
+    def _store_batch(self, site: SiteCertificate, batch: list[EventRecord]) -> int | None:
+        """On the worker thread: refuse a revoked certificate, else ingest and return the ack."""
+        store = self.cloud.store
+        # A link outlives the check at its start: look again before every batch.
+        if store.is_revoked(site.serial):
+            return None
+        result = store.ingest(batch, self.cloud.clock(), window=self.cloud.config.reorder_window)
+        if result.refused:
+            log.warning("event=events_refused site=%s count=%d reason=beyond_window ack=%d",
+                        site.site_id, result.refused, result.acked_seq)
+        log.debug("event=ingested site=%s stored=%d duplicates=%d ack=%d", site.site_id,
+                  result.stored, result.duplicates, result.acked_seq)
+        return result.acked_seq
+
+    # ------------------------------------------------------------ backups
+
+    async def UploadBackup(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        cloud = self.cloud
+        site_id = current_site().site_id
+        backup_id: str | None = None
+        committed = 0
+        try:
+            async for chunk in request_iterator:
+                if backup_id is None:
+                    backup_id = check_backup_id(chunk.backup_id)
+                elif chunk.backup_id and chunk.backup_id != backup_id:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "one backup per upload stream"
+                    )
+                if len(chunk.data) > CHUNK_LIMIT:
+                    raise BackupError(
+                        BackupError.TOO_LARGE,
+                        f"chunk of {len(chunk.data)} bytes over the {CHUNK_LIMIT} limit",
+                    )
+                committed = await cloud.run(
+                    cloud.backups.write_chunk, site_id, backup_id, chunk.offset, chunk.data
+                )
+                if chunk.final:
+                    record = await cloud.run(
+                        cloud.backups.finish, site_id, backup_id, chunk.sha256
+                    )
+                    log.info("event=backup_stored site=%s backup=%s size=%d", site_id,
+                             backup_id, record.committed)
+                    return pb.BackupReceipt(
+                        backup_id=backup_id, committed=record.committed, complete=True,
+                        sha256=record.sha256 or b"",
+                    )
+        except BackupError as exc:
+            await _abort_backup(context, exc)
+        if backup_id is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no chunk in the upload")
+        return pb.BackupReceipt(backup_id=backup_id, committed=committed, complete=False)
+
+    async def BackupStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        cloud = self.cloud
+        site_id = current_site().site_id
+        try:
+            record = await cloud.run(cloud.backups.status, site_id, request.backup_id)
+        except BackupError as exc:
+            await _abort_backup(context, exc)
+        state = pb.BackupStatusResponse
+        if record is None:
+            return state(backup_id=request.backup_id, state=state.ABSENT, committed=0)
+        return state(
+            backup_id=record.backup_id,
+            state=state.COMPLETE if record.complete else state.PARTIAL,
+            committed=record.committed,
+            sha256=record.sha256 or b"",
+            completed_at=_timestamp(record.completed_at) if record.completed_at else None,
+        )
+
+    async def ListBackups(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        cloud = self.cloud
+        site_id = current_site().site_id
+        records = await cloud.run(cloud.store.backups, site_id)
+        return pb.ListBackupsResponse(
+            backups=[
+                pb.BackupInfo(backup_id=r.backup_id, size=r.committed, sha256=r.sha256 or b"",
+                              completed_at=_timestamp(r.completed_at))
+                for r in records if r.complete
+            ]
+        )
+
+    async def Restore(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
+        cloud = self.cloud
+        site_id = current_site().site_id
+        try:
+            record = await cloud.run(cloud.backups.status, site_id, request.backup_id)
+            if record is None or not record.complete:
+                raise BackupError(BackupError.NOT_FOUND, f"no complete backup {request.backup_id}")
+            chunks = await cloud.run(cloud.backups.read, site_id, request.backup_id,
+                                     request.offset)
+        except BackupError as exc:
+            await _abort_backup(context, exc)
+        sha256 = record.sha256 or b""
+        size = record.committed
+        offset = request.offset
+        try:
+            while True:
+                try:
+                    piece = await asyncio.to_thread(next, chunks, None)
+                except OSError as exc:  # e.g. removed by retention before the first read
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"backup unreadable: {exc}")
+                if piece is None:
+                    break
+                offset, data = piece
+                end = offset + len(data)
+                last = end == size
+                yield pb.BackupChunk(backup_id=record.backup_id, offset=offset, data=data,
+                                     final=last, sha256=sha256 if last else b"")
+                offset = end
+        finally:
+            # A cancelled read may still be running on its thread; then the file closes later.
+            with contextlib.suppress(ValueError):
+                chunks.close()
+        if request.offset == size:
+            # Nothing left to send (empty backup or offset at the end): still say it is final.
+            yield pb.BackupChunk(backup_id=record.backup_id, offset=size, final=True,
+                                 sha256=sha256)
+
+
+_BACKUP_STATUS = {
+    BackupError.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    BackupError.OFFSET: grpc.StatusCode.FAILED_PRECONDITION,
+    BackupError.EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    BackupError.DIGEST: grpc.StatusCode.DATA_LOSS,
+    BackupError.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BackupError.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+}
+
+
+async def _abort_backup(context: grpc.aio.ServicerContext, exc: BackupError) -> None:
+    if exc.committed is not None:
+        # Lets a client resume without a BackupStatus round trip.
+        context.set_trailing_metadata((("committed-offset", str(exc.committed)),))
+    await context.abort(_BACKUP_STATUS[exc.kind], str(exc))
+
+
+def _check_event(event: Any, site_id: str) -> _Abort | None:
+    """Why an event cannot be accepted, or None."""
+    if event.site_id != site_id:
+        return _Abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"event of site {event.site_id!r} on a certificate of {site_id!r}",
+        )
+    if event.seq < 1:
+        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, "event seq starts at 1")
+    if not 1 <= len(event.kind) <= MAX_KIND_CHARS:
+        return _Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"event {event.seq}: kind must be 1 to {MAX_KIND_CHARS} characters",
+        )
+    if len(event.payload) > MAX_EVENT_PAYLOAD:
+        return _Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"event {event.seq}: payload of {len(event.payload)} bytes over {MAX_EVENT_PAYLOAD}",
+        )
+    return None

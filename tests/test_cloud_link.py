@@ -1,0 +1,653 @@
+"""The cloud server over real gRPC, TLS on 127.0.0.1, free ports, a real SQLite file.
+
+The server runs on its own event loop thread; the tests are sites speaking through the
+ordinary (synchronous) gRPC client, as an edge agent would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import hashlib
+import os
+import queue
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from proto.build import ensure_generated
+
+ensure_generated()
+
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (  # noqa: E402
+    ProtoReflectionDescriptorDatabase,
+)
+
+from cloud_bridge.ca import (  # noqa: E402
+    CertificateAuthority,
+    make_site_key_and_csr,
+    verify_config_signature,
+)
+from cloud_bridge.server import CloudConfig, CloudServer  # noqa: E402
+from proto import bridge_pb2 as pb  # noqa: E402
+from proto import bridge_pb2_grpc as pb_grpc  # noqa: E402
+
+WAIT = 20.0  # bound on every wait for an event; never decides a pass by itself
+MiB = 1024 * 1024
+
+
+# ------------------------------------------------------------------- harness
+
+
+class Cloud:
+    """A CloudServer serving on an event loop thread of its own."""
+
+    def __init__(self, data_dir: Any, **options: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: CloudServer = self.call(self._start(data_dir, options))
+
+    async def _start(self, data_dir: Any, options: dict[str, Any]) -> CloudServer:
+        server = CloudServer(CloudConfig(data_dir=data_dir, grpc_port=0, enrol_port=0, **options))
+        await server.start()
+        return server
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    def store(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a store method on the server's worker thread."""
+        bound = functools.partial(getattr(self.server.store, method), *args, **kwargs)
+        return self.call(self.server.run(bound))
+
+    def close(self) -> None:
+        self.call(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.server.ca.certificate_pem
+
+    def enrol_channel(self) -> grpc.Channel:
+        return grpc.secure_channel(
+            f"127.0.0.1:{self.server.enrol_port}", grpc.ssl_channel_credentials(self.ca_pem)
+        )
+
+    def link_channel(self, key_pem: bytes | None, cert_pem: bytes | None) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(self.ca_pem, key_pem, cert_pem)
+        return grpc.secure_channel(f"127.0.0.1:{self.server.link_port}", credentials)
+
+
+@dataclass
+class Site:
+    """What a site holds after enrolment."""
+
+    site_id: str
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+    serial: int
+
+
+@pytest.fixture
+def cloud(tmp_path) -> Iterator[Cloud]:
+    c = Cloud(tmp_path / "cloud")
+    yield c
+    c.close()
+
+
+def enrol(cloud: Cloud, site_id: str) -> Site:
+    token = cloud.call(cloud.server.issue_token(site_id, 600))
+    key_pem, csr_pem = make_site_key_and_csr(site_id)
+    with cloud.enrol_channel() as channel:
+        reply = pb_grpc.EnrolmentStub(channel).Enrol(
+            pb.EnrolRequest(token=token, csr_pem=csr_pem), timeout=WAIT
+        )
+    from cryptography import x509
+
+    serial = x509.load_pem_x509_certificate(reply.certificate_pem).serial_number
+    return Site(reply.site_id, key_pem, reply.certificate_pem, reply.ca_certificate_pem, serial)
+
+
+@pytest.fixture
+def paris(cloud: Cloud) -> Site:
+    return enrol(cloud, "paris-1")
+
+
+class Link:
+    """A SiteLink stream seen from the site: send messages, receive what the cloud sends."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._out: queue.Queue[Any] = queue.Queue()
+        self.received: queue.Queue[Any] = queue.Queue()
+        self.call = pb_grpc.BridgeStub(channel).SiteLink(self._requests())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _requests(self) -> Iterator[Any]:
+        while True:
+            message = self._out.get()
+            if message is None:
+                return
+            yield message
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                self.received.put(message)
+        except grpc.RpcError as exc:
+            self.received.put(exc)
+        else:
+            self.received.put(None)
+
+    def send(self, message: Any) -> None:
+        self._out.put(message)
+
+    def event(self, seq: int, site_id: str = "paris-1", payload: bytes | None = None) -> None:
+        stamp = pb.Event(
+            site_id=site_id, seq=seq, kind="queue.enter",
+            payload=payload if payload is not None else f"call {seq}".encode(),
+        )
+        stamp.occurred_at.FromSeconds(1_700_000_000 + seq)
+        self.send(pb.SiteMessage(event=stamp))
+
+    def recv(self) -> Any:
+        return self.received.get(timeout=WAIT)
+
+    def wait_ack(self, seq: int) -> list[int]:
+        """Acks received until one equals ``seq``."""
+        acks: list[int] = []
+        while not acks or acks[-1] != seq:
+            message = self.recv()
+            assert isinstance(message, pb.CloudMessage), message
+            if message.WhichOneof("body") == "ack":
+                acks.append(message.ack.seq)
+        return acks
+
+    def finish(self) -> list[Any]:
+        """Half-close and collect everything the cloud sends until the stream ends."""
+        self._out.put(None)
+        messages: list[Any] = []
+        while True:
+            message = self.recv()
+            if message is None:
+                return messages
+            assert isinstance(message, pb.CloudMessage), message
+            messages.append(message)
+
+    def error(self) -> grpc.RpcError:
+        """The error the stream ended with (skipping messages before it)."""
+        while True:
+            message = self.recv()
+            if isinstance(message, grpc.RpcError):
+                return message
+            assert message is not None, "stream ended without an error"
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self._out.put(None)
+        self._reader.join(WAIT)
+
+
+def open_link(cloud: Cloud, site: Site) -> tuple[grpc.Channel, Link]:
+    channel = cloud.link_channel(site.key_pem, site.cert_pem)
+    return channel, Link(channel)
+
+
+def acks(messages: list[Any]) -> list[int]:
+    return [m.ack.seq for m in messages if m.WhichOneof("body") == "ack"]
+
+
+def stored_seqs(cloud: Cloud, site_id: str) -> list[int]:
+    return [e.seq for e in cloud.store("events", site_id)]
+
+
+# ------------------------------------------------------------------- enrolment
+
+
+def test_enrol_token_works_once(cloud: Cloud) -> None:
+    token = cloud.call(cloud.server.issue_token("paris-1", 600))
+    key_pem, csr_pem = make_site_key_and_csr("paris-1")
+    with cloud.enrol_channel() as channel:
+        stub = pb_grpc.EnrolmentStub(channel)
+        reply = stub.Enrol(pb.EnrolRequest(token=token, csr_pem=csr_pem), timeout=WAIT)
+        assert reply.site_id == "paris-1"
+        assert reply.ca_certificate_pem == cloud.ca_pem
+        site = cloud.server.ca.check_site_certificate(reply.certificate_pem)
+        assert site.site_id == "paris-1"
+        assert reply.not_after.ToSeconds() == pytest.approx(site.not_after.timestamp(), abs=1)
+        with pytest.raises(grpc.RpcError) as second:
+            stub.Enrol(pb.EnrolRequest(token=token, csr_pem=csr_pem), timeout=WAIT)
+    assert second.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "already used" in second.value.details()
+    assert cloud.store("certificates", "paris-1")[0][0] == site.serial
+
+
+def test_expired_and_unknown_tokens_refused(cloud: Cloud) -> None:
+    # A token that expired a minute ago (written with the server's store, as the CLI would).
+    expired = "ecc1_expired-token-for-test-0123456789"
+    now = cloud.server.clock()
+    cloud.store("add_token", "paris-1", expired, now - 60, now - 3600)
+    _, csr_pem = make_site_key_and_csr("paris-1")
+    with cloud.enrol_channel() as channel:
+        stub = pb_grpc.EnrolmentStub(channel)
+        for token, reason in ((expired, "expired"), ("ecc1_never-issued", "unknown")):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Enrol(pb.EnrolRequest(token=token, csr_pem=csr_pem), timeout=WAIT)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert reason in refused.value.details()
+    assert cloud.store("certificates", "paris-1") == []
+
+
+def test_bad_csr_refused_without_spending_the_token(cloud: Cloud) -> None:
+    token = cloud.call(cloud.server.issue_token("paris-1", 600))
+    with cloud.enrol_channel() as channel:
+        stub = pb_grpc.EnrolmentStub(channel)
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Enrol(pb.EnrolRequest(token=token, csr_pem=b"not a csr"), timeout=WAIT)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        _, csr_pem = make_site_key_and_csr("paris-1")
+        assert stub.Enrol(pb.EnrolRequest(token=token, csr_pem=csr_pem), timeout=WAIT).site_id
+
+
+# ------------------------------------------------------------------- mutual TLS
+
+
+def _status(cloud: Cloud, channel: grpc.Channel) -> Any:
+    with channel:
+        return pb_grpc.BridgeStub(channel).BackupStatus(
+            pb.BackupStatusRequest(backup_id="nightly"), timeout=WAIT
+        )
+
+
+def test_mtls_accepts_an_enrolled_site(cloud: Cloud, paris: Site) -> None:
+    reply = _status(cloud, cloud.link_channel(paris.key_pem, paris.cert_pem))
+    assert reply.state == pb.BackupStatusResponse.ABSENT
+
+
+def test_mtls_refuses_no_client_certificate(cloud: Cloud, paris: Site) -> None:
+    with pytest.raises(grpc.RpcError) as at_tls:
+        _status(cloud, cloud.link_channel(None, None))
+    assert at_tls.value.code() == grpc.StatusCode.UNAVAILABLE  # handshake refused
+    # The enrol port does not ask for a certificate; the Bridge methods refuse there.
+    with pytest.raises(grpc.RpcError) as at_rpc:
+        _status(cloud, cloud.enrol_channel())
+    assert at_rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with cloud.enrol_channel() as channel:
+        link = Link(channel)
+        link.event(1)
+        assert link.error().code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stored_seqs(cloud, "paris-1") == []
+
+
+def test_mtls_refuses_a_certificate_of_another_ca(cloud: Cloud, paris: Site) -> None:
+    key_pem, csr_pem = make_site_key_and_csr("paris-1")
+    foreign = CertificateAuthority.create().issue_site_certificate(csr_pem, "paris-1")
+    with pytest.raises(grpc.RpcError) as refused:
+        _status(cloud, cloud.link_channel(key_pem, foreign.pem))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_refuses_an_expired_certificate(cloud: Cloud, paris: Site) -> None:
+    key_pem, csr_pem = make_site_key_and_csr("paris-1")
+    now = dt.datetime.now(dt.UTC)
+    old = cloud.server.ca.issue_site_certificate(
+        csr_pem, "paris-1", not_before=now - dt.timedelta(days=30),
+        not_after=now - dt.timedelta(days=1),
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        _status(cloud, cloud.link_channel(key_pem, old.pem))
+    assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_mtls_refuses_a_revoked_certificate(cloud: Cloud, paris: Site) -> None:
+    assert cloud.call(cloud.server.revoke(paris.serial))
+    with pytest.raises(grpc.RpcError) as refused:
+        _status(cloud, cloud.link_channel(paris.key_pem, paris.cert_pem))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in refused.value.details()
+    # A new enrolment gives the site a new, valid certificate.
+    renewed = enrol(cloud, "paris-1")
+    assert _status(cloud, cloud.link_channel(renewed.key_pem, renewed.cert_pem)).backup_id
+
+
+def test_revocation_closes_a_live_link(cloud: Cloud, paris: Site) -> None:
+    channel, link = open_link(cloud, paris)
+    with channel:
+        assert link.wait_ack(0) == [0]
+        link.event(1)
+        assert link.wait_ack(1)[-1] == 1
+        # Revoked in the store behind the server's back (as `edgecc cloud revoke` does).
+        cloud.store("revoke_certificate", paris.serial, cloud.server.clock())
+        link.event(2)
+        error = link.error()
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stored_seqs(cloud, "paris-1") == [1]
+
+
+def test_events_must_be_the_certificate_sites_own(cloud: Cloud, paris: Site) -> None:
+    enrol(cloud, "lyon-2")
+    channel, link = open_link(cloud, paris)
+    with channel:
+        link.event(1)
+        link.event(2)
+        link.event(3, site_id="lyon-2")
+        link.event(4)
+        error = link.error()
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "lyon-2" in error.details()
+    assert stored_seqs(cloud, "paris-1") == [1, 2]  # what came before is kept
+    assert stored_seqs(cloud, "lyon-2") == []
+
+
+def test_malformed_events_get_a_clear_error(cloud: Cloud, paris: Site) -> None:
+    for bad, words in (
+        (lambda link: link.event(0), "seq starts at 1"),
+        (lambda link: link.event(1, payload=b"x" * (256 * 1024 + 1)), "payload"),
+        (lambda link: link.send(pb.SiteMessage()), "empty message"),
+    ):
+        channel, link = open_link(cloud, paris)
+        with channel:
+            bad(link)
+            error = link.error()
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in error.details()
+    assert stored_seqs(cloud, "paris-1") == []
+
+
+# ------------------------------------------------------------------- ingest
+
+
+def test_ack_is_held_below_a_gap(cloud: Cloud, paris: Site) -> None:
+    channel, link = open_link(cloud, paris)
+    with channel:
+        for seq in (1, 2, 4, 5):
+            link.event(seq)
+        seen = acks(link.finish())
+    assert seen[0] == 0 and seen[-1] == 2 and max(seen) == 2
+    assert stored_seqs(cloud, "paris-1") == [1, 2, 4, 5]
+    assert cloud.store("sites")[0].held_events == 2
+
+    channel, link = open_link(cloud, paris)
+    with channel:
+        assert link.wait_ack(2) == [2]  # a new link starts by saying where to resume
+        link.event(3)
+        assert link.wait_ack(5)[-1] == 5  # the gap filled: the held events count at once
+        link.event(6)
+        assert link.wait_ack(6)[-1] == 6
+        link.finish()
+    assert cloud.store("sites")[0].held_events == 0
+
+
+def test_events_stored_once_under_replays_reordering_and_reconnects(
+    cloud: Cloud, paris: Site
+) -> None:
+    total = 120
+    outbox = {seq: f"call record {seq}".encode() for seq in range(1, total + 1)}
+    rng = random.Random(2024)
+    for attempt in range(4):
+        channel, link = open_link(cloud, paris)
+        with channel:
+            first = link.recv()
+            assert first.WhichOneof("body") == "ack"
+            pending = [seq for seq in outbox if seq > first.ack.seq]
+            sending = pending + rng.sample(pending, min(len(pending), 25))  # replays
+            rng.shuffle(sending)
+            if attempt < 3:
+                # The link breaks part-way: the site never learns what got through.
+                for seq in sending[: len(sending) // 2]:
+                    link.event(seq, payload=outbox[seq])
+                link.cancel()
+            else:
+                for seq in sending:
+                    link.event(seq, payload=outbox[seq])
+                assert acks(link.finish())[-1] == total
+    events = cloud.store("events", "paris-1", limit=10_000)
+    assert [e.seq for e in events] == list(range(1, total + 1))
+    assert all(e.payload == outbox[e.seq] for e in events)
+    assert all(e.occurred_at == 1_700_000_000 + e.seq for e in events)
+    assert cloud.store("acked_seq", "paris-1") == total
+
+
+def test_a_new_link_replaces_the_old_one(cloud: Cloud, paris: Site) -> None:
+    old_channel, old = open_link(cloud, paris)
+    new_channel, new = open_link(cloud, paris)
+    with old_channel, new_channel:
+        assert old.wait_ack(0) == [0]
+        assert new.wait_ack(0) == [0]
+        assert old.error().code() == grpc.StatusCode.ABORTED
+        new.event(1)
+        assert new.wait_ack(1)[-1] == 1
+        new.finish()
+
+
+# ------------------------------------------------------------------- commands
+
+
+def test_config_versions_are_signed_and_pushed(cloud: Cloud, paris: Site) -> None:
+    first = cloud.call(cloud.server.push_config("paris-1", b"site: {id: paris-1}\n"))
+    assert first.version == 1
+    channel, link = open_link(cloud, paris)
+    with channel:
+        assert link.wait_ack(0) == [0]
+        link.send(pb.SiteMessage(hello=pb.Hello(site_id="paris-1", config_version=0)))
+        config = link.recv().config
+        assert (config.version, config.yaml) == (1, b"site: {id: paris-1}\n")
+        assert verify_config_signature(
+            paris.ca_pem, "paris-1", config.version, config.yaml, config.signature
+        )
+        cloud.call(cloud.server.push_config("paris-1", b"site: {id: paris-1, name: P}\n"))
+        live = link.recv().config
+        assert live.version == 2
+        assert verify_config_signature(paris.ca_pem, "paris-1", 2, live.yaml, live.signature)
+        assert not verify_config_signature(paris.ca_pem, "paris-1", 1, live.yaml, live.signature)
+        assert cloud.call(cloud.server.request_backup("paris-1", "before upgrade"))
+        assert link.recv().backup_request.reason == "before upgrade"
+        link.send(pb.SiteMessage(config_applied=pb.ConfigApplied(version=2, ok=True)))
+        link.finish()
+    # A site that already has the newest version is not sent it again.
+    channel, link = open_link(cloud, paris)
+    with channel:
+        assert link.wait_ack(0) == [0]
+        link.send(pb.SiteMessage(hello=pb.Hello(site_id="paris-1", config_version=2)))
+        link.event(1)
+        assert link.recv().WhichOneof("body") == "ack"
+        link.finish()
+    assert not cloud.call(cloud.server.request_backup("paris-1"))  # not linked any more
+
+
+# ------------------------------------------------------------------- backups
+
+
+def _chunk(backup_id: str, offset: int, data: bytes, **extra: Any) -> Any:
+    return pb.BackupChunk(backup_id=backup_id, offset=offset, data=data, **extra)
+
+
+def test_backup_upload_resumes_after_interruption(cloud: Cloud, paris: Site) -> None:
+    data = os.urandom(3 * MiB + 12_345)
+    digest = hashlib.sha256(data).digest()
+    release = threading.Event()
+
+    def first_attempt() -> Iterator[Any]:
+        for offset in range(0, 3 * MiB, MiB):
+            yield _chunk("nightly-1", offset, data[offset : offset + MiB])
+        release.wait(WAIT)  # the connection breaks here: the call is cancelled below
+
+    with cloud.link_channel(paris.key_pem, paris.cert_pem) as channel:
+        stub = pb_grpc.BridgeStub(channel)
+        upload = stub.UploadBackup.future(first_attempt())
+        assert cloud.server.backups.wait_for_committed("paris-1", "nightly-1", 3 * MiB, WAIT)
+        upload.cancel()
+        release.set()
+
+        status = stub.BackupStatus(pb.BackupStatusRequest(backup_id="nightly-1"), timeout=WAIT)
+        assert (status.state, status.committed) == (pb.BackupStatusResponse.PARTIAL, 3 * MiB)
+
+        # Starting anywhere but the committed offset is refused, with the offset to use.
+        with pytest.raises(grpc.RpcError) as wrong:
+            stub.UploadBackup(iter([_chunk("nightly-1", 0, data[:10])]), timeout=WAIT)
+        assert wrong.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert ("committed-offset", str(3 * MiB)) in wrong.value.trailing_metadata()
+
+        receipt = stub.UploadBackup(
+            iter([_chunk("nightly-1", 3 * MiB, data[3 * MiB :], final=True, sha256=digest)]),
+            timeout=WAIT,
+        )
+        assert (receipt.complete, receipt.committed, receipt.sha256) == (True, len(data), digest)
+
+        chunks = list(stub.Restore(pb.RestoreRequest(backup_id="nightly-1"), timeout=WAIT))
+        assert all(len(c.data) <= MiB for c in chunks)
+        assert b"".join(c.data for c in chunks) == data
+        assert [c.final for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        assert chunks[-1].sha256 == digest
+        tail = list(stub.Restore(pb.RestoreRequest(backup_id="nightly-1", offset=len(data) - 5)))
+        assert b"".join(c.data for c in tail) == data[-5:]
+
+        listed = stub.ListBackups(pb.ListBackupsRequest(), timeout=WAIT).backups
+        assert [(b.backup_id, b.size, b.sha256) for b in listed] == [
+            ("nightly-1", len(data), digest)
+        ]
+        with pytest.raises(grpc.RpcError) as again:
+            stub.UploadBackup(iter([_chunk("nightly-1", len(data), b"")]), timeout=WAIT)
+        assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_backup_sha256_mismatch_refused(cloud: Cloud, paris: Site) -> None:
+    data = os.urandom(100_000)
+    with cloud.link_channel(paris.key_pem, paris.cert_pem) as channel:
+        stub = pb_grpc.BridgeStub(channel)
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.UploadBackup(
+                iter([_chunk("b1", 0, data[:50_000]),
+                      _chunk("b1", 50_000, data[50_000:], final=True,
+                             sha256=hashlib.sha256(data + b"x").digest())]),
+                timeout=WAIT,
+            )
+        assert bad.value.code() == grpc.StatusCode.DATA_LOSS
+        status = stub.BackupStatus(pb.BackupStatusRequest(backup_id="b1"), timeout=WAIT)
+        assert status.state == pb.BackupStatusResponse.ABSENT
+        with pytest.raises(grpc.RpcError) as missing:
+            list(stub.Restore(pb.RestoreRequest(backup_id="b1"), timeout=WAIT))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as big:
+            stub.UploadBackup(iter([_chunk("b2", 0, b"\0" * (MiB + 1))]), timeout=WAIT)
+        assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as bad_id:
+            stub.UploadBackup(iter([_chunk("../b3", 0, b"x")]), timeout=WAIT)
+        assert bad_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_site_sees_only_its_own_backups(cloud: Cloud, paris: Site) -> None:
+    lyon = enrol(cloud, "lyon-2")
+    body = b"paris backup"
+    with cloud.link_channel(paris.key_pem, paris.cert_pem) as channel:
+        pb_grpc.BridgeStub(channel).UploadBackup(
+            iter([_chunk("b1", 0, body, final=True, sha256=hashlib.sha256(body).digest())]),
+            timeout=WAIT,
+        )
+    with cloud.link_channel(lyon.key_pem, lyon.cert_pem) as channel:
+        stub = pb_grpc.BridgeStub(channel)
+        assert list(stub.ListBackups(pb.ListBackupsRequest(), timeout=WAIT).backups) == []
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Restore(pb.RestoreRequest(backup_id="b1"), timeout=WAIT))
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ------------------------------------------------------------------- health, reflection
+
+
+def test_health_serving_on_both_ports(cloud: Cloud, paris: Site) -> None:
+    for channel in (cloud.enrol_channel(), cloud.link_channel(paris.key_pem, paris.cert_pem)):
+        with channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "edgecc.bridge.v1.Bridge", "edgecc.bridge.v1.Enrolment"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=WAIT)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as unknown:
+                stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=WAIT)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(cloud: Cloud) -> None:
+    with cloud.enrol_channel() as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"edgecc.bridge.v1.Bridge", "edgecc.bridge.v1.Enrolment",
+                "grpc.health.v1.Health"} <= services
+        from google.protobuf.descriptor_pool import DescriptorPool
+
+        pool = DescriptorPool(database)
+        bridge = pool.FindServiceByName("edgecc.bridge.v1.Bridge")
+        assert {m.name for m in bridge.methods} == {
+            "SiteLink", "UploadBackup", "BackupStatus", "ListBackups", "Restore"
+        }
+        assert bridge.methods_by_name["SiteLink"].client_streaming
+
+
+def test_racing_enrolments_with_one_token_issue_one_certificate(cloud: Cloud) -> None:
+    token = cloud.call(cloud.server.issue_token("paris-1", 600))
+    outcomes: list[Any] = []
+    start = threading.Barrier(4)
+
+    def attempt() -> None:
+        _, csr_pem = make_site_key_and_csr("paris-1")
+        with cloud.enrol_channel() as channel:
+            stub = pb_grpc.EnrolmentStub(channel)
+            start.wait(WAIT)
+            try:
+                outcomes.append(stub.Enrol(pb.EnrolRequest(token=token, csr_pem=csr_pem),
+                                           timeout=WAIT))
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code())
+
+    threads = [threading.Thread(target=attempt) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert len(outcomes) == 4
+    assert sum(isinstance(o, pb.EnrolResponse) for o in outcomes) == 1
+    assert outcomes.count(grpc.StatusCode.UNAUTHENTICATED) == 3
+    assert len(cloud.store("certificates", "paris-1")) == 1
+
+
+def test_a_restarted_cloud_keeps_its_ca_acks_and_backups(tmp_path) -> None:
+    first = Cloud(tmp_path / "cloud")
+    try:
+        site = enrol(first, "paris-1")
+        channel, link = open_link(first, site)
+        with channel:
+            for seq in (1, 2, 3, 5):
+                link.event(seq)
+            link.finish()
+        body = b"backup before restart"
+        with first.link_channel(site.key_pem, site.cert_pem) as channel:
+            pb_grpc.BridgeStub(channel).UploadBackup(
+                iter([_chunk("b1", 0, body, final=True, sha256=hashlib.sha256(body).digest())]),
+                timeout=WAIT,
+            )
+    finally:
+        first.close()
+    second = Cloud(tmp_path / "cloud")
+    try:
+        assert second.ca_pem == site.ca_pem  # the site's certificate is still good
+        channel, link = open_link(second, site)
+        with channel:
+            assert link.wait_ack(3) == [3]
+            link.event(4)
+            assert link.wait_ack(5)[-1] == 5
+            link.finish()
+            restored = pb_grpc.BridgeStub(channel).Restore(pb.RestoreRequest(backup_id="b1"))
+            assert b"".join(c.data for c in restored) == body
+    finally:
+        second.close()
