@@ -1,0 +1,1071 @@
+# cython: language_level=3
+"""The compiled ACD router: the rules of ``appliance.acd.reference``, to the letter, with typed
+state and C arrays on the routing path (eligibility, skills, strategy picks).
+
+The reference's module docstring states the rules; ``tests/test_acd_equivalence.py`` drives
+both with the same random event sequences and requires the same decisions and state.
+"""
+
+import bisect
+import math
+
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc
+
+from appliance.acd.model import (
+    AUTO_PAUSE_REASON,
+    CALLBACK_DIALLING,
+    CALLBACK_RETRY,
+    CALLBACK_WAITING,
+    CALLER_TRANSITIONS,
+    LOGGED_OUT,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    OFFERED,
+    PAUSED,
+    PRESENCE_TRANSITIONS,
+    READY,
+    WAITING,
+    AgentLogin,
+    AgentLogout,
+    AgentPause,
+    AgentUnpause,
+    AgentView,
+    Announce,
+    AnnounceRequest,
+    AutoPause,
+    CallbackOutcome,
+    CallbackRequested,
+    CallbackResult,
+    CallEnded,
+    CallerAbandon,
+    CallerJoin,
+    CallerView,
+    CancelOffer,
+    DialCallback,
+    EmptyRule,
+    LocalProtocolError,
+    Offer,
+    OfferAccepted,
+    OfferRejected,
+    OfferTimeout,
+    Overflow,
+    OverflowReason,
+    Strategy,
+    WrapUpEnded,
+    make_plan,
+)
+
+# Presence and caller states as small integers; the names and the transition tables come from
+# appliance.acd.model so that both routers share one definition.
+cdef enum:
+    P_LOGGED_OUT = 0
+    P_READY = 1
+    P_PAUSED = 2
+
+cdef enum:
+    S_GONE = -1
+    S_WAITING = 0
+    S_OFFERED = 1
+    S_CB_WAITING = 2
+    S_CB_DIALLING = 3
+    S_CB_RETRY = 4
+
+_PRESENCE_NAMES = (LOGGED_OUT, READY, PAUSED)
+_PRESENCE_CODE = {name: i for i, name in enumerate(_PRESENCE_NAMES)}
+_STATE_NAMES = (WAITING, OFFERED, CALLBACK_WAITING, CALLBACK_DIALLING, CALLBACK_RETRY)
+_STATE_CODE = {name: i for i, name in enumerate(_STATE_NAMES)}
+_PRESENCE_TABLE = {(_PRESENCE_CODE[s], what): _PRESENCE_CODE[n]
+                   for (s, what), n in PRESENCE_TRANSITIONS.items()}
+_CALLER_TABLE = {(_STATE_CODE[s], what): (S_GONE if n is None else _STATE_CODE[n])
+                 for (s, what), n in CALLER_TRANSITIONS.items()}
+
+cdef enum:
+    ST_RING_ALL = 0
+    ST_LONGEST_IDLE = 1
+    ST_FEWEST_CALLS = 2
+    ST_LEAST_TALK_TIME = 3
+    ST_ROUND_ROBIN_MEMORY = 4
+    ST_LINEAR = 5
+    ST_RANDOM = 6
+    ST_WEIGHTED_RANDOM = 7
+
+_STRATEGY_CODE = {
+    Strategy.RING_ALL: ST_RING_ALL,
+    Strategy.LONGEST_IDLE: ST_LONGEST_IDLE,
+    Strategy.FEWEST_CALLS: ST_FEWEST_CALLS,
+    Strategy.LEAST_TALK_TIME: ST_LEAST_TALK_TIME,
+    Strategy.ROUND_ROBIN_MEMORY: ST_ROUND_ROBIN_MEMORY,
+    Strategy.LINEAR: ST_LINEAR,
+    Strategy.RANDOM: ST_RANDOM,
+    Strategy.WEIGHTED_RANDOM: ST_WEIGHTED_RANDOM,
+}
+cdef enum:
+    E_NEVER = 0
+    E_UNSTAFFED = 1
+    E_UNAVAILABLE = 2
+
+_EMPTY_CODE = {EmptyRule.NEVER: E_NEVER, EmptyRule.UNSTAFFED: E_UNSTAFFED,
+               EmptyRule.UNAVAILABLE: E_UNAVAILABLE}
+
+cdef double INF = math.inf
+
+
+cdef class _Agent:
+    pass
+
+
+cdef class _Member:
+    pass
+
+
+cdef class _Queue:
+    pass
+
+
+cdef class _Caller:
+    pass
+
+
+cdef inline bint _before(_Caller x, _Caller y) noexcept:
+    """True when ``x`` is ahead of ``y`` in the global order (priority, place time, seq)."""
+    if x.priority != y.priority:
+        return x.priority > y.priority
+    if x.place_time != y.place_time:
+        return x.place_time < y.place_time
+    return x.seq < y.seq
+
+
+cdef int _presence_next(_Agent a, str what) except -2:
+    nxt = _PRESENCE_TABLE.get((a.presence, what))
+    if nxt is None:
+        raise LocalProtocolError(
+            f"agent {a.id!r}: cannot {what} while {_PRESENCE_NAMES[a.presence]}")
+    return nxt
+
+
+cdef int _caller_next(_Caller c, str what) except -2:
+    nxt = _CALLER_TABLE.get((c.state, what))
+    if nxt is None:
+        raise LocalProtocolError(f"call {c.id!r}: cannot {what} while {_STATE_NAMES[c.state]}")
+    return nxt
+
+
+cdef void* _alloc(size_t n, size_t size) except NULL:
+    cdef void* p = malloc((n if n > 0 else 1) * size)
+    if p == NULL:
+        raise MemoryError()
+    return p
+
+
+cdef class Router:
+    """The ACD router, sans-IO, compiled: the same rules and API as ``ReferenceRouter``."""
+
+    def __cinit__(self):
+        self._member_pos = NULL
+        self._levels = NULL
+        self._step_after = NULL
+        self._step_base = NULL
+        self._req_start = NULL
+        self._req_base = NULL
+        self._req_skill = NULL
+        self._req_min = NULL
+        self._avail = NULL
+        self._cand = NULL
+        self._staffed = NULL
+
+    def __dealloc__(self):
+        free(self._member_pos)
+        free(self._levels)
+        free(self._step_after)
+        free(self._step_base)
+        free(self._req_start)
+        free(self._req_base)
+        free(self._req_skill)
+        free(self._req_min)
+        free(self._avail)
+        free(self._cand)
+        free(self._staffed)
+
+    def __init__(self, config):
+        cdef int i, qi, k, n_steps_total, n_reqs_total, n_starts, si, ri, st
+        cdef _Agent a
+        cdef _Queue q
+        cdef _Member m
+        plan = make_plan(config)
+        self._config = config
+        self._nq = len(plan.queue_names)
+        self._na = len(plan.agent_ids)
+        self._ns = len(plan.skills)
+        self._auto_pause_after = config.auto_pause_after
+        self._samples_max = config.handle_time_samples
+        self._max_waiting = config.max_waiting
+        self._max_rejoin = config.max_rejoin_memory
+        self._member_pos = <int*>_alloc(self._na * self._nq, sizeof(int))
+        self._levels = <int*>_alloc(self._na * self._ns, sizeof(int))
+        self._avail = <int*>_alloc(self._na, sizeof(int))
+        self._cand = <int*>_alloc(self._na, sizeof(int))
+        self._staffed = <char*>_alloc(self._nq, sizeof(char))
+        for i in range(self._na * self._nq):
+            self._member_pos[i] = -1
+        self._agents = []
+        for i in range(self._na):
+            a = _Agent()
+            a.index = i
+            a.id = plan.agent_ids[i]
+            a.cap = plan.agent_caps[i]
+            a.presence = P_LOGGED_OUT
+            a.pause_reason = ""
+            a.in_wrap = False
+            a.wrap_until = 0.0
+            a.active = {}
+            a.ringing = 0
+            a.missed = 0
+            a.idle_since = 0.0
+            for k in range(self._ns):
+                self._levels[i * self._ns + k] = plan.agent_levels[i][k]
+            self._agents.append(a)
+        self._agent_by_id = {a.id: a for a in self._agents}
+        n_steps_total = 0
+        n_reqs_total = 0
+        n_starts = 0
+        for qi in range(self._nq):
+            n_steps_total += len(plan.queue_step_after[qi])
+            n_starts += len(plan.queue_requirements[qi]) + 1
+            for reqs in plan.queue_requirements[qi]:
+                n_reqs_total += len(reqs)
+        self._step_after = <double*>_alloc(n_steps_total, sizeof(double))
+        self._step_base = <int*>_alloc(self._nq, sizeof(int))
+        self._req_start = <int*>_alloc(n_starts, sizeof(int))
+        self._req_base = <int*>_alloc(self._nq, sizeof(int))
+        self._req_skill = <int*>_alloc(n_reqs_total, sizeof(int))
+        self._req_min = <int*>_alloc(n_reqs_total, sizeof(int))
+        self._queues = []
+        si = 0
+        st = 0
+        ri = 0
+        for qi in range(self._nq):
+            cfg = config.queues[qi]
+            q = _Queue()
+            q.index = qi
+            q.cfg = cfg
+            q.name = cfg.name
+            q.target = cfg.overflow_target
+            q.strategy = _STRATEGY_CODE[cfg.strategy]
+            q.ring_timeout = cfg.ring_timeout
+            q.wrap_up = cfg.wrap_up
+            q.has_max_wait = cfg.max_wait is not None
+            q.max_wait = cfg.max_wait if cfg.max_wait is not None else 0.0
+            q.max_length = cfg.max_length if cfg.max_length is not None else -1
+            q.has_max_ewt = cfg.max_estimated_wait is not None
+            q.max_ewt = cfg.max_estimated_wait if q.has_max_ewt else 0.0
+            q.join_empty = _EMPTY_CODE[cfg.join_empty]
+            q.leave_empty = _EMPTY_CODE[cfg.leave_empty]
+            q.default_handle_time = cfg.default_handle_time
+            q.retries = cfg.callback_retries
+            q.retry_interval = cfg.callback_retry_interval
+            q.rejoin_window = cfg.rejoin_window
+            q.rr_last = -1
+            q.samples = []
+            q.n_callers = 0
+            q.members = []
+            for k, (ai, penalty, weight) in enumerate(plan.queue_members[qi]):
+                m = _Member()
+                m.agent = self._agents[ai]
+                m.pos = k
+                m.penalty = penalty
+                m.weight = weight
+                m.calls = 0
+                m.talk_time = 0.0
+                self._member_pos[ai * self._nq + qi] = k
+                q.members.append(m)
+            q.n_steps = len(plan.queue_step_after[qi])
+            self._step_base[qi] = si
+            for after in plan.queue_step_after[qi]:
+                self._step_after[si] = after
+                si += 1
+            self._req_base[qi] = st
+            for reqs in plan.queue_requirements[qi]:
+                self._req_start[st] = ri
+                st += 1
+                for skill, level in reqs:
+                    self._req_skill[ri] = skill
+                    self._req_min[ri] = level
+                    ri += 1
+            self._req_start[st] = ri
+            st += 1
+            self._queues.append(q)
+        self._queue_by_name = {q.name: q for q in self._queues}
+        self._callers = {}
+        self._order = []
+        self._seq = 0
+        self._rng = <uint64_t>(config.seed & 0xFFFFFFFFFFFFFFFF)
+        self._now = -INF
+        self._rejoin = {}
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def config(self):
+        """The configuration the router was built from."""
+        return self._config
+
+    def handle(self, event, now):
+        """Apply one event at time ``now``; returns the decisions it leads to, in order."""
+        cdef double t = self._check_now(now)
+        cdef list out = []
+        kind = type(event)
+        if kind is CallerJoin:
+            self._on_join(event, t, out)
+        elif kind is OfferAccepted:
+            self._on_accepted(event, t, out)
+        elif kind is CallEnded:
+            self._on_call_ended(event, t, out)
+        elif kind is WrapUpEnded:
+            self._on_wrap_up_ended(event, t, out)
+        elif kind is CallerAbandon:
+            self._on_abandon(event, t, out)
+        elif kind is OfferRejected:
+            self._on_declined(event, t, False, out)
+        elif kind is OfferTimeout:
+            self._on_declined(event, t, True, out)
+        elif kind is AgentLogin:
+            self._on_login(event, t, out)
+        elif kind is AgentLogout:
+            self._on_logout(event, t, out)
+        elif kind is AgentPause:
+            self._on_pause(event, t, out)
+        elif kind is AgentUnpause:
+            self._on_unpause(event, t, out)
+        elif kind is CallbackRequested:
+            self._on_callback(event, t, out)
+        elif kind is CallbackResult:
+            self._on_callback_result(event, t, out)
+        elif kind is AnnounceRequest:
+            self._on_announce(event, t, out)
+        else:
+            raise LocalProtocolError(f"not an ACD event: {kind.__name__}")
+        self._now = t
+        return out
+
+    def handle_timer(self, now):
+        """Run what is due at ``now`` (ring timeouts, wrap-up ends, callback retries, wait
+        timeouts, skill relaxation) and route."""
+        cdef double t = self._check_now(now)
+        cdef list out = []
+        cdef _Caller c
+        cdef _Agent a
+        cdef list agents
+        self._now = t
+        due = sorted([(c.deadline, c.seq, c.id) for c in self._order
+                      if c.state == S_OFFERED and c.deadline <= t])
+        for _, _, call_id in due:
+            c = self._callers.get(call_id)
+            if c is None or c.state != S_OFFERED:
+                continue
+            agents = c.offered
+            out.append(CancelOffer(c.id, tuple([a.id for a in agents])))
+            c.state = _caller_next(c, "decline")
+            c.offered = []
+            for a in agents:
+                a.ringing -= 1
+                c.tried.add(a.index)
+            for a in agents:
+                self._missed(a, out)
+        for _, _, a in sorted([(a.wrap_until, a.index, a) for a in self._agents
+                               if a.in_wrap and a.wrap_until <= t]):
+            a.in_wrap = False
+            a.idle_since = a.wrap_until
+        for _, _, call_id in sorted([(c.retry_at, c.seq, c.id) for c in self._order
+                                     if c.state == S_CB_RETRY and c.retry_at <= t]):
+            c = self._callers[call_id]
+            c.state = _caller_next(c, "retry-due")
+        for _, _, call_id in sorted([(c.overflow_at, c.seq, c.id) for c in self._order
+                                     if (c.state == S_WAITING or c.state == S_OFFERED)
+                                     and c.overflow_at <= t]):
+            c = self._callers.get(call_id)
+            if c is not None and (c.state == S_WAITING or c.state == S_OFFERED):
+                self._overflow(c, OverflowReason.TIMEOUT, out)
+        self._route(t, out)
+        return out
+
+    def next_timer(self):
+        """When ``handle_timer`` next needs to run, or None when nothing is pending."""
+        cdef double best = INF
+        cdef double tt
+        cdef _Caller c
+        cdef _Agent a
+        cdef int st, k, base
+        for c in self._order:
+            st = c.state
+            if st == S_OFFERED:
+                if c.deadline < best:
+                    best = c.deadline
+                if c.overflow_at < best:
+                    best = c.overflow_at
+            elif st == S_WAITING:
+                if c.overflow_at < best:
+                    best = c.overflow_at
+            elif st == S_CB_RETRY:
+                if c.retry_at < best:
+                    best = c.retry_at
+            if st == S_WAITING or st == S_CB_WAITING:
+                base = self._step_base[c.queue.index]
+                for k in range(c.queue.n_steps):
+                    tt = c.place_time + self._step_after[base + k]
+                    if tt > self._now:
+                        if tt < best:
+                            best = tt
+                        break
+        for a in self._agents:
+            if a.in_wrap and a.wrap_until < best:
+                best = a.wrap_until
+        return None if best == INF else best
+
+    def position(self, call):
+        """1-based place of the caller among those of their queue, in the global order."""
+        return self._position(self._caller(call))
+
+    def estimated_wait(self, call):
+        """Seconds the caller is estimated still to wait (``math.inf`` with nobody staffed)."""
+        cdef _Caller c = self._caller(call)
+        return self._ewt(c.queue, self._position(c))
+
+    def queue_estimated_wait(self, queue):
+        """Estimated wait of a new caller of priority 0 joining ``queue`` now."""
+        cdef _Queue q = self._queue(queue)
+        cdef _Caller c
+        cdef long long behind = 0
+        for c in self._order:
+            if c.queue is q and c.priority >= 0:
+                behind += 1
+        return self._ewt(q, behind + 1)
+
+    def waiting(self, queue):
+        """Calls of ``queue`` in the global order (callbacks included)."""
+        cdef _Queue q = self._queue(queue)
+        cdef _Caller c
+        return tuple([c.id for c in self._order if c.queue is q])
+
+    def agent_view(self, agent):
+        """The agent's routing state."""
+        a = self._agent_by_id.get(agent)
+        if a is None:
+            raise LocalProtocolError(f"unknown agent {agent!r}")
+        return self._agent_view(a)
+
+    def caller_view(self, call):
+        """The queued caller's routing state."""
+        return self._caller_view(self._caller(call))
+
+    def snapshot(self):
+        """Everything that decides future routing, as plain values (for comparison)."""
+        cdef _Agent a
+        cdef _Queue q
+        cdef _Member m
+        return {
+            "now": self._now,
+            "rng": int(self._rng),
+            "agents": tuple([self._agent_view(a) for a in self._agents]),
+            "callers": tuple([self._caller_view(c) for c in self._order]),
+            "queues": tuple([
+                (q.name, q.rr_last, tuple(q.samples),
+                 tuple([(m.calls, m.talk_time) for m in q.members]))
+                for q in self._queues]),
+            "rejoin": tuple(sorted([
+                (k[0], (<_Queue>self._queues[k[1]]).name, v) for k, v in self._rejoin.items()])),
+            "interactions": tuple(sorted([
+                (a.id, call, (<_Queue>self._queues[v[0]]).name, v[1])
+                for a in self._agents for call, v in a.active.items()])),
+        }
+
+    # ---------------------------------------------------------------- event handlers
+
+    cdef _on_login(self, ev, double now, list out):
+        cdef _Agent a = self._agent(ev.agent)
+        a.presence = _presence_next(a, "login")
+        a.pause_reason = ""
+        a.missed = 0
+        a.idle_since = now
+        self._route(now, out)
+
+    cdef _on_logout(self, ev, double now, list out):
+        cdef _Agent a = self._agent(ev.agent)
+        cdef _Caller c
+        a.presence = _presence_next(a, "logout")
+        a.pause_reason = ""
+        a.in_wrap = False
+        for c in list(self._order):
+            if c.state == S_OFFERED and a in c.offered:
+                out.append(CancelOffer(c.id, (a.id,)))
+                self._decline(c, a, False, out)
+        self._leave_empty(a, out)
+        self._route(now, out)
+
+    cdef _on_pause(self, ev, double now, list out):
+        cdef _Agent a = self._agent(ev.agent)
+        a.presence = _presence_next(a, "pause")
+        a.pause_reason = ev.reason
+        self._leave_empty(a, out)
+        self._route(now, out)
+
+    cdef _on_unpause(self, ev, double now, list out):
+        cdef _Agent a = self._agent(ev.agent)
+        a.presence = _presence_next(a, "unpause")
+        a.pause_reason = ""
+        a.missed = 0
+        self._route(now, out)
+
+    cdef _on_join(self, ev, double now, list out):
+        cdef _Queue q = self._queue(ev.queue)
+        cdef _Caller c, other
+        cdef long long ahead
+        cdef double place_time
+        cdef long long seq
+        cdef bint rejoined
+        call = ev.call
+        if not isinstance(call, str) or not call:
+            raise LocalProtocolError("call id must be a non-empty string")
+        if call in self._callers:
+            raise LocalProtocolError(f"call {call!r} is already queued")
+        if not isinstance(ev.caller_number, str):
+            raise LocalProtocolError(f"caller number must be a string, got {ev.caller_number!r}")
+        priority = ev.priority
+        if (not isinstance(priority, int) or isinstance(priority, bool)
+                or not MIN_PRIORITY <= priority <= MAX_PRIORITY):
+            raise LocalProtocolError(
+                f"priority must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}, "
+                f"got {priority!r}")
+        if self._is_empty(q, q.join_empty):
+            out.append(Overflow(call, q.name, OverflowReason.NO_AGENTS, q.target))
+            return
+        if ((q.max_length >= 0 and q.n_callers >= q.max_length)
+                or len(self._order) >= self._max_waiting):
+            out.append(Overflow(call, q.name, OverflowReason.MAX_LENGTH, q.target))
+            return
+        place_time = now
+        seq = self._seq
+        number = ev.caller_number
+        key = (number, q.index)
+        remembered = self._rejoin.get(key) if number else None
+        rejoined = remembered is not None and now - <double>remembered[2] <= q.rejoin_window
+        if rejoined:
+            place_time = remembered[0]
+            seq = remembered[1]
+        c = _Caller()
+        c.id = call
+        c.queue = q
+        c.number = number
+        c.priority = priority
+        c.place_time = place_time
+        c.seq = seq
+        c.state = S_WAITING
+        c.offered = []
+        c.deadline = 0.0
+        c.tried = set()
+        c.overflow_at = INF
+        c.cb_number = ""
+        c.attempts = 0
+        c.retry_at = 0.0
+        if q.has_max_ewt:
+            ahead = 0
+            for other in self._order:
+                if other.queue is q and _before(other, c):
+                    ahead += 1
+            if self._ewt(q, ahead + 1) > q.max_ewt:
+                out.append(Overflow(call, q.name, OverflowReason.ESTIMATED_WAIT, q.target))
+                return
+        if remembered is not None:
+            del self._rejoin[key]
+        if not rejoined:
+            self._seq += 1
+        if q.has_max_wait:
+            c.overflow_at = now + q.max_wait
+        self._callers[call] = c
+        self._insert(c)
+        self._route(now, out)
+
+    cdef _on_abandon(self, ev, double now, list out):
+        cdef _Caller c = self._caller(ev.call)
+        cdef _Agent a
+        cdef int was = c.state
+        _caller_next(c, "abandon")
+        if was == S_OFFERED:
+            out.append(CancelOffer(c.id, tuple([a.id for a in c.offered])))
+            for a in c.offered:
+                a.ringing -= 1
+        elif was == S_CB_DIALLING:
+            (<_Agent>c.offered[0]).ringing -= 1
+        self._remove(c)
+        if (c.number and c.queue.rejoin_window > 0 and (was == S_WAITING or was == S_OFFERED)
+                and self._max_rejoin > 0):
+            key = (c.number, c.queue.index)
+            self._rejoin.pop(key, None)
+            while len(self._rejoin) >= self._max_rejoin:
+                del self._rejoin[next(iter(self._rejoin))]
+            self._rejoin[key] = (c.place_time, c.seq, now)
+        self._route(now, out)
+
+    cdef _on_accepted(self, ev, double now, list out):
+        cdef _Caller c
+        cdef _Agent a, o
+        c, a = self._offered_pair(ev.call, ev.agent)
+        _caller_next(c, "accept")
+        others = tuple([o.id for o in c.offered if o is not a])
+        if others:
+            out.append(CancelOffer(c.id, others))
+        for o in c.offered:
+            o.ringing -= 1
+        self._connect(c, a, now)
+        self._route(now, out)
+
+    cdef _on_declined(self, ev, double now, bint missed, list out):
+        cdef _Caller c
+        cdef _Agent a
+        c, a = self._offered_pair(ev.call, ev.agent)
+        self._decline(c, a, missed, out)
+        self._route(now, out)
+
+    cdef _on_call_ended(self, ev, double now, list out):
+        cdef _Agent a = self._agent(ev.agent)
+        cdef _Queue q
+        cdef _Member m
+        cdef double talk, until
+        call = ev.call
+        if call not in a.active:
+            raise LocalProtocolError(f"agent {a.id!r} has no call {call!r}")
+        qi, answered = a.active.pop(call)
+        q = self._queues[qi]
+        talk = now - <double>answered
+        m = q.members[self._member_pos[a.index * self._nq + q.index]]
+        m.talk_time += talk
+        q.samples.append(talk + q.wrap_up)
+        if len(q.samples) > self._samples_max:
+            del q.samples[0]
+        if q.wrap_up > 0:
+            until = now + q.wrap_up
+            if not a.in_wrap or until > a.wrap_until:
+                a.wrap_until = until
+            a.in_wrap = True
+        elif not a.in_wrap and not a.active:
+            a.idle_since = now
+        self._route(now, out)
+
+    cdef _on_wrap_up_ended(self, ev, double now, list out):
+        cdef _Agent a = self._agent(ev.agent)
+        if not a.in_wrap:
+            raise LocalProtocolError(f"agent {a.id!r} is not in wrap-up")
+        a.in_wrap = False
+        a.idle_since = now
+        self._route(now, out)
+
+    cdef _on_callback(self, ev, double now, list out):
+        cdef _Caller c = self._caller(ev.call)
+        cdef _Agent a
+        cdef int was
+        if not isinstance(ev.number, str) or not ev.number:
+            raise LocalProtocolError("callback number must be a non-empty string")
+        was = c.state
+        c.state = _caller_next(c, "callback")
+        if was == S_OFFERED:
+            out.append(CancelOffer(c.id, tuple([a.id for a in c.offered])))
+            for a in c.offered:
+                a.ringing -= 1
+            c.offered = []
+        c.cb_number = ev.number
+        c.overflow_at = INF
+        self._route(now, out)
+
+    cdef _on_callback_result(self, ev, double now, list out):
+        cdef _Caller c = self._caller(ev.call)
+        cdef _Queue q = c.queue
+        cdef _Agent a
+        cdef bint final
+        cdef int nxt
+        if ev.answered:
+            _caller_next(c, "answered")
+            a = c.offered[0]
+            a.ringing -= 1
+            self._connect(c, a, now)
+            out.append(CallbackOutcome(c.id, q.name, True, c.attempts))
+        else:
+            final = c.attempts > q.retries
+            nxt = _caller_next(c, "gave-up" if final else "failed")
+            (<_Agent>c.offered[0]).ringing -= 1
+            c.offered = []
+            if final:
+                self._remove(c)
+                out.append(CallbackOutcome(c.id, q.name, False, c.attempts))
+            else:
+                c.state = nxt
+                c.retry_at = now + q.retry_interval
+        self._route(now, out)
+
+    cdef _on_announce(self, ev, double now, list out):
+        cdef _Caller c = self._caller(ev.call)
+        cdef long long pos
+        _caller_next(c, "announce")
+        pos = self._position(c)
+        out.append(Announce(c.id, pos, self._ewt(c.queue, pos)))
+
+    # ---------------------------------------------------------------- rules
+
+    cdef bint _available(self, _Agent a) noexcept:
+        return (a.presence == P_READY and not a.in_wrap
+                and len(a.active) + a.ringing < a.cap)
+
+    cdef int _collect_avail(self) noexcept:
+        cdef int i, n = 0
+        cdef _Agent a
+        for i in range(self._na):
+            a = <_Agent>self._agents[i]
+            if self._available(a):
+                self._avail[n] = i
+                n += 1
+        return n
+
+    cdef int _route(self, double now, list out) except -1:
+        cdef int n_avail = self._collect_avail()
+        cdef int nq = self._nq, ns = self._ns
+        cdef int qi, k, steps, sb, rb, rs, re, n, j, ai, pos, low, picked, keep
+        cdef bint ok
+        cdef _Caller c
+        cdef _Queue q
+        cdef _Agent a
+        cdef _Member m
+        cdef list members
+        if n_avail == 0:
+            return 0
+        self._mark_staffed(n_avail)
+        for c in self._order:
+            if c.state != S_WAITING and c.state != S_CB_WAITING:
+                continue
+            q = c.queue
+            qi = q.index
+            if not self._staffed[qi]:
+                continue  # no available member at all: nothing to check
+            steps = 0
+            sb = self._step_base[qi]
+            for k in range(q.n_steps):
+                if c.place_time + self._step_after[sb + k] <= now:
+                    steps += 1
+            rb = self._req_base[qi] + steps
+            rs = self._req_start[rb]
+            re = self._req_start[rb + 1]
+            n = 0
+            for j in range(n_avail):
+                ai = self._avail[j]
+                if self._member_pos[ai * nq + qi] < 0:
+                    continue
+                ok = True
+                for k in range(rs, re):
+                    if self._levels[ai * ns + self._req_skill[k]] < self._req_min[k]:
+                        ok = False
+                        break
+                if ok:
+                    self._cand[n] = ai
+                    n += 1
+            if n == 0:
+                continue
+            if c.tried:
+                keep = 0
+                for j in range(n):
+                    if self._cand[j] not in c.tried:
+                        self._cand[keep] = self._cand[j]
+                        keep += 1
+                if keep:
+                    n = keep
+                else:
+                    c.tried.clear()
+            # agent indices -> member positions, in member order (insertion sort: n is small)
+            for j in range(n):
+                pos = self._member_pos[self._cand[j] * nq + qi]
+                k = j
+                while k > 0 and self._cand[k - 1] > pos:
+                    self._cand[k] = self._cand[k - 1]
+                    k -= 1
+                self._cand[k] = pos
+            members = q.members
+            low = (<_Member>members[self._cand[0]]).penalty
+            for j in range(1, n):
+                m = <_Member>members[self._cand[j]]
+                if m.penalty < low:
+                    low = m.penalty
+            keep = 0
+            for j in range(n):
+                if (<_Member>members[self._cand[j]]).penalty == low:
+                    self._cand[keep] = self._cand[j]
+                    keep += 1
+            picked = self._pick(q, keep)
+            if c.state == S_CB_WAITING:
+                a = (<_Member>members[self._cand[0]]).agent
+                c.state = _caller_next(c, "dial")
+                c.attempts += 1
+                c.offered = [a]
+                a.ringing += 1
+                out.append(DialCallback(c.id, a.id, q.name, c.cb_number, c.attempts))
+            else:
+                c.state = _caller_next(c, "offer")
+                c.offered = [(<_Member>members[self._cand[j]]).agent for j in range(picked)]
+                c.deadline = now + q.ring_timeout
+                for a in c.offered:
+                    a.ringing += 1
+                out.append(Offer(c.id, tuple([a.id for a in c.offered]), q.name))
+            keep = 0
+            for j in range(n_avail):
+                if self._available(<_Agent>self._agents[self._avail[j]]):
+                    self._avail[keep] = self._avail[j]
+                    keep += 1
+            n_avail = keep
+            if n_avail == 0:
+                return 0
+            self._mark_staffed(n_avail)
+        return 0
+
+    cdef void _mark_staffed(self, int n_avail) noexcept:
+        """Per queue, whether any of the first ``n_avail`` agents of ``_avail`` is a member."""
+        cdef int j, qi, base
+        for qi in range(self._nq):
+            self._staffed[qi] = 0
+        for j in range(n_avail):
+            base = self._avail[j] * self._nq
+            for qi in range(self._nq):
+                if self._member_pos[base + qi] >= 0:
+                    self._staffed[qi] = 1
+
+    cdef uint64_t _next_random(self) noexcept:
+        # SplitMix64, as appliance.acd.model.splitmix64: unsigned 64-bit arithmetic wraps.
+        cdef uint64_t z
+        self._rng += <uint64_t>0x9E3779B97F4A7C15ULL
+        z = self._rng
+        z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9ULL
+        z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EBULL
+        return z ^ (z >> 31)
+
+    cdef int _pick(self, _Queue q, int n) except -1:
+        """Strategy pick among member positions ``_cand[:n]`` (member order, lowest penalty
+        tier); leaves the pick(s) at the front of ``_cand`` and returns how many."""
+        cdef int s = q.strategy
+        cdef int j, best, nm, d, best_d
+        cdef _Member m, bm
+        cdef list members = q.members
+        cdef uint64_t r
+        cdef long long total, rr
+        if s == ST_RING_ALL:
+            return n
+        if s == ST_LINEAR:
+            return 1
+        best = 0
+        if s == ST_LONGEST_IDLE:
+            bm = <_Member>members[self._cand[0]]
+            for j in range(1, n):
+                m = <_Member>members[self._cand[j]]
+                if m.agent.idle_since < bm.agent.idle_since:
+                    bm = m
+                    best = j
+        elif s == ST_FEWEST_CALLS:
+            bm = <_Member>members[self._cand[0]]
+            for j in range(1, n):
+                m = <_Member>members[self._cand[j]]
+                if m.calls < bm.calls:
+                    bm = m
+                    best = j
+        elif s == ST_LEAST_TALK_TIME:
+            bm = <_Member>members[self._cand[0]]
+            for j in range(1, n):
+                m = <_Member>members[self._cand[j]]
+                if m.talk_time < bm.talk_time:
+                    bm = m
+                    best = j
+        elif s == ST_ROUND_ROBIN_MEMORY:
+            nm = len(members)
+            # C's % truncates toward zero; the reference uses Python's floor modulo.
+            best_d = ((self._cand[0] - q.rr_last - 1) % nm + nm) % nm
+            for j in range(1, n):
+                d = ((self._cand[j] - q.rr_last - 1) % nm + nm) % nm
+                if d < best_d:
+                    best_d = d
+                    best = j
+            q.rr_last = self._cand[best]
+        elif s == ST_RANDOM:
+            r = self._next_random()
+            best = <int>(r % <uint64_t>n)
+        else:
+            r = self._next_random()
+            total = 0
+            for j in range(n):
+                total += (<_Member>members[self._cand[j]]).weight
+            rr = <long long>(r % <uint64_t>total)
+            for j in range(n):
+                m = <_Member>members[self._cand[j]]
+                if rr < m.weight:
+                    best = j
+                    break
+                rr -= m.weight
+        self._cand[0] = self._cand[best]
+        return 1
+
+    cdef int _decline(self, _Caller c, _Agent a, bint missed, list out) except -1:
+        cdef _Agent o
+        remaining = [o for o in c.offered if o is not a]
+        c.state = _caller_next(c, "decline-one" if remaining else "decline")
+        c.offered = remaining
+        c.tried.add(a.index)
+        a.ringing -= 1
+        if missed:
+            self._missed(a, out)
+        return 0
+
+    cdef int _missed(self, _Agent a, list out) except -1:
+        a.missed += 1
+        if self._auto_pause_after and a.missed >= self._auto_pause_after and a.presence == P_READY:
+            a.presence = _presence_next(a, "auto-pause")
+            a.pause_reason = AUTO_PAUSE_REASON
+            out.append(AutoPause(a.id, a.missed))
+            self._leave_empty(a, out)
+        return 0
+
+    cdef int _connect(self, _Caller c, _Agent a, double now) except -1:
+        cdef _Queue q = c.queue
+        a.active[c.id] = (q.index, now)
+        a.missed = 0
+        (<_Member>q.members[self._member_pos[a.index * self._nq + q.index]]).calls += 1
+        self._remove(c)
+        return 0
+
+    cdef int _overflow(self, _Caller c, object reason, list out) except -1:
+        cdef int was = c.state
+        cdef _Agent a
+        _caller_next(c, "overflow")
+        if was == S_OFFERED:
+            out.append(CancelOffer(c.id, tuple([a.id for a in c.offered])))
+            for a in c.offered:
+                a.ringing -= 1
+        self._remove(c)
+        out.append(Overflow(c.id, c.queue.name, reason, c.queue.target))
+        return 0
+
+    cdef int _leave_empty(self, _Agent a, list out) except -1:
+        cdef int qi
+        cdef _Queue q
+        cdef _Caller c
+        empty = set()
+        for qi in range(self._nq):
+            q = self._queues[qi]
+            if self._member_pos[a.index * self._nq + qi] >= 0 and self._is_empty(q, q.leave_empty):
+                empty.add(qi)
+        if not empty:
+            return 0
+        for c in list(self._order):
+            if c.queue.index in empty and (c.state == S_WAITING or c.state == S_OFFERED):
+                self._overflow(c, OverflowReason.NO_AGENTS, out)
+        return 0
+
+    cdef bint _is_empty(self, _Queue q, int rule) noexcept:
+        cdef _Member m
+        cdef int p
+        if rule == E_NEVER:
+            return False
+        for m in q.members:
+            p = m.agent.presence
+            if p == P_READY or (p == P_PAUSED and rule == E_UNSTAFFED):
+                return False
+        return True
+
+    cdef long long _position(self, _Caller c) except -1:
+        cdef long long pos = 1
+        cdef _Caller other
+        for other in self._order:
+            if other is c:
+                return pos
+            if other.queue is c.queue:
+                pos += 1
+        raise AssertionError("queued caller missing from the order")
+
+    cdef double _ewt(self, _Queue q, long long position) noexcept:
+        cdef long long staffed = 0
+        cdef _Member m
+        cdef double total, handle
+        cdef Py_ssize_t i, ns
+        for m in q.members:
+            if m.agent.presence == P_READY:
+                staffed += m.agent.cap
+        if staffed == 0:
+            return INF
+        ns = len(q.samples)
+        if ns:
+            total = 0.0
+            for i in range(ns):
+                total += <double>q.samples[i]
+            handle = total / <double>ns
+        else:
+            handle = q.default_handle_time
+        return handle * <double>position / <double>staffed
+
+    cdef Py_ssize_t _find(self, _Caller c) except -1:
+        """Index where ``c`` is (or belongs) in the order: the first caller not ahead of it."""
+        cdef Py_ssize_t lo = 0, hi = len(self._order), mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if _before(<_Caller>self._order[mid], c):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    cdef int _insert(self, _Caller c) except -1:
+        self._order.insert(self._find(c), c)
+        c.queue.n_callers += 1
+        return 0
+
+    cdef int _remove(self, _Caller c) except -1:
+        cdef Py_ssize_t i = self._find(c)
+        if i >= len(self._order) or self._order[i] is not c:
+            raise AssertionError("order out of step")
+        del self._order[i]
+        del self._callers[c.id]
+        c.queue.n_callers -= 1
+        return 0
+
+    # ---------------------------------------------------------------- lookups
+
+    cdef double _check_now(self, now) except? -1.0:
+        if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
+            raise LocalProtocolError(f"now must be a finite number, got {now!r}")
+        if now < self._now:
+            raise LocalProtocolError(f"time ran backwards: {now} < {self._now}")
+        return <double>now
+
+    cdef _Agent _agent(self, agent_id):
+        a = self._agent_by_id.get(agent_id)
+        if a is None:
+            raise LocalProtocolError(f"unknown agent {agent_id!r}")
+        return a
+
+    cdef _Queue _queue(self, name):
+        q = self._queue_by_name.get(name)
+        if q is None:
+            raise LocalProtocolError(f"unknown queue {name!r}")
+        return q
+
+    cdef _Caller _caller(self, call):
+        c = self._callers.get(call)
+        if c is None:
+            raise LocalProtocolError(f"no queued call {call!r}")
+        return c
+
+    cdef tuple _offered_pair(self, call, agent):
+        cdef _Caller c = self._caller(call)
+        cdef _Agent a = self._agent(agent)
+        if c.state != S_OFFERED or a not in c.offered:
+            raise LocalProtocolError(f"call {call!r} is not ringing at agent {agent!r}")
+        return c, a
+
+    cdef _agent_view(self, _Agent a):
+        return AgentView(a.id, _PRESENCE_NAMES[a.presence], a.pause_reason, a.in_wrap,
+                         len(a.active), a.ringing, a.missed, a.idle_since)
+
+    cdef _caller_view(self, _Caller c):
+        cdef _Agent a
+        return CallerView(c.id, c.queue.name, _STATE_NAMES[c.state], c.priority, c.place_time,
+                          tuple([a.id for a in c.offered]))
