@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--site-dir", type=Path, required=True, help="directory of the site")
     doctor.set_defaults(handler=_cmd_doctor)
 
+    from appliance.reporting.cli import add_wfm_parser
+
+    add_wfm_parser(commands)
+
     # The one console script starts every process; the cloud side is imported only here, lazily,
     # so the appliance itself never loads it (they meet only through proto/).
     from cloud_bridge.cli import add_parser as add_cloud_parser

@@ -421,9 +421,11 @@ def test_events_stored_once_under_replays_reordering_and_reconnects(
 
 def test_a_new_link_replaces_the_old_one(cloud: Cloud, paris: Site) -> None:
     old_channel, old = open_link(cloud, paris)
+    # The old link must be registered before the new one opens; otherwise the server may see
+    # the two streams in either order.
+    assert old.wait_ack(0) == [0]
     new_channel, new = open_link(cloud, paris)
     with old_channel, new_channel:
-        assert old.wait_ack(0) == [0]
         assert new.wait_ack(0) == [0]
         assert old.error().code() == grpc.StatusCode.ABORTED
         new.event(1)
