@@ -1,0 +1,643 @@
+"""The media engine over real UDP on 127.0.0.1: relaying, transcoding, prompts, recording, DTMF,
+timeouts, mixing, DSCP and leak-free release."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import wave
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pytest
+
+from media_core import g711
+from media_core.engine import (
+    DigitReceived,
+    EngineError,
+    LegReleased,
+    MediaEngine,
+    MediaTimeout,
+    PromptFinished,
+    RecordingFinished,
+)
+
+PORTS = (41000, 42999)
+RATE = 8000
+FRAME = 160
+T = TypeVar("T")
+
+
+def run(coro_fn: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
+    async def main() -> T:
+        return await asyncio.wait_for(coro_fn(), timeout)
+
+    return asyncio.run(main())
+
+
+def tone(freq: float, samples: int, amplitude: float = 8000.0, start: int = 0) -> np.ndarray:
+    n = np.arange(start, start + samples)
+    return (amplitude * np.sin(2 * np.pi * freq * n / RATE)).astype(np.int16)
+
+
+def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 0, marker: bool = False) -> bytes:
+    return struct.pack("!BBHII", 0x80, (0x80 if marker else 0) | pt, seq & 0xFFFF,
+                       ts & 0xFFFFFFFF, ssrc) + payload
+
+
+def header(data: bytes) -> tuple[int, int, int, int, bool]:
+    b0, b1, seq, ts, ssrc = struct.unpack("!BBHII", data[:12])
+    return b1 & 0x7F, seq, ts, ssrc, bool(b1 & 0x80)
+
+
+class Phone:
+    """A UDP endpoint standing in for a SIP phone's RTP stack."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.ssrc = int.from_bytes(os.urandom(4), "big")
+        self.seq = 1000
+        self.ts = 5000
+
+    def send(self, port: int, payload: bytes, pt: int = 0) -> None:
+        self.sock.sendto(rtp(self.seq, self.ts, self.ssrc, payload, pt), (self.host, port))
+        self.seq += 1
+        self.ts += FRAME
+
+    async def recv(self, timeout: float = 3.0) -> bytes:
+        loop = asyncio.get_running_loop()
+        data, _ = await asyncio.wait_for(loop.sock_recvfrom(self.sock, 2048), timeout)
+        return data
+
+    async def recv_n(self, n: int, timeout: float = 5.0) -> list[bytes]:
+        return [await self.recv(timeout) for _ in range(n)]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def next_event(engine: MediaEngine, kind: type[T], timeout: float = 5.0) -> T:
+    """The next event of this kind (others are skipped)."""
+    async def wait() -> T:
+        while True:
+            ev = await engine.events.get()
+            if isinstance(ev, kind):
+                return ev
+
+    return await asyncio.wait_for(wait(), timeout)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Waits for a condition on engine state that no event announces (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.002)
+
+
+async def paced(steps: int, send: Callable[[int], None]) -> None:
+    """Calls send(i) every 20 ms, like a phone's packetization clock."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(steps):
+        send(i)
+        delay = start + (i + 1) * 0.02 - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def spectrum_peak_hz(samples: np.ndarray, freq: float) -> float:
+    """Magnitude of the spectrum at freq relative to the strongest bin (0..1)."""
+    x = samples.astype(np.float64)
+    if not np.any(x):
+        return 0.0
+    mag = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    bins = np.fft.rfftfreq(len(x), 1 / RATE)
+    near = np.abs(bins - freq) <= 15
+    return float(mag[near].max() / mag.max())
+
+
+async def bridged_pair(engine: MediaEngine, caller: Phone, agent: Phone,
+                       codecs: tuple[str, str] = ("PCMU", "PCMU")) -> tuple[int, int, int, int]:
+    a = engine.allocate_leg()
+    b = engine.allocate_leg()
+    engine.set_codec(a.leg, codecs[0])
+    engine.set_codec(b.leg, codecs[1])
+    engine.set_remote(a.leg, caller.host, caller.port)
+    engine.set_remote(b.leg, agent.host, agent.port)
+    engine.bridge(a.leg, b.leg)
+    return a.leg, a.rtp_port, b.leg, b.rtp_port
+
+
+async def started(**kwargs: object) -> MediaEngine:
+    engine = MediaEngine(PORTS, **kwargs)  # type: ignore[arg-type]
+    await engine.start()
+    return engine
+
+
+def test_bridge_relays_tone_bit_exact_with_one_continuous_stream() -> None:
+    async def body() -> None:
+        engine = await started()
+        caller, agent = Phone(), Phone()
+        try:
+            a, pa, b, pb = await bridged_pair(engine, caller, agent)
+            payloads = [g711.ulaw_encode(tone(440, FRAME, start=i * FRAME)) for i in range(30)]
+            for p in payloads:
+                caller.send(pa, p)
+            got = await agent.recv_n(30)
+            assert [g[12:] for g in got] == payloads
+            hdrs = [header(g) for g in got]
+            assert {h[3] for h in hdrs} == {hdrs[0][3]} and hdrs[0][3] != caller.ssrc
+            assert [h[1] for h in hdrs] == [(hdrs[0][1] + i) & 0xFFFF for i in range(30)]
+            assert [h[2] for h in hdrs] == [(hdrs[0][2] + FRAME * i) & 0xFFFFFFFF
+                                            for i in range(30)]
+            # and the other way
+            agent.send(pb, payloads[0])
+            back = await caller.recv()
+            assert back[12:] == payloads[0]
+            stats = engine.stats(a)
+            assert stats.rx_packets == 30 and stats.lost == 0 and stats.mos is not None
+            assert engine.stats(b).tx_packets == 30
+        finally:
+            await engine.close()
+            caller.close()
+            agent.close()
+
+    run(body)
+
+
+def test_transcodes_between_laws() -> None:
+    async def body() -> None:
+        engine = await started()
+        caller, agent = Phone(), Phone()
+        try:
+            a, pa, b, pb = await bridged_pair(engine, caller, agent, ("PCMU", "PCMA"))
+            payload = g711.ulaw_encode(tone(1000, FRAME))
+            caller.send(pa, payload)
+            got = await agent.recv()
+            assert header(got)[0] == 8
+            assert got[12:] == g711.ulaw_to_alaw(payload)
+            back = g711.alaw_encode(tone(300, FRAME))
+            agent.send(pb, back, pt=8)
+            got = await caller.recv()
+            assert header(got)[0] == 0 and got[12:] == g711.alaw_to_ulaw(back)
+        finally:
+            await engine.close()
+            caller.close()
+            agent.close()
+
+    run(body)
+
+
+def test_symmetric_rtp_latches_to_the_real_source_and_drops_others() -> None:
+    async def body() -> None:
+        engine = await started()
+        caller, agent, intruder = Phone(), Phone(), Phone()
+        try:
+            a, pa, b, pb = await bridged_pair(engine, caller, agent)
+            # SDP said another port: the first packet from the agent corrects it (RFC 4961)
+            engine.set_remote(b, "127.0.0.1", 9)
+            agent.send(pb, b"\xff" * FRAME)
+            await caller.recv()
+            caller.send(pa, b"\x01" * FRAME)
+            assert (await agent.recv())[12:] == b"\x01" * FRAME
+            intruder.send(pb, b"\x02" * FRAME)
+            agent.send(pb, b"\x03" * FRAME)
+            assert (await caller.recv())[12:] == b"\x03" * FRAME
+            # the intruder's packet was neither relayed nor counted as the agent's
+            assert engine.stats(b).rx_packets == 2
+        finally:
+            await engine.close()
+            for p in (caller, agent, intruder):
+                p.close()
+
+    run(body)
+
+
+def test_prompt_replaces_far_end_with_continuous_seq_ts_ssrc() -> None:
+    async def body() -> None:
+        engine = await started()
+        caller, agent = Phone(), Phone()
+        try:
+            a, pa, b, pb = await bridged_pair(engine, caller, agent)
+            for _ in range(5):
+                caller.send(pa, b"\x11" * FRAME)
+            before = await agent.recv_n(5)
+            prompt = tone(600, FRAME * 4)
+            prompt_id = engine.play(b, prompt)
+            during = await agent.recv_n(4)
+            done = await next_event(engine, PromptFinished)
+            assert done == PromptFinished(b, prompt_id, True)
+            for _ in range(3):
+                caller.send(pa, b"\x22" * FRAME)
+            after = await agent.recv_n(3)
+            assert b"".join(d[12:] for d in during) == g711.ulaw_encode(prompt)
+            hdrs = [header(d) for d in before + during + after]
+            assert len({h[3] for h in hdrs}) == 1
+            seqs = [h[1] for h in hdrs]
+            assert seqs == [(seqs[0] + i) & 0xFFFF for i in range(len(seqs))]
+            ts = [h[2] for h in hdrs]
+            assert all(0 < (t2 - t1) % 2**32 < 8000 * 10 for t1, t2 in zip(ts, ts[1:], strict=False))
+            assert hdrs[5][4] and hdrs[9][4]   # marker where the source changed
+            # stop_play cuts a prompt short
+            prompt_id = engine.play(b, tone(600, FRAME * 500))
+            engine.stop_play(b)
+            assert await next_event(engine, PromptFinished) == PromptFinished(b, prompt_id, False)
+        finally:
+            await engine.close()
+            caller.close()
+            agent.close()
+
+    run(body)
+
+
+def test_recording_puts_caller_left_and_agent_right(tmp_path: Path) -> None:
+    async def body() -> None:
+        engine = await started()
+        caller, agent = Phone(), Phone()
+        path = tmp_path / "call.wav"
+        try:
+            a, pa, b, pb = await bridged_pair(engine, caller, agent)
+            rec = engine.record_start(str(path), a, b)
+            steps = 40
+
+            def send(i: int) -> None:
+                caller.send(pa, g711.ulaw_encode(tone(440, FRAME, start=i * FRAME)))
+                agent.send(pb, g711.ulaw_encode(tone(1000, FRAME, start=i * FRAME)))
+
+            await paced(steps, send)
+            done = await asyncio.wait_for(engine.record_stop(rec), 5)
+            assert isinstance(done, RecordingFinished) and done.ok and done.path == str(path)
+        finally:
+            await engine.close()
+            caller.close()
+            agent.close()
+        with wave.open(str(path)) as w:
+            assert (w.getnchannels(), w.getframerate(), w.getsampwidth()) == (2, RATE, 2)
+            assert w.getnframes() == done.frames
+            data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)
+        # the file keeps time: no gap, about as long as the call
+        assert steps * FRAME * 0.7 <= len(data) <= steps * FRAME * 1.6
+        left, right = data[:, 0], data[:, 1]
+        assert spectrum_peak_hz(left, 440) > 0.9 and spectrum_peak_hz(left, 1000) < 0.05
+        assert spectrum_peak_hz(right, 1000) > 0.9 and spectrum_peak_hz(right, 440) < 0.05
+
+    run(body)
+
+
+def test_recording_pause_writes_silence_and_resume_writes_audio(tmp_path: Path) -> None:
+    async def body() -> None:
+        engine = await started()
+        caller, agent = Phone(), Phone()
+        try:
+            a, pa, b, pb = await bridged_pair(engine, caller, agent)
+            rec = engine.record_start(str(tmp_path / "paused.wav"), a, b)
+
+            def send(i: int) -> None:
+                if i == 15:
+                    engine.record_pause(rec)
+                elif i == 35:
+                    engine.record_resume(rec)
+                caller.send(pa, g711.ulaw_encode(tone(440, FRAME, start=i * FRAME)))
+
+            await paced(50, send)
+            assert (await asyncio.wait_for(engine.record_stop(rec), 5)).ok
+        finally:
+            await engine.close()
+            caller.close()
+            agent.close()
+
+    run(body)
+    with wave.open(str(tmp_path / "paused.wav")) as w:
+        left = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)[:, 0]
+    assert _zero_runs(left, FRAME * 12) == 1             # the pause, about 20 frames long
+    nonzero = np.flatnonzero(left)
+    gap_start = next(i for i in range(len(nonzero) - 1) if nonzero[i + 1] - nonzero[i] > FRAME * 12)
+    assert spectrum_peak_hz(left[:nonzero[gap_start]], 440) > 0.9
+    assert spectrum_peak_hz(left[nonzero[gap_start + 1]:], 440) > 0.9
+
+
+def test_garbage_datagrams_are_counted_and_relaying_goes_on() -> None:
+    async def body() -> None:
+        engine = await started()
+        caller, agent = Phone(), Phone()
+        try:
+            a, pa, b, pb = await bridged_pair(engine, caller, agent)
+            for junk in (b"", b"\x80", b"\x40" + b"\x00" * 20, b"\x8f\x00" + b"\x00" * 10,
+                         b"\x80\x00" + b"\x00" * 2000):
+                caller.sock.sendto(junk, ("127.0.0.1", pa))
+            caller.send(pa, b"\x55" * FRAME)
+            assert (await agent.recv())[12:] == b"\x55" * FRAME
+            stats = engine.stats(a)
+            assert stats.rx_packets == 1
+            assert engine._core.stats(a)["rx_invalid"] == 5
+        finally:
+            await engine.close()
+            caller.close()
+            agent.close()
+
+    run(body)
+
+
+def test_rfc4733_and_inband_digits_reach_the_event_queue() -> None:
+    async def body() -> None:
+        engine = await started()
+        caller = Phone()
+        try:
+            leg = engine.allocate_leg()
+            engine.set_codec(leg.leg, "PCMU", 101)
+            engine.detect_inband_dtmf(leg.leg)
+            # RFC 4733 §2.5.1: start (marker), updates, then three end packets, one timestamp
+            ts = caller.ts
+            for i, (end, dur) in enumerate([(0, 160), (0, 320), (0, 480), (1, 640), (1, 640),
+                                             (1, 640)]):
+                payload = struct.pack("!BBH", 7, (0x80 if end else 0) | 10, dur)
+                caller.sock.sendto(rtp(caller.seq + i, ts, caller.ssrc, payload, 101, i == 0),
+                                   ("127.0.0.1", leg.rtp_port))
+            caller.seq += 6
+            digit = await next_event(engine, DigitReceived)
+            assert (digit.leg, digit.digit, digit.method) == (leg.leg, "7", "rfc4733")
+            assert digit.duration_ms == 80.0
+            # in-band: '5' is 770 Hz + 1336 Hz (ITU-T Q.23), 100 ms then silence
+            pcm = np.concatenate([
+                (tone(770, 800, 6000) + tone(1336, 800, 6000)).astype(np.int16),
+                np.zeros(800, dtype=np.int16)])
+            for i in range(0, len(pcm), FRAME):
+                caller.send(leg.rtp_port, g711.ulaw_encode(pcm[i:i + FRAME]))
+            digit = await next_event(engine, DigitReceived)
+            assert (digit.leg, digit.digit, digit.method) == (leg.leg, "5", "inband")
+        finally:
+            await engine.close()
+            caller.close()
+
+    run(body)
+
+
+def test_inactivity_timeout_fires_once() -> None:
+    async def body() -> None:
+        engine = await started()
+        caller = Phone()
+        try:
+            quiet = engine.allocate_leg()
+            engine.set_timeout(quiet.leg, 0.2)
+            caller.send(quiet.rtp_port, b"\xff" * FRAME)
+            ev = await next_event(engine, MediaTimeout, timeout=5)
+            assert ev.leg == quiet.leg and ev.idle_seconds >= 0.2
+            with pytest.raises(EngineError):
+                engine.set_timeout(quiet.leg, -1)
+        finally:
+            await engine.close()
+            caller.close()
+
+    run(body)
+
+
+# Who hears whom: caller 440 Hz, agent 1000 Hz, supervisor 1800 Hz.
+LISTEN_MODES = {
+    "monitor": {"caller": {1000}, "agent": {440}, "supervisor": {440, 1000}},
+    "whisper": {"caller": {1000}, "agent": {440, 1800}, "supervisor": {440, 1000}},
+    "barge": {"caller": {1000, 1800}, "agent": {440, 1800}, "supervisor": {440, 1000}},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(LISTEN_MODES))
+def test_supervisor_modes_reach_the_right_parties(mode: str) -> None:
+    """Whisper: the agent's stream holds the supervisor's tone, the caller's does not."""
+    freqs = {"caller": 440, "agent": 1000, "supervisor": 1800}
+
+    async def body() -> dict[str, list[bytes]]:
+        engine = await started()
+        phones = {name: Phone() for name in freqs}
+        heard: dict[str, list[bytes]] = {name: [] for name in freqs}
+        try:
+            a, pa, b, pb = await bridged_pair(engine, phones["caller"], phones["agent"])
+            s = engine.allocate_leg()
+            engine.set_remote(s.leg, "127.0.0.1", phones["supervisor"].port)
+            getattr(engine, mode)(s.leg, a, b)
+            ports = {"caller": pa, "agent": pb, "supervisor": s.rtp_port}
+            steps = 30
+
+            def send(i: int) -> None:
+                for name, phone in phones.items():
+                    phone.send(ports[name], g711.ulaw_encode(tone(freqs[name], FRAME, 6000,
+                                                                  i * FRAME)))
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            heard[name].append(phone.sock.recv(2048))
+
+            await paced(steps, send)
+            for name, phone in phones.items():
+                while len(heard[name]) < steps - 5:
+                    heard[name].append(await phone.recv())
+            return heard
+        finally:
+            await engine.close()
+            for p in phones.values():
+                p.close()
+
+    heard = run(body)
+    for name, expected in LISTEN_MODES[mode].items():
+        pcm = g711.ulaw_decode(b"".join(d[12:] for d in heard[name][5:]))
+        for other, freq in freqs.items():
+            if freq in expected:
+                assert spectrum_peak_hz(pcm, freq) > 0.3, (mode, name, other)
+            else:
+                assert spectrum_peak_hz(pcm, freq) < 0.02, (mode, name, other)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_thousand_legs_leave_no_descriptor_or_memory_behind() -> None:
+    async def cycle(engine: MediaEngine) -> None:
+        legs = [engine.allocate_leg() for _ in range(1000)]
+        assert len({leg.rtp_port for leg in legs}) == 1000
+        assert all(leg.rtp_port % 2 == 0 for leg in legs)
+        await asyncio.gather(*(engine.release(leg.leg) for leg in legs))
+
+    async def body() -> None:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        engine = MediaEngine((43000, 47999), max_legs=2000)
+        await engine.start()
+        try:
+            await cycle(engine)          # warm the allocator
+            rss = _rss_kib()
+            fds = len(os.listdir("/proc/self/fd"))
+            await cycle(engine)
+            await cycle(engine)
+            assert len(os.listdir("/proc/self/fd")) == fds
+            assert _rss_kib() - rss < 4096
+            assert engine.legs_active == 0
+        finally:
+            await engine.close()
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+
+    run(body, timeout=60)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_rtp_sockets_are_dscp_ef(host: str) -> None:
+    async def body() -> None:
+        engine = MediaEngine(PORTS, host=host)
+        await engine.start()
+        try:
+            leg = engine.allocate_leg()
+            for fd in engine._core.socket_fds(leg.leg):
+                with socket.socket(fileno=os.dup(fd)) as s:
+                    if host == "::1":
+                        tclass = s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS)
+                        assert tclass == 0xB8
+                    else:
+                        assert s.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == 0xB8
+                    assert s.getsockname()[1] in (leg.rtp_port, leg.rtcp_port)
+        finally:
+            await engine.close()
+
+    run(body)
+
+
+def test_rtcp_is_read_and_a_report_is_sent() -> None:
+    async def body() -> None:
+        engine = await started()
+        phone = Phone()
+        rtcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rtcp.bind(("127.0.0.1", 0))
+        rtcp.setblocking(False)
+        try:
+            leg = engine.allocate_leg()
+            engine.set_remote(leg.leg, "127.0.0.1", phone.port, rtcp.getsockname()[1])
+            for _ in range(3):
+                phone.send(leg.rtp_port, b"\xff" * FRAME)
+            # RFC 3550 §6.4.1 SR with one report block
+            sr = struct.pack("!BBHIIIIII", 0x81, 200, 12, phone.ssrc, 0xE0000000, 0, 0, 3, 480)
+            sr += struct.pack("!IIIIII", 0, 0, 0, 0, 0, 0)
+            rtcp.sendto(sr, ("127.0.0.1", leg.rtcp_port))
+            phone.send(leg.rtp_port, b"\xff" * FRAME)
+            await until(lambda: engine.stats(leg.leg).rx_packets == 4
+                        and engine.stats(leg.leg).rtcp_rx == 1)
+            released = engine.release(leg.leg)
+            await asyncio.wait_for(released, 5)
+            loop = asyncio.get_running_loop()
+            report = await asyncio.wait_for(loop.sock_recv(rtcp, 2048), 5)
+            assert report[1] in (200, 201) and report[0] >> 6 == 2
+            # the report block covers the phone's stream, and a BYE ends the compound packet
+            assert struct.unpack("!I", report[8:12])[0] == phone.ssrc
+            assert report[-7] == 203 and report[-8] == 0x81
+        finally:
+            await engine.close()
+            phone.close()
+            rtcp.close()
+
+    run(body)
+
+
+def test_bad_commands_are_refused_and_lose_nothing() -> None:
+    async def body() -> None:
+        engine = MediaEngine((48000, 48003))
+        await engine.start()
+        caller, agent = Phone(), Phone()
+        try:
+            a, pa, b, pb = await bridged_pair(engine, caller, agent)
+            with pytest.raises(EngineError):
+                engine.allocate_leg()                      # range holds two pairs
+            with pytest.raises(EngineError):
+                engine.set_codec(a, "G729")
+            with pytest.raises(EngineError):
+                engine.set_codec(a, 9)
+            with pytest.raises(EngineError):
+                engine.set_remote(a, "not-an-ip", 4000)
+            with pytest.raises(EngineError):
+                engine.bridge(a, 999)
+            with pytest.raises(EngineError):
+                engine.play(a, np.zeros(0, dtype=np.int16))
+            with pytest.raises(EngineError):
+                engine.stats(77)
+            with pytest.raises(EngineError):
+                engine.record_pause(5)
+            with pytest.raises(OSError):
+                engine.record_start("/nonexistent-dir/x.wav", a, b)
+            caller.send(pa, b"\x42" * FRAME)
+            assert (await agent.recv())[12:] == b"\x42" * FRAME
+            await engine.release(a)
+            assert engine.allocate_leg().rtp_port == 48000   # the port came back
+            ev = await next_event(engine, LegReleased)
+            assert ev.leg == a
+        finally:
+            await engine.close()
+            caller.close()
+            agent.close()
+        with pytest.raises(EngineError):
+            MediaEngine((30000, 20000))
+        with pytest.raises(EngineError):
+            MediaEngine.from_range("20000")
+
+    run(body)
+
+
+def _zero_runs(channel: np.ndarray, length: int) -> int:
+    """Runs of at least `length` zero samples (what the recorder writes for missing audio)."""
+    zero = np.concatenate([[0], (channel == 0).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(zero))
+    return int(np.sum((edges[1::2] - edges[::2]) >= length))
+
+
+@pytest.mark.long
+def test_recording_soak_has_no_gaps(tmp_path: Path) -> None:
+    seconds = float(os.environ.get("EDGECC_SOAK_SECONDS", "600"))
+    steps = int(seconds * 50)
+
+    async def body() -> float:
+        engine = await started()
+        caller, agent = Phone(), Phone()
+        try:
+            a, pa, b, pb = await bridged_pair(engine, caller, agent)
+            loop = asyncio.get_running_loop()
+            begin = loop.time()
+            rec = engine.record_start(str(tmp_path / "soak.wav"), a, b)
+            left = g711.ulaw_encode(tone(440, FRAME * 50))
+            right = g711.ulaw_encode(tone(1000, FRAME * 50))
+
+            def send(i: int) -> None:
+                k = (i % 50) * FRAME
+                caller.send(pa, left[k:k + FRAME])
+                agent.send(pb, right[k:k + FRAME])
+                for phone in (caller, agent):      # keep the phones' sockets drained
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            phone.sock.recv(2048)
+
+            await paced(steps, send)
+            done = await asyncio.wait_for(engine.record_stop(rec), 10)
+            assert done.ok
+            return loop.time() - begin
+        finally:
+            await engine.close()
+            caller.close()
+            agent.close()
+
+    elapsed = run(body, timeout=seconds + 120)
+    with wave.open(str(tmp_path / "soak.wav")) as w:
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2)
+    # the file is as long as the call (the recorder keeps wall time) ...
+    assert abs(len(data) / RATE - elapsed) < max(0.5, elapsed * 0.01)
+    # ... and once the audio started, no 20 ms of it is missing on either side
+    body_data = data[RATE // 10: -RATE // 10]
+    assert _zero_runs(body_data[:, 0], FRAME) == 0
+    assert _zero_runs(body_data[:, 1], FRAME) == 0
