@@ -1,0 +1,414 @@
+"""REGISTER with digest: the appliance's registrar against Kamailio 5.6, in one run.
+
+The same SIPp scenario (tests/sipp/register_digest.xml: REGISTER, 401, REGISTER with MD5
+credentials, 200) runs against each peer in rate steps of two seconds. A step passes when fewer
+than 0.1 % of its registrations fail and SIPp finished them within 25 % of the step's length
+(the rate was really sustained); a ramp ends after two failing steps in a row (one may be a
+stall of the shared machine). The appliance is restarted before each of its ramps, so every
+ramp starts with no server transactions held (RFC 3261 Timer J keeps each one 32 s). The value
+is the highest passing rate, one registration (two REGISTER transactions) counted once, median
+of three alternating ramps. Both sides hold HA1 only; the appliance writes its bindings to the
+site database, Kamailio keeps them in usrloc memory (db_mode 0).
+
+Run from the repository root: ``.venv/bin/python bench/sip_register.py``. Everything runs on
+free ports of 127.0.0.1 and is stopped at the end; the last line printed is the JSON result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from appliance.config import ha1  # noqa: E402
+from appliance.site_init import SiteSpec, create_site  # noqa: E402
+
+SCENARIO = ROOT / "tests" / "sipp" / "register_digest.xml"
+KAMAILIO_CFG = ROOT / "bench" / "kamailio.cfg"
+REALM = "edgecc.local"
+ACCOUNTS = 500
+STEPS = (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 7000, 8000, 10000, 12000)
+STEP_SECONDS = 2.0
+WARMUP_RATE = 250
+REPEATS = 3
+MAX_FAILURE_RATIO = 0.001
+BENCH_BUDGET_S = 270.0
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out += [int(p) for p in task.read_text().split()]
+    return out
+
+
+class Peer:
+    name: str
+    port: int
+    proc: subprocess.Popen
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Appliance(Peer):
+    """``edgecc appliance`` on a site with ACCOUNTS agents and the bench source exempted."""
+
+    def __init__(self, workdir: Path, passwords: dict[str, str]) -> None:
+        self.name = "edgecc"
+        self.workdir = workdir
+        self.site_dir = workdir / "site"
+        spec = SiteSpec(
+            realm=REALM, sip_port=0, tls_port=None, http_port=0, agents=0, rtp_ports=(40000, 40999)
+        )
+        create_site(self.site_dir, spec)
+        data = yaml.safe_load((self.site_dir / "site.yaml").read_text())
+        data["sip"]["accounts"] = [
+            {"user": u, "ha1_md5": ha1(u, REALM, p)[0], "ha1_sha256": ha1(u, REALM, p)[1]}
+            for u, p in passwords.items()
+        ]
+        # The load generator is one source sending thousands of requests per second.
+        data["guard"]["exempt_sources"] = ["127.0.0.0/8"]
+        (self.site_dir / "site.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart) the appliance; each ramp begins with no transactions held."""
+        edgecc = Path(sys.executable).parent / "edgecc"
+        self.proc = subprocess.Popen(
+            [str(edgecc), "appliance", "--site-dir", str(self.site_dir)],
+            stdout=subprocess.PIPE,
+            stderr=open(self.workdir / "appliance.log", "ab"),  # noqa: SIM115
+            cwd=ROOT,
+        )
+        line = _read_line(self.proc, 30.0)
+        m = re.search(r"udp:127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.stop()
+            raise RuntimeError(f"appliance did not start: {line!r}")
+        self.port = int(m.group(1))
+
+
+class Kamailio(Peer):
+    """Kamailio 5.6 with bench/kamailio.cfg and a db_text subscriber table."""
+
+    def __init__(self, workdir: Path, passwords: dict[str, str]) -> None:
+        self.name = "kamailio"
+        db = workdir / "kamdb"
+        db.mkdir()
+        (db / "version").write_text(
+            "id(int,auto) table_name(string) table_version(int) \n"
+            "0:version:1\n0:subscriber:7\n0:location:9\n"
+        )
+        rows = [
+            "id(int,auto) username(string) domain(string) password(string) "
+            "ha1(string) ha1b(string) "
+        ]
+        for i, (user, password) in enumerate(passwords.items(), 1):
+            rows.append(f"{i}:{user}:{REALM}:-:{ha1(user, REALM, password)[0]}:-")
+        (db / "subscriber").write_text("\n".join(rows) + "\n")
+        self.port = free_udp_port()
+        self.proc = subprocess.Popen(
+            [
+                "kamailio",
+                "-DD",
+                "-E",
+                "-f",
+                str(KAMAILIO_CFG),
+                "-l",
+                f"udp:127.0.0.1:{self.port}",
+                "-A",
+                f'DBURL="text://{db}"',
+                "-P",
+                str(workdir / "kamailio.pid"),
+                "-w",
+                str(workdir),
+                "-Y",
+                str(workdir),
+                "-m",
+                "256",
+                "-M",
+                "16",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(workdir / "kamailio.log", "wb"),  # noqa: SIM115
+        )
+        if not _answers(self.port, 15.0):
+            self.stop()
+            raise RuntimeError("kamailio did not answer")
+
+    def pids(self) -> list[int]:
+        return children_of(self.proc.pid)
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while time.monotonic() < deadline and b"\n" not in buf:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace").splitlines()[0] if buf else ""
+
+
+def _answers(port: int, timeout: float) -> bool:
+    """True once something answers an OPTIONS on 127.0.0.1:port (bounded)."""
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        lport = s.getsockname()[1]
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            msg = (
+                f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch=z9hG4bKprobe{n}\r\n"
+                "Max-Forwards: 70\r\nTo: <sip:probe@127.0.0.1>\r\n"
+                f"From: <sip:probe@127.0.0.1>;tag=p{n}\r\nCall-ID: probe{n}\r\n"
+                "CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+            )
+            s.sendto(msg.encode(), ("127.0.0.1", port))
+            ready, _, _ = select.select([s], [], [], 0.5)
+            if ready:
+                return True
+    return False
+
+
+def run_step(peer: Peer, rate: int, users_csv: Path, ports: dict[str, int], workdir: Path) -> dict:
+    """One SIPp run at ``rate`` registrations/s for STEP_SECONDS.
+
+    SIPp keeps one local port per peer so that each account keeps one contact; if another
+    process took that port meanwhile (SIPp exits at once), a new one is picked.
+    """
+    for _ in range(3):
+        step = _sipp_step(peer, rate, users_csv, ports[peer.name], workdir)
+        if step["ok"] + step["failed"] or step["elapsed_s"] > 1.0:
+            return step
+        ports[peer.name] = free_udp_port()
+    return step
+
+
+def _sipp_step(peer: Peer, rate: int, users_csv: Path, sipp_port: int, workdir: Path) -> dict:
+    calls = int(rate * STEP_SECONDS)
+    stat = workdir / f"stat-{peer.name}-{rate}-{time.monotonic_ns()}.csv"
+    cmd = [
+        "sipp",
+        f"127.0.0.1:{peer.port}",
+        "-sf",
+        str(SCENARIO),
+        "-inf",
+        str(users_csv),
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(sipp_port),
+        "-r",
+        str(rate),
+        "-rp",
+        "1000",
+        "-m",
+        str(calls),
+        "-l",
+        str(max(100, rate * 2)),
+        "-recv_timeout",
+        "4000",
+        "-timeout",
+        f"{int(STEP_SECONDS * 4 + 10)}s",
+        "-nostdin",
+        "-nd",
+        "-buff_size",
+        "4194304",
+        "-trace_stat",
+        "-stf",
+        str(stat),
+        "-fd",
+        "60",
+        "-max_recv_loops",
+        "10000",
+        "-max_sched_loops",
+        "10000",
+    ]
+    cpu0 = cpu_seconds(peer.pids())
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=STEP_SECONDS * 4 + 20,
+        cwd=workdir,
+    )
+    elapsed = time.monotonic() - t0
+    cpu = cpu_seconds(peer.pids()) - cpu0
+    ok = failed = 0
+    if stat.exists():
+        rows = list(csv.reader(stat.read_text().splitlines(), delimiter=";"))
+        if len(rows) >= 2:
+            header, last = rows[0], rows[-1]
+            ok = int(last[header.index("SuccessfulCall(C)")])
+            failed = int(last[header.index("FailedCall(C)")])
+    done = ok + failed
+    # The rate counts only if it was sustained: all done within 10 % of the step's length.
+    passed = done == calls and failed <= MAX_FAILURE_RATIO * calls and calls / elapsed >= 0.9 * rate
+    return {
+        "rate": rate,
+        "ok": ok,
+        "failed": failed,
+        "calls": calls,
+        "elapsed_s": round(elapsed, 2),
+        "cpu_pct": round(100 * cpu / elapsed, 1),
+        "passed": passed,
+        "sipp_rc": proc.returncode,
+    }
+
+
+def ramp(
+    peer: Peer, users_csv: Path, ports: dict[str, int], workdir: Path, deadline: float
+) -> dict:
+    best = 0
+    cpu_at_best = None
+    steps = []
+    misses = 0
+    # Warm-up, not counted: the first REGISTERs after a start meet cold caches and new rows.
+    run_step(peer, WARMUP_RATE, users_csv, ports, workdir)
+    for rate in STEPS:
+        if time.monotonic() + STEP_SECONDS * 3 > deadline:
+            break
+        step = run_step(peer, rate, users_csv, ports, workdir)
+        steps.append(step)
+        print(
+            f"{peer.name:9s} rate={rate:5d}/s ok={step['ok']} failed={step['failed']} "
+            f"elapsed={step['elapsed_s']}s cpu={step['cpu_pct']}% "
+            f"{'pass' if step['passed'] else 'FAIL'}",
+            flush=True,
+        )
+        if not step["passed"]:
+            # One failing step may be a stall of this shared box; two in a row end the ramp.
+            misses += 1
+            if misses == 2:
+                break
+            continue
+        misses = 0
+        best, cpu_at_best = rate, step["cpu_pct"]
+    return {"best": best, "cpu_pct": cpu_at_best, "steps": steps}
+
+
+def kamailio_version() -> str:
+    out = subprocess.run(["kamailio", "-v"], capture_output=True, text=True).stdout
+    m = re.search(r"kamailio (\d+\.\d+\.\d+)", out)
+    return f"kamailio {m.group(1)}" if m else "kamailio"
+
+
+def main() -> int:
+    started = time.monotonic()
+    deadline = started + BENCH_BUDGET_S
+    workdir = Path(tempfile.mkdtemp(prefix="edgecc-bench-register-"))
+    passwords = {str(1001 + i): f"pw{1001 + i}x{i * 7919 % 10007}" for i in range(ACCOUNTS)}
+    users_csv = workdir / "users.csv"
+    users_csv.write_text(
+        "SEQUENTIAL\n"
+        + "".join(
+            f"{u};{REALM};[authentication username={u} password={p}]\n"
+            for u, p in passwords.items()
+        )
+    )
+    peers: list[Peer] = []
+    results: dict[str, list[dict]] = {"edgecc": [], "kamailio": []}
+    try:
+        peers.append(Appliance(workdir, passwords))
+        peers.append(Kamailio(workdir, passwords))
+        ports = {p.name: free_udp_port() for p in peers}
+        for rep in range(REPEATS):
+            order = peers if rep % 2 == 0 else peers[::-1]
+            for peer in order:
+                if isinstance(peer, Appliance) and rep > 0:
+                    peer.stop()
+                    peer.start()
+                results[peer.name].append(ramp(peer, users_csv, ports, workdir, deadline))
+        for peer in peers:
+            if peer.proc.poll() is not None:
+                raise RuntimeError(f"{peer.name} exited during the bench")
+    finally:
+        for peer in peers:
+            peer.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    ours = statistics.median(r["best"] for r in results["edgecc"])
+    theirs = statistics.median(r["best"] for r in results["kamailio"])
+    detail = {
+        "runs_edgecc": [r["best"] for r in results["edgecc"]],
+        "runs_kamailio": [r["best"] for r in results["kamailio"]],
+        "cpu_pct_edgecc": [r["cpu_pct"] for r in results["edgecc"]],
+        "cpu_pct_kamailio": [r["cpu_pct"] for r in results["kamailio"]],
+        "steps": list(STEPS),
+        "step_s": STEP_SECONDS,
+        "accounts": ACCOUNTS,
+        "max_failure_pct": MAX_FAILURE_RATIO * 100,
+        "registration": "REGISTER, 401, REGISTER+digest MD5, 200 (counted once)",
+        "bench_s": round(time.monotonic() - started, 1),
+    }
+    print(
+        json.dumps(
+            {
+                "bench": "sip_register",
+                "value": float(ours),
+                "unit": "REGISTER/s",
+                "peer": kamailio_version(),
+                "peer_value": float(theirs),
+                "ratio": round(ours / theirs, 3) if theirs else None,
+                "detail": detail,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

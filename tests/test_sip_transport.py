@@ -1,0 +1,369 @@
+"""SIP transports over real sockets on loopback: UDP, TCP framing, keep-alives, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from appliance.sip.source import Source
+from appliance.sip.transport import SipTransports, response_destination, stamp_via
+from media_core.sip import Limits, RemoteProtocolError, parse_message
+
+WAIT = 10.0  # bound on every wait for an event; never decides a pass by itself
+
+
+def run_async(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> None:
+        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 60))
+
+    return wrapper
+
+
+def options(branch: str = "z9hG4bKt1", via: str = "SIP/2.0/UDP 192.0.2.1:5070", *,
+            call_id: str = "c1", body: bytes = b"", rport: bool = True) -> bytes:
+    head = (
+        "OPTIONS sip:edgecc.local SIP/2.0\r\n"
+        f"Via: {via};branch={branch}{';rport' if rport else ''}\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:1001@edgecc.local>;tag=a1\r\n"
+        "To: <sip:edgecc.local>\r\n"
+        f"Call-ID: {call_id}\r\n"
+        "CSeq: 1 OPTIONS\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class Recorder:
+    """Collects what the transports deliver and lets a test wait for it."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue = asyncio.Queue()
+        self.malformed: asyncio.Queue = asyncio.Queue()
+        self.failed: asyncio.Queue = asyncio.Queue()
+
+    def on_message(self, message, source: Source) -> None:
+        self.messages.put_nowait((message, source))
+
+    def on_malformed(self, data: bytes, error: RemoteProtocolError, source: Source) -> None:
+        self.malformed.put_nowait((data, error, source))
+
+    def on_send_failed(self, destination: Source, exc: BaseException) -> None:
+        self.failed.put_nowait((destination, exc))
+
+    async def next(self, queue: str = "messages"):
+        return await asyncio.wait_for(getattr(self, queue).get(), WAIT)
+
+
+async def started(rec: Recorder, bind: str = "127.0.0.1", **kwargs) -> SipTransports:
+    transports = SipTransports(
+        on_message=rec.on_message, on_malformed=rec.on_malformed,
+        on_send_failed=rec.on_send_failed, **kwargs,
+    )
+    await transports.start(bind, udp_port=0, tcp_port=0)
+    return transports
+
+
+class UdpPeer(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.received.put_nowait((data, addr))
+
+
+async def udp_peer(host: str = "127.0.0.1"):
+    loop = asyncio.get_running_loop()
+    transport, peer = await loop.create_datagram_endpoint(UdpPeer, local_addr=(host, 0))
+    return transport, peer
+
+
+# -- Via stamping and response routing (RFC 3261 §18.2, RFC 3581) ----------------------------
+
+def test_stamp_via_fills_rport_and_received() -> None:
+    msg = parse_message(options(via="SIP/2.0/UDP 10.0.0.5:5070"))
+    stamp_via(msg, Source("UDP", "203.0.113.9", 40123))
+    via = msg.top_via
+    assert via.received == "203.0.113.9" and via.rport == "40123"
+    assert via.branch == "z9hG4bKt1" and via.host == "10.0.0.5" and via.port == 5070
+    # The stamped Via survives serialization and is what a response copies.
+    again = parse_message(msg.to_bytes())
+    assert again.top_via.rport == "40123" and again.top_via.received == "203.0.113.9"
+
+
+def test_stamp_via_received_only_when_host_differs() -> None:
+    msg = parse_message(options(via="SIP/2.0/UDP 10.0.0.5:5070", rport=False))
+    stamp_via(msg, Source("UDP", "203.0.113.9", 5070))
+    assert msg.top_via.received == "203.0.113.9" and msg.top_via.rport is None
+    same = parse_message(options(via="SIP/2.0/UDP 203.0.113.9:5070", rport=False))
+    before = same.to_bytes()
+    stamp_via(same, Source("UDP", "203.0.113.9", 5070))
+    assert same.to_bytes() == before
+
+
+def test_stamp_via_touches_only_the_top_via() -> None:
+    text = options(via="SIP/2.0/UDP 10.0.0.5:5070").replace(
+        b"Max-Forwards", b"Via: SIP/2.0/UDP 10.0.0.6;branch=z9hG4bKlower\r\nMax-Forwards")
+    msg = parse_message(text)
+    stamp_via(msg, Source("UDP", "203.0.113.9", 4000))
+    assert [v.branch for v in msg.vias] == ["z9hG4bKt1", "z9hG4bKlower"]
+    assert msg.vias[1].received is None
+
+
+def test_response_destination_rules() -> None:
+    src = Source("UDP", "203.0.113.9", 40123)
+    with_rport = parse_message(options(via="SIP/2.0/UDP 10.0.0.5:5070"))
+    assert response_destination(with_rport, src) == src
+    without = parse_message(options(via="SIP/2.0/UDP 10.0.0.5:5070", rport=False))
+    assert response_destination(without, src) == Source("UDP", "203.0.113.9", 5070)
+    no_port = parse_message(options(via="SIP/2.0/UDP 10.0.0.5", rport=False))
+    assert response_destination(no_port, src) == Source("UDP", "203.0.113.9", 5060)
+    tcp = Source("TCP", "203.0.113.9", 40123)
+    assert response_destination(without, tcp) == tcp
+
+
+# -- UDP -------------------------------------------------------------------------------------
+
+@run_async
+async def test_udp_delivers_with_source_and_ignores_stray_crlf() -> None:
+    rec = Recorder()
+    transports = await started(rec)
+    transport, peer = await udp_peer()
+    try:
+        dest = transports.addresses["UDP"]
+        transport.sendto(b"\r\n\r\n", dest)
+        transport.sendto(options(), dest)
+        message, source = await rec.next()
+        assert source == Source("UDP", "127.0.0.1", transport.get_extra_info("sockname")[1])
+        assert message.method == "OPTIONS" and message.top_via.rport == str(source.port)
+        assert rec.messages.empty() and rec.malformed.empty()
+        transports.send(b"pong", source)
+        data, _ = await asyncio.wait_for(peer.received.get(), WAIT)
+        assert data == b"pong"
+    finally:
+        transport.close()
+        await transports.close()
+
+
+@run_async
+async def test_udp_garbage_goes_to_malformed_and_transport_lives() -> None:
+    rec = Recorder()
+    transports = await started(rec)
+    transport, _ = await udp_peer()
+    try:
+        dest = transports.addresses["UDP"]
+        transport.sendto(b"OPTIONS sip:x SIP/2.0\r\nVia: nonsense\r\n\r\n", dest)
+        data, error, source = await rec.next("malformed")
+        assert isinstance(error, RemoteProtocolError) and data.startswith(b"OPTIONS")
+        transport.sendto(options(), dest)
+        message, _ = await rec.next()
+        assert message.method == "OPTIONS"
+    finally:
+        transport.close()
+        await transports.close()
+
+
+# -- TCP -------------------------------------------------------------------------------------
+
+@run_async
+async def test_tcp_framing_byte_by_byte_and_batched() -> None:
+    rec = Recorder()
+    transports = await started(rec)
+    host, port = transports.addresses["TCP"]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        body = b"v=0\r\n"
+        first = options(branch="z9hG4bKa", call_id="c-a", body=body)
+        for i in range(len(first)):
+            writer.write(first[i:i + 1])
+            await writer.drain()
+        message, source = await rec.next()
+        assert message.call_id == "c-a" and message.body == body
+        assert source.transport == "TCP"
+        # Two messages and a keep-alive in one segment, then one split across three.
+        writer.write(options(branch="z9hG4bKb", call_id="c-b") + b"\r\n\r\n"
+                     + options(branch="z9hG4bKc", call_id="c-c"))
+        third = options(branch="z9hG4bKd", call_id="c-d", body=b"x" * 300)
+        writer.write(third[:50])
+        await writer.drain()
+        assert [(await rec.next())[0].call_id for _ in range(2)] == ["c-b", "c-c"]
+        assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"\r\n"
+        writer.write(third[50:200])
+        await writer.drain()
+        writer.write(third[200:])
+        got = (await rec.next())[0]
+        assert got.call_id == "c-d" and got.body == b"x" * 300
+        assert transports.connection_count("TCP") == 1
+    finally:
+        writer.close()
+        await transports.close()
+
+
+@run_async
+async def test_tcp_keepalive_ping_gets_pong() -> None:
+    rec = Recorder()
+    transports = await started(rec)
+    reader, writer = await asyncio.open_connection(*transports.addresses["TCP"])
+    try:
+        for _ in range(3):
+            writer.write(b"\r\n\r\n")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"\r\n"
+        assert rec.messages.empty()
+    finally:
+        writer.close()
+        await transports.close()
+
+
+@run_async
+async def test_tcp_oversized_message_closes_only_that_connection() -> None:
+    rec = Recorder()
+    transports = await started(rec, limits=Limits(max_message_bytes=4096))
+    addr = transports.addresses["TCP"]
+    good_r, good_w = await asyncio.open_connection(*addr)
+    bad_r, bad_w = await asyncio.open_connection(*addr)
+    try:
+        good_w.write(b"\r\n\r\n")
+        await good_w.drain()
+        assert await asyncio.wait_for(good_r.readexactly(2), WAIT) == b"\r\n"
+        huge = options(call_id="huge", body=b"y" * 200_000)
+        bad_w.write(huge)
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(bad_r.readexactly(1 << 20), WAIT)  # EOF: closed by us
+        _, error, source = await rec.next("malformed")
+        assert error.status == 413 and source.transport == "TCP"
+        assert rec.messages.empty()  # nothing of the oversized message got through
+        good_w.write(options(call_id="still-here"))
+        message, _ = await rec.next()
+        assert message.call_id == "still-here"
+        assert transports.connection_count("TCP") == 1
+    finally:
+        good_w.close()
+        bad_w.close()
+        await transports.close()
+
+
+@run_async
+async def test_idle_connections_are_closed() -> None:
+    rec = Recorder()
+    transports = await started(rec, idle_timeout=0.2)
+    reader, writer = await asyncio.open_connection(*transports.addresses["TCP"])
+    try:
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""  # EOF from the sweeper
+        for _ in range(100):
+            if transports.connection_count() == 0:
+                break
+            await asyncio.sleep(0.01)  # let connection_lost run
+        assert transports.connection_count() == 0
+    finally:
+        writer.close()
+        await transports.close()
+
+
+@run_async
+async def test_connection_limit_refuses_extra_connections() -> None:
+    rec = Recorder()
+    transports = await started(rec, max_connections=1)
+    addr = transports.addresses["TCP"]
+    r1, w1 = await asyncio.open_connection(*addr)
+    w1.write(b"\r\n\r\n")
+    assert await asyncio.wait_for(r1.readexactly(2), WAIT) == b"\r\n"
+    r2, w2 = await asyncio.open_connection(*addr)
+    try:
+        assert await asyncio.wait_for(r2.read(), WAIT) == b""
+        w1.write(options(call_id="first"))
+        assert (await rec.next())[0].call_id == "first"
+    finally:
+        w1.close()
+        w2.close()
+        await transports.close()
+
+
+@run_async
+async def test_send_over_existing_and_new_tcp_connections() -> None:
+    rec = Recorder()
+    transports = await started(rec)
+    reader, writer = await asyncio.open_connection(*transports.addresses["TCP"])
+    # A phone listening for TCP (as when a request must be sent to a registered contact).
+    phone_got: asyncio.Queue = asyncio.Queue()
+
+    async def phone(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        phone_got.put_nowait(await r.readexactly(5))
+        w.close()
+
+    server = await asyncio.start_server(phone, "127.0.0.1", 0)
+    try:
+        writer.write(options(call_id="hello"))
+        _, source = await rec.next()
+        transports.send(b"reply", source)
+        assert await asyncio.wait_for(reader.readexactly(5), WAIT) == b"reply"
+        phone_port = server.sockets[0].getsockname()[1]
+        transports.send(b"hello", Source("TCP", "127.0.0.1", phone_port))
+        assert await asyncio.wait_for(phone_got.get(), WAIT) == b"hello"
+        # Nobody listens on a closed port: the failure is reported, nothing raised.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        transports.send(b"x", Source("TCP", "127.0.0.1", dead))
+        destination, exc = await rec.next("failed")
+        assert destination.port == dead and isinstance(exc, OSError)
+    finally:
+        writer.close()
+        server.close()
+        await transports.close()
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback on this host")
+@run_async
+async def test_ipv6_udp_and_tcp() -> None:
+    rec = Recorder()
+    transports = await started(rec, bind="::1")
+    transport, peer = await udp_peer("::1")
+    try:
+        assert transports.addresses["UDP"][0] == "::1"
+        transport.sendto(options(via="SIP/2.0/UDP [2001:db8::1]:5070"),
+                         transports.addresses["UDP"])
+        message, source = await rec.next()
+        assert source.host == "::1" and message.top_via.received == "::1"
+        reader, writer = await asyncio.open_connection(*transports.addresses["TCP"])
+        writer.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"\r\n"
+        writer.close()
+    finally:
+        transport.close()
+        await transports.close()
+
+
+@run_async
+async def test_failed_start_releases_what_it_bound() -> None:
+    rec = Recorder()
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        transports = SipTransports(on_message=rec.on_message, on_malformed=rec.on_malformed)
+        with pytest.raises(OSError):
+            await transports.start("127.0.0.1", udp_port=0, tcp_port=taken.getsockname()[1])
+        # The UDP socket bound before the TCP bind failed is closed again.
+        udp_port = transports.addresses["UDP"][1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", udp_port))
+        with pytest.raises(ValueError):
+            await SipTransports(on_message=rec.on_message, on_malformed=rec.on_malformed).start(
+                "127.0.0.1", udp_port=None, tcp_port=None, tls_port=0)
+    finally:
+        taken.close()
