@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cloud_bridge.cli import add_parser as add_cloud_parser
 
     add_cloud_parser(commands)
+
+    from edge_agent.cli import add_parser as add_edge_agent_parser
+
+    add_edge_agent_parser(commands)
     return parser
 
 

@@ -70,6 +70,85 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "event log, outbox and link state",
+        (
+            # The append-only event log. AUTOINCREMENT: a seq is never handed out twice, even
+            # if rows were ever removed; the cloud keys events on (site_id, seq).
+            """CREATE TABLE events (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                site_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                occurred_at REAL NOT NULL,
+                payload TEXT NOT NULL CHECK (json_valid(payload))
+            )""",
+            """CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
+               BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
+            """CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+               BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
+            # The site this log belongs to: one row, set once.
+            """CREATE TABLE event_site (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                site_id TEXT NOT NULL
+            )""",
+            # What the edge agent still owes the cloud; a row goes when the cloud acknowledged
+            # its seq, or (droppable kinds only) when the quota policy gave up its body.
+            """CREATE TABLE outbox (
+                seq INTEGER PRIMARY KEY REFERENCES events (seq),
+                priority INTEGER NOT NULL,
+                enqueued_at REAL NOT NULL,
+                bytes INTEGER NOT NULL
+            )""",
+            "CREATE INDEX outbox_drop_order ON outbox (priority, seq)",
+            """CREATE TABLE link_state (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                state TEXT NOT NULL CHECK (state IN ('online', 'degraded', 'offline')),
+                since REAL NOT NULL,
+                acked_seq INTEGER NOT NULL DEFAULT 0,
+                lag_events INTEGER NOT NULL DEFAULT 0,
+                lag_seconds REAL NOT NULL DEFAULT 0,
+                detail TEXT NOT NULL DEFAULT '',
+                outbox_bytes INTEGER NOT NULL DEFAULT 0,
+                dropped_events INTEGER NOT NULL DEFAULT 0,
+                dropped_bytes INTEGER NOT NULL DEFAULT 0,
+                updated_at REAL NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        3,
+        "api users and tokens",
+        (
+            # Passwords as scrypt hashes (RFC 7914); admins and supervisors must have a TOTP
+            # secret (RFC 6238); totp_last_step refuses a code used once already (§5.2).
+            """CREATE TABLE api_users (
+                id INTEGER PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                display_name TEXT,
+                role TEXT NOT NULL CHECK (role IN ('admin', 'supervisor', 'agent')),
+                password_hash TEXT NOT NULL,
+                totp_secret TEXT,
+                totp_last_step INTEGER,
+                failures INTEGER NOT NULL DEFAULT 0,
+                failures_since REAL,
+                locked_until REAL,
+                created_at REAL NOT NULL,
+                CHECK (role = 'agent' OR totp_secret IS NOT NULL)
+            )""",
+            # Bearer tokens are stored as their SHA-256 only; the role is fixed at login.
+            """CREATE TABLE api_tokens (
+                token_hash TEXT PRIMARY KEY,
+                user_id INTEGER NOT NULL REFERENCES api_users (id) ON DELETE CASCADE,
+                role TEXT NOT NULL CHECK (role IN ('admin', 'supervisor', 'agent')),
+                issued_at REAL NOT NULL,
+                expires_at REAL NOT NULL,
+                source TEXT NOT NULL DEFAULT ''
+            )""",
+            "CREATE INDEX api_tokens_expires_at ON api_tokens (expires_at)",
+            "CREATE INDEX api_tokens_user_id ON api_tokens (user_id)",
+        ),
+    ),
 )
 
 _BUSY_TIMEOUT_S = 10.0

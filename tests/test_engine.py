@@ -599,6 +599,7 @@ def _zero_runs(channel: np.ndarray, length: int) -> int:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1200)
 def test_recording_soak_has_no_gaps(tmp_path: Path) -> None:
     seconds = float(os.environ.get("EDGECC_SOAK_SECONDS", "600"))
     steps = int(seconds * 50)

@@ -1,0 +1,432 @@
+"""The outbox relay: the edge agent's main loop.
+
+One SiteLink stream at a time over one channel. On each new stream the agent waits for the
+cloud's first Ack and sends every event above it, in seq order, at most ``max_in_flight`` ahead
+of the acknowledgements; each Ack deletes the outbox rows up to it (and records it in
+``link_state``) in one short transaction. Nothing is deleted before the cloud acknowledged it,
+so a crash of either side loses nothing; what was sent but not acknowledged is sent again and
+the cloud absorbs the duplicate (docs/cloud.md, "Ingest semantics").
+
+The agent's own connection to the site database writes only outbox deletions and the
+``link_state`` row, each in a short ``BEGIN IMMEDIATE`` transaction with a busy timeout, so the
+appliance never waits long on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import sqlite_utils
+from cryptography import x509
+
+from appliance import eventlog
+from appliance.log import kv
+from appliance.store import schema_version
+from edge_agent.channel import event_message, pb, pb_grpc, secure_channel
+from edge_agent.config import EdgeConfig
+from edge_agent.link_state import LinkMonitor, Observation, State
+
+log = logging.getLogger("edgecc.edge_agent")
+
+BUSY_TIMEOUT_S = 5.0
+"""How long a write of ours waits for the appliance's lock before trying again later."""
+SCHEMA_NEEDED = 2
+"""Migration that created the event log, outbox and link_state."""
+AGENT_VERSION = "edgecc-edge-agent 0.1"
+
+
+class AgentError(Exception):
+    """The agent cannot run with these files (missing certificate, wrong site); exit 1."""
+
+
+@dataclass
+class _Counters:
+    acked_seq: int = 0
+    dropped_events: int = 0
+    dropped_bytes: int = 0
+
+
+class _Stream:
+    """One SiteLink call: a queue feeds the request side, a thread drains the response side."""
+
+    def __init__(self, stub: Any) -> None:
+        self.outgoing: queue.Queue[Any] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # wait_for_ready: the call waits for the channel, which reconnects with its backoff.
+        self.call = stub.SiteLink(self._requests(), wait_for_ready=True)
+        self._reader = threading.Thread(target=self._read, name="site-link-reader", daemon=True)
+        self._reader.start()
+
+    def _requests(self) -> Iterator[Any]:
+        while True:
+            message = self.outgoing.get()
+            if message is None:
+                return
+            yield message
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                self.inbox.put(("message", message))
+        except grpc.RpcError as exc:
+            self.inbox.put(("error", exc))
+        else:
+            self.inbox.put(("end", None))
+
+    def send(self, message: Any) -> None:
+        self.outgoing.put(message)
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.outgoing.put(None)
+        self._reader.join(5.0)
+
+
+class EdgeAgent:
+    """Relays the site's outbox to the cloud and keeps ``link_state`` up to date."""
+
+    def __init__(
+        self, config: EdgeConfig, *, stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        self.cloud = config.cloud
+        try:
+            self._ca = config.ca_cert.read_bytes()
+            self._key = config.key.read_bytes()
+            self._cert = config.certificate.read_bytes()
+        except OSError as exc:
+            raise AgentError(
+                f"cannot read the site's credentials ({exc}); enrol first: `edgecc edge-agent "
+                f"enrol --site-dir {config.site_dir} ...`"
+            ) from None
+        common = x509.load_pem_x509_certificate(self._cert).subject.get_attributes_for_oid(
+            x509.NameOID.COMMON_NAME
+        )
+        self.site_id = str(common[0].value) if common else ""
+        if self.site_id != config.site_id:
+            raise AgentError(
+                f"the certificate is for site {self.site_id!r} but site.yaml says "
+                f"{config.site_id!r}: enrol again with a token for {config.site_id!r}"
+            )
+        self.monitor = LinkMonitor(
+            degraded_after_s=self.cloud.degraded_after_s,
+            offline_after_s=self.cloud.offline_after_s, now=clock(),
+        )
+        self.db: sqlite_utils.Database | None = None
+        self.counters = _Counters()
+        self._high_water = 0  # highest ack ever seen: rows at or below it were shipped before
+        self._linked = False
+        self._lost_at: float | None = None
+        self._reason = "not connected yet"
+        self._problem = ""
+        self._next_state_at = 0.0
+        self._state_written: State | None = None
+        self._acks_beyond_log = False
+        self._last_seen: tuple[Any, ...] = ()
+
+    # ------------------------------------------------------------------ database
+
+    def _open_db(self) -> sqlite_utils.Database | None:
+        """Our own connection, once the appliance created the schema; None until then."""
+        path = self.config.database
+        if not path.exists():
+            self._reason = f"site database {path} does not exist yet"
+            return None
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        db = sqlite_utils.Database(conn)
+        try:
+            # The appliance chose WAL (kept in the file); acks we record must survive power loss.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            version = schema_version(db)
+        except sqlite3.Error as exc:
+            conn.close()
+            self._reason = f"site database {path} unreadable: {exc}"
+            return None
+        if version < SCHEMA_NEEDED:
+            conn.close()
+            self._reason = f"site database {path} has no event log yet (start the appliance)"
+            return None
+        return db
+
+    def _restore_counters(self, db: sqlite_utils.Database) -> None:
+        saved = eventlog.read_link_state(db)
+        if saved is not None:
+            self.counters = _Counters(saved.acked_seq, saved.dropped_events, saved.dropped_bytes)
+            self._high_water = saved.acked_seq
+        bound = eventlog.bound_site(db)
+        if bound is not None and bound != self.site_id:
+            raise AgentError(
+                f"the site database's event log belongs to site {bound!r}, the certificate to "
+                f"{self.site_id!r}"
+            )
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        """Relay until ``stop`` is set. Raises AgentError for a misconfigured site."""
+        log.info(kv(event="edge_agent_started", site=self.site_id, cloud=self.cloud.address,
+                    database=self.config.database))
+        while self.db is None and not self.stop.is_set():
+            self.db = self._open_db()
+            if self.db is None:
+                log.warning(kv(event="waiting_for_database", reason=self._reason))
+                self.stop.wait(2.0)
+        if self.db is None:
+            return
+        self._restore_counters(self.db)
+        channel = secure_channel(self.cloud.address, self.cloud, self._ca, self._key, self._cert)
+        stub = pb_grpc.BridgeStub(channel)
+        delay = self.cloud.reconnect.initial_ms / 1000.0
+        try:
+            while not self.stop.is_set():
+                started = self.clock()
+                linked = self._session(stub)
+                if self.stop.is_set():
+                    break
+                # Streams that fail at once (refused, revoked) must not spin: back off too.
+                if linked and self.clock() - started > delay:
+                    delay = self.cloud.reconnect.initial_ms / 1000.0
+                wait = delay * random.uniform(0.8, 1.2)
+                delay = min(delay * 1.6, self.cloud.reconnect.max_ms / 1000.0)
+                self._idle(wait)
+        finally:
+            self._linked = False
+            self._reason = "edge agent stopped"
+            self._lost_at = None
+            self._tick(force=True)
+            channel.close()
+            self.db.conn.close()
+            log.info(kv(event="edge_agent_stopped", site=self.site_id))
+
+    def _idle(self, seconds: float) -> None:
+        """Wait before the next stream, keeping the state fresh."""
+        until = self.clock() + seconds
+        while not self.stop.is_set():
+            left = until - self.clock()
+            if left <= 0:
+                return
+            self._tick()
+            self.stop.wait(min(left, self.cloud.poll_interval_s))
+
+    def _session(self, stub: Any) -> bool:
+        """One SiteLink stream until it ends; True when it was linked (got its first Ack)."""
+        stream = _Stream(stub)
+        sent_upto: int | None = None  # None until the first Ack says where to resume
+        was_linked = False
+        try:
+            while not self.stop.is_set():
+                try:
+                    kind, item = stream.inbox.get(timeout=self.cloud.poll_interval_s)
+                except queue.Empty:
+                    kind, item = "idle", None
+                if kind == "message":
+                    body = item.WhichOneof("body")
+                    if body == "ack":
+                        if sent_upto is None:
+                            sent_upto = item.ack.seq
+                            was_linked = self._linked = True
+                            self._lost_at = None
+                            self._reason = ""
+                            log.info(kv(event="link_up", site=self.site_id, ack=item.ack.seq))
+                        self._on_ack(item.ack.seq)
+                        # Held events of ours the cloud already had: no need to send them again.
+                        sent_upto = max(sent_upto, item.ack.seq)
+                    else:
+                        # Config versions and backup requests are not handled by this agent yet.
+                        log.info(kv(event="command_ignored", site=self.site_id, body=body))
+                elif kind in ("error", "end"):
+                    self._link_lost(item)
+                    return was_linked
+                if sent_upto is not None:
+                    sent_upto = self._feed(stream, sent_upto)
+                self._tick()
+        finally:
+            stream.close()
+        return was_linked
+
+    def _link_lost(self, error: grpc.RpcError | None) -> None:
+        if error is None:
+            reason = "the cloud ended the stream"
+        else:
+            reason = f"{error.code().name}: {error.details()}"
+        if self._linked:
+            self._lost_at = self.clock()
+        self._linked = False
+        self._reason = reason
+        log.warning(kv(event="link_down", site=self.site_id, reason=reason))
+
+    # ------------------------------------------------------------------ acks and sending
+
+    def _on_ack(self, seq: int) -> None:
+        db = self._require_db()
+        last = eventlog.last_seq(db)
+        if seq > last:
+            # The cloud holds more of this site than the log: a restored or re-created site
+            # database would see its new events absorbed as duplicates. Say so loudly.
+            self._acks_beyond_log = True
+            log.error(kv(event="ack_beyond_log", site=self.site_id, ack=seq, last_seq=last))
+        else:
+            self._acks_beyond_log = False
+        if seq < self.counters.acked_seq:
+            log.error(kv(event="ack_went_back", site=self.site_id, ack=seq,
+                         previous=self.counters.acked_seq))
+        try:
+            with eventlog.transaction(db):
+                deleted = eventlog.acknowledge(db, seq)
+                self.counters.acked_seq = seq
+                self._high_water = max(self._high_water, seq)
+                eventlog.write_link_state(db, self._snapshot(db))
+        except sqlite3.OperationalError as exc:
+            # Busy beyond the timeout: the rows stay and the next ack deletes them.
+            log.warning(kv(event="ack_not_recorded", site=self.site_id, ack=seq, error=exc))
+            return
+        if deleted:
+            log.debug(kv(event="acked", site=self.site_id, ack=seq, deleted=deleted))
+
+    def _feed(self, stream: _Stream, sent_upto: int) -> int:
+        """Send events above ``sent_upto`` while the window allows; return the new mark."""
+        db = self._require_db()
+        while sent_upto - self.counters.acked_seq < self.cloud.max_in_flight:
+            room = self.cloud.max_in_flight - (sent_upto - self.counters.acked_seq)
+            try:
+                batch = eventlog.read_pending(db, sent_upto, min(self.cloud.batch, room))
+            except sqlite3.OperationalError as exc:
+                log.warning(kv(event="outbox_unreadable", site=self.site_id, error=exc))
+                return sent_upto
+            if not batch:
+                return sent_upto
+            for event in batch:
+                if event.site_id != self.site_id:
+                    self._problem = (
+                        f"event {event.seq} belongs to site {event.site_id!r}, not "
+                        f"{self.site_id!r}; relay stopped there"
+                    )
+                    return sent_upto
+                # Rows at or below an ack ever received were shipped before; the cloud asks
+                # again only after losing them, so they go in full.
+                withheld = event.withheld and event.seq > self._high_water
+                if not withheld and not _sendable(event):
+                    withheld = True
+                    log.error(kv(event="event_withheld", site=self.site_id, seq=event.seq,
+                                 reason="over the bridge's limits"))
+                stream.send(event_message(event, withheld=withheld, site_id=self.site_id))
+                sent_upto = event.seq
+        return sent_upto
+
+    # ------------------------------------------------------------------ quota and state
+
+    def _tick(self, *, force: bool = False) -> None:
+        """Apply the quota policy and write link_state when due or changed."""
+        now = self.clock()
+        # The outbox is summed and the row written at the state interval, or at once when the
+        # link changed: a large backlog is not scanned on every poll.
+        seen = (self._linked, self._lost_at, self._reason, self._problem, self._acks_beyond_log)
+        if not force and seen == self._last_seen and now < self._next_state_at:
+            return
+        self._last_seen = seen
+        db = self._require_db()
+        quota_problem = ""
+        try:
+            lag_seconds = self._lag_seconds(db, now)
+            held = eventlog.outbox_bytes(db)
+            if held > self.cloud.outbox_quota_bytes:
+                before = (self.counters.dropped_events, self.counters.dropped_bytes)
+                try:
+                    # The drop and its count commit together: a crash cannot lose the count.
+                    with eventlog.transaction(db):
+                        dropped, dropped_bytes = eventlog.drop_for_quota(
+                            db, self.cloud.outbox_quota_bytes
+                        )
+                        self.counters.dropped_events += dropped
+                        self.counters.dropped_bytes += dropped_bytes
+                        eventlog.write_link_state(db, self._snapshot(db, now=now))
+                except BaseException:
+                    self.counters.dropped_events, self.counters.dropped_bytes = before
+                    raise
+                if dropped:
+                    log.warning(kv(event="outbox_dropped", site=self.site_id, events=dropped,
+                                   bytes=dropped_bytes, quota=self.cloud.outbox_quota_bytes))
+                    force = True
+                    held = eventlog.outbox_bytes(db)
+        except sqlite3.OperationalError as exc:
+            log.warning(kv(event="quota_check_failed", site=self.site_id, error=exc))
+            return
+        if held > self.cloud.outbox_quota_bytes:
+            quota_problem = (
+                f"outbox holds {held} bytes, over its quota of {self.cloud.outbox_quota_bytes}, "
+                "and only events that are never dropped are left"
+            )
+        problem = self._problem or quota_problem
+        if self._acks_beyond_log:
+            problem = problem or (
+                f"the cloud acknowledged seq {self.counters.acked_seq} beyond this site's log: "
+                "was the site database restored or re-created?"
+            )
+        change = self.monitor.observe(
+            Observation(linked=self._linked, lost_at=self._lost_at, lag_seconds=lag_seconds,
+                        problem=problem, reason=self._reason),
+            now,
+        )
+        if change.changed:
+            log.info(kv(event="link_state", site=self.site_id, state=change.state.value,
+                        detail=change.detail))
+        if not (force or change.changed or now >= self._next_state_at):
+            return
+        try:
+            eventlog.write_link_state(db, self._snapshot(db, detail=change.detail, now=now))
+        except sqlite3.OperationalError as exc:
+            log.warning(kv(event="link_state_not_written", site=self.site_id, error=exc))
+            return
+        self._next_state_at = now + self.cloud.state_interval_s
+
+    def _lag_seconds(self, db: sqlite_utils.Database, now: float) -> float:
+        pending = eventlog.read_pending(db, self.counters.acked_seq, 1)
+        if not pending:
+            return 0.0
+        first = pending[0]
+        since = first.enqueued_at if first.enqueued_at is not None else first.occurred_at
+        return max(0.0, now - since)
+
+    def _snapshot(
+        self, db: sqlite_utils.Database, *, detail: str | None = None, now: float | None = None
+    ) -> eventlog.LinkState:
+        now = self.clock() if now is None else now
+        acked = self.counters.acked_seq
+        if detail is None:
+            previous = eventlog.read_link_state(db)
+            detail = previous.detail if previous is not None else ""
+        return eventlog.LinkState(
+            state=self.monitor.state.value, since=self.monitor.since, acked_seq=acked,
+            lag_events=max(0, eventlog.last_seq(db) - acked),
+            lag_seconds=self._lag_seconds(db, now), detail=detail,
+            outbox_bytes=eventlog.outbox_bytes(db),
+            dropped_events=self.counters.dropped_events,
+            dropped_bytes=self.counters.dropped_bytes, updated_at=now,
+        )
+
+    def _require_db(self) -> sqlite_utils.Database:
+        assert self.db is not None
+        return self.db
+
+
+def _sendable(event: eventlog.PendingEvent) -> bool:
+    """Within the cloud's limits (an invalid event would end the stream on every retry)."""
+    return 1 <= len(event.kind) <= eventlog.MAX_KIND_CHARS and (
+        len(event.payload) <= eventlog.MAX_PAYLOAD_BYTES
+    )
+
+
+__all__ = ["AgentError", "EdgeAgent", "pb"]
