@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SITE   ?= demo-site
 PYX    := $(shell find media_core appliance -name '*.pyx' -o -name '*.pxd' 2>/dev/null)
 # Debian packages the tests and benchmarks drive as real peers.
-DEB_PKGS := sip-tester espeak-ng sox
+DEB_PKGS := sip-tester espeak-ng sox postgresql chromium
 DEB_BENCH := kamailio rtpengine
 
 .PHONY: run test test-long bench build sysdeps lint clean

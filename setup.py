@@ -51,7 +51,7 @@ setup(
     version="0.1.0",
     description="Hybrid contact center: on-site appliance, edge agent and cloud bridge",
     packages=find_packages(include=["media_core*", "appliance*", "edge_agent*", "cloud_bridge*", "proto*"]),
-    package_data={"": ["*.pxd", "*.pyi", "*.proto", "*.h"]},
+    package_data={"": ["*.pxd", "*.pyi", "*.proto", "*.h"], "appliance": ["data/prompts/*.wav"]},
     python_requires=">=3.11",
     install_requires=[
         "numpy>=1.26",
@@ -65,6 +65,7 @@ setup(
         "grpcio-health-checking>=1.85.1",
         "grpcio-reflection>=1.85.1",
         "protobuf>=7.35.1",
+        "psycopg[binary]>=3.1",
     ],
     extras_require={
         "test": [

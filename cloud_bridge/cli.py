@@ -1,10 +1,16 @@
 """``edgecc cloud``: run the cloud server, and the central IT console's commands.
 
     edgecc cloud --data-dir DIR [--bind ADDR] [--grpc-port N] [--enrol-port N] [--db URL]
+                 [--http-bind ADDR] [--http-port N]
     edgecc cloud --data-dir DIR sites
     edgecc cloud --data-dir DIR backups [--site ID]
     edgecc cloud --data-dir DIR token --site ID [--ttl SECONDS]
     edgecc cloud --data-dir DIR revoke --serial HEX
+    edgecc cloud --data-dir DIR push-config --site ID --file site.yaml
+
+``push-config`` signs the file with the CA of the data directory and stores it as the site's next
+config version; a running server sends it down the site's live link within
+``CloudConfig.config_poll_s`` (it watches the store), or when the site next says Hello.
 
 ``add_parser(commands)`` adds ``cloud`` to the ``edgecc`` parser; ``main(argv)`` runs it alone.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import signal
 import sys
@@ -22,11 +29,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cloud_bridge.ca import check_site_id
-from cloud_bridge.store import SqliteCloudStore, StoreError, make_token, open_store
+import yaml as yaml_parser
+
+from cloud_bridge.ca import CertificateAuthority, CertificateError, check_site_id
+from cloud_bridge.store import CloudStore, StoreError, make_token, open_store
 
 DEFAULT_TOKEN_TTL = 24 * 3600
 STOP_GRACE_S = 1.0
+MAX_CONFIG_BYTES = 256 * 1024
+"""Largest site.yaml pushed: well inside one gRPC message."""
 
 
 def _port(text: str) -> int:
@@ -70,7 +81,8 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument("--data-dir", type=Path, default=default,
                         help="cloud data directory (CA, database, backups)")
     parser.add_argument("--db", default=default, metavar="URL",
-                        help="database: sqlite:PATH or a path (default DATA_DIR/cloud.db)")
+                        help="database: postgresql://USER@HOST/DB, sqlite:PATH or a path "
+                        "(default DATA_DIR/cloud.db)")
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -94,6 +106,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                        "default localhost, 127.0.0.1, ::1)")
     cloud.add_argument("--keep-backups", type=int, default=7,
                        help="complete backups kept per site (default 7)")
+    cloud.add_argument("--http-bind", default="127.0.0.1",
+                       help="address of the console web page (default 127.0.0.1; it has no "
+                       "login, so keep it local or behind an authenticating proxy)")
+    cloud.add_argument("--http-port", type=_port, default=8090,
+                       help="console web page port (default 8090; 0 = any free port)")
     cloud.set_defaults(handler=_cmd_serve)
     sub = cloud.add_subparsers(dest="cloud_command", metavar="SUBCOMMAND")
 
@@ -117,6 +134,17 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     _common(revoke, suppress=True)
     revoke.add_argument("--serial", type=_serial, required=True, help="serial, hexadecimal")
     revoke.set_defaults(handler=_cmd_revoke)
+
+    push = sub.add_parser(
+        "push-config", help="sign and store a site's next config version",
+        description="Sign site.yaml with the cloud's CA and store it as the site's next config "
+        "version. A running cloud sends it down the site's link within seconds, or when the "
+        "site next connects. The site applies it whole or not at all.",
+    )
+    _common(push, suppress=True)
+    push.add_argument("--site", type=_site_id, required=True, help="site id, e.g. paris-1")
+    push.add_argument("--file", type=Path, required=True, help="the whole site.yaml to push")
+    push.set_defaults(handler=_cmd_push_config)
     return cloud
 
 
@@ -136,7 +164,7 @@ def _data_dir(args: argparse.Namespace) -> Path | None:
     return Path(args.data_dir)
 
 
-def _open(args: argparse.Namespace) -> SqliteCloudStore | None:
+def _open(args: argparse.Namespace) -> CloudStore | None:
     data_dir = _data_dir(args)
     if data_dir is None:
         return None
@@ -169,6 +197,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         db_url=args.db,
         server_names=tuple(args.server_name) if args.server_name else CloudConfig.server_names,
         keep_backups=max(1, args.keep_backups),
+        http_bind=args.http_bind, http_port=args.http_port,
     )
     try:
         return asyncio.run(_serve(config))
@@ -190,10 +219,11 @@ async def _serve(config: Any) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    console = f"http={server.console.url} " if server.console is not None else ""
     print(
         f"edgecc cloud listening link={config.bind}:{server.link_port} "
-        f"enrol={config.bind}:{server.enrol_port} data_dir={config.data_dir} "
-        f"db={server.store.path}",
+        f"enrol={config.bind}:{server.enrol_port} {console}data_dir={config.data_dir} "
+        f"db={server.store.location}",
         flush=True,
     )
     await stop.wait()
@@ -267,6 +297,68 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"serial={args.serial:x} {'revoked' if changed else 'already revoked'}")
+    return 0
+
+
+def _read_config(path: Path, site_id: str) -> bytes:
+    """The bytes of a site.yaml worth pushing; ValueError says what is wrong with it.
+
+    The cloud does not import the appliance's schema: it checks that the file is a YAML
+    mapping for this site, and the site validates it whole before applying it.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {len(data)} bytes, over the {MAX_CONFIG_BYTES} byte limit")
+    try:
+        document = yaml_parser.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except yaml_parser.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ValueError(f"{path}:{where}: not valid YAML: {problem}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a mapping (site:, sip:, ...) at the top level")
+    site = document.get("site")
+    named = site.get("id") if isinstance(site, dict) else None
+    if named is not None and str(named) != site_id:
+        raise ValueError(f"{path}: site.id is {named!r}, not {site_id!r}: wrong file for this site?")
+    return data
+
+
+def _cmd_push_config(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    if data_dir is None:
+        return 2
+    try:
+        yaml = _read_config(args.file, args.site)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ca_dir = data_dir / "ca"
+    if not (ca_dir / "ca.key").exists():
+        # Never create a CA here: sites trust only the one they enrolled with.
+        print(f"error: no CA in {ca_dir}: run the cloud once with this --data-dir first",
+              file=sys.stderr)
+        return 2
+    try:
+        ca = CertificateAuthority.load_or_create(ca_dir)
+    except (CertificateError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    store = _open(args)
+    if store is None:
+        return 2
+    try:
+        record = store.add_config(args.site, yaml, ca.sign_config, time.time())
+    finally:
+        store.close()
+    print(f"site={record.site_id} version={record.version} bytes={len(yaml)} "
+          f"sha256={hashlib.sha256(yaml).hexdigest()}")
     return 0
 
 

@@ -12,6 +12,10 @@ Two TLS ports on one server:
   certificate yet; Enrol, health and reflection answer there, the Bridge methods refuse.
 
 All database and disk work runs on one worker thread, never on the event loop.
+
+The same process serves the central IT console over HTTP (``cloud_bridge.console``) when
+``CloudConfig.http_port`` is set, and watches the store for config versions written by
+``edgecc cloud push-config`` (another process) to send them down the sites' live links.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from grpc_reflection.v1alpha import reflection
 from cloud_bridge.auth import SiteAuthInterceptor, current_site
 from cloud_bridge.backups import CHUNK_LIMIT, BackupError, BackupStore, check_backup_id
 from cloud_bridge.ca import CertificateAuthority, CertificateError, SiteCertificate
+from cloud_bridge.console import ConsoleServer, LinkState, SiteView, build_console_app, site_views
 from cloud_bridge.store import (
+    CloudStore,
     ConfigRecord,
     EventRecord,
-    SqliteCloudStore,
     TokenRejected,
     make_token,
     open_store,
@@ -96,6 +101,12 @@ class CloudConfig:
     """Events held beyond a gap at most this far past the ack; later ones are refused."""
     ingest_batch: int = 500
     """Most events stored in one transaction."""
+    http_bind: str = "127.0.0.1"
+    """Address of the console (it has no login: keep it local or behind a proxy)."""
+    http_port: int | None = None
+    """Console port; None serves no console, 0 picks a free port."""
+    config_poll_s: float = 2.0
+    """How often the store is checked for config versions pushed by another process."""
 
 
 @dataclass
@@ -104,6 +115,8 @@ class _Link:
 
     site: SiteCertificate
     outbound: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(maxsize=256))
+    config_version: int = 0
+    """Newest config version the site has (its Hello) or was sent, or that existed at link-up."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +145,7 @@ class CloudServer:
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.ca = CertificateAuthority.load_or_create(data_dir / "ca")
-        self.store: SqliteCloudStore = open_store(
+        self.store: CloudStore = open_store(
             config.db_url or str(data_dir / "cloud.db"), data_dir=data_dir
         )
         self.backups = BackupStore(
@@ -141,6 +154,9 @@ class CloudServer:
         )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-store")
         self._links: dict[str, _Link] = {}
+        self._link_states: dict[str, LinkState] = {}
+        self._config_watch: asyncio.Task[None] | None = None
+        self.console: ConsoleServer | None = None
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
         self.link_port = 0
@@ -188,9 +204,16 @@ class CloudServer:
         self._server = server
         for service in ("", ENROLMENT_SERVICE, BRIDGE_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.http_port is not None:
+            app = build_console_app(self.site_views, self.clock)
+            self.console = await ConsoleServer.start(
+                app, self.config.http_bind, self.config.http_port
+            )
+        self._config_watch = asyncio.create_task(self._watch_configs(), name="config-watch")
         log.info(
             "event=started link=%s:%d enrol=%s:%d db=%s",
-            self.config.bind, self.link_port, self.config.bind, self.enrol_port, self.store.path,
+            self.config.bind, self.link_port, self.config.bind, self.enrol_port,
+            self.store.location,
         )
 
     @staticmethod
@@ -205,6 +228,14 @@ class CloudServer:
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop serving (open streams get ``grace`` seconds), then close the store."""
+        if self._config_watch is not None:
+            self._config_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._config_watch
+            self._config_watch = None
+        if self.console is not None:
+            await self.console.close()
+            self.console = None
         if self._server is not None:
             if self._health is not None:
                 await self._health.enter_graceful_shutdown()
@@ -262,7 +293,8 @@ class CloudServer:
             self.store.add_config, site_id, yaml, self.ca.sign_config, self.clock()
         )
         link = self._links.get(site_id)
-        if link is not None:
+        if link is not None and record.version > link.config_version:
+            link.config_version = record.version
             self._offer(link, _config_message(record))
         log.info("event=config_pushed site=%s version=%d live=%s", site_id, record.version,
                  link is not None)
@@ -297,6 +329,42 @@ class CloudServer:
     def linked_sites(self) -> list[str]:
         """Sites with a live SiteLink stream."""
         return sorted(self._links)
+
+    def link_states(self) -> dict[str, LinkState]:
+        """Every site whose link opened or closed since this process started."""
+        return dict(self._link_states)
+
+    async def site_views(self) -> list[SiteView]:
+        """The console's rows: the store's view of every site plus the live link states."""
+        return await self.run(site_views, self.store, self.link_states(), self.clock())
+
+    async def _watch_configs(self) -> None:
+        """Send linked sites the config versions stored by another process (push-config)."""
+        while True:
+            await asyncio.sleep(self.config.config_poll_s)
+            if not self._links:
+                continue
+            try:
+                versions = await self.run(self.store.config_versions)
+                for site_id, version in versions.items():
+                    link = self._links.get(site_id)
+                    if link is None or version <= link.config_version:
+                        continue
+                    record = await self.run(self.store.latest_config, site_id)
+                    # The link may have changed, or been sent the version, meanwhile.
+                    if record is None or self._links.get(site_id) is not link:
+                        continue
+                    # A congested link is tried again at the next poll.
+                    if record.version > link.config_version and self._offer(
+                        link, _config_message(record)
+                    ):
+                        link.config_version = record.version
+                        log.info("event=config_sent site=%s version=%d", site_id,
+                                 record.version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a database hiccup must not end the watch
+                log.warning("event=config_watch_failed error=%r", exc)
 
     @staticmethod
     def _offer(link: _Link, item: Any) -> bool:
@@ -372,12 +440,17 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
         if previous is not None:
             cloud._offer(previous, _Abort(grpc.StatusCode.ABORTED, "replaced by a newer link"))
         cloud._links[site.site_id] = link
+        cloud._link_states[site.site_id] = LinkState(True, cloud.clock())
         inbound: asyncio.Queue[Any] = asyncio.Queue(maxsize=cloud.config.ingest_batch * 2)
         tasks: list[asyncio.Task[None]] = []
         log.info("event=link_up site=%s peer=%s", site.site_id, context.peer())
         try:
             await cloud.run(cloud.store.touch_site, site.site_id, cloud.clock())
             acked = await cloud.run(cloud.store.acked_seq, site.site_id)
+            # Versions stored before the link opened go down only to a site that says Hello
+            # with an older one; the watcher sends the ones stored from now on.
+            existing = await cloud.run(cloud.store.latest_config, site.site_id)
+            link.config_version = max(link.config_version, existing.version if existing else 0)
             # Tell the site at once where to resume, before it sends anything.
             await context.write(pb.CloudMessage(ack=pb.Ack(seq=acked)))
             tasks.append(asyncio.create_task(self._read(request_iterator, inbound, link)))
@@ -394,6 +467,7 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
                 task.cancel()
             if cloud._links.get(site.site_id) is link:
                 del cloud._links[site.site_id]
+                cloud._link_states[site.site_id] = LinkState(False, cloud.clock())
             log.info("event=link_down site=%s", site.site_id)
 
     async def _read(self, request_iterator: Any, inbound: asyncio.Queue[Any], link: _Link) -> None:
@@ -423,7 +497,10 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
                         return
                     latest = await cloud.run(cloud.store.latest_config, site_id)
                     if latest is not None and latest.version > hello.config_version:
+                        link.config_version = max(link.config_version, latest.version)
                         await link.outbound.put(_config_message(latest))
+                    else:
+                        link.config_version = max(link.config_version, hello.config_version)
                 elif body == "config_applied":
                     applied = message.config_applied
                     log.info("event=config_applied site=%s version=%d ok=%s error=%r", site_id,
@@ -456,7 +533,15 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
                     break
                 item = inbound.get_nowait()
             if batch:
-                acked = await cloud.run(self._store_batch, link.site, batch)
+                try:
+                    acked = await cloud.run(self._store_batch, link.site, batch)
+                except Exception as exc:
+                    # Nothing of the batch is acknowledged: the site sends it again later.
+                    log.error("event=ingest_failed site=%s error=%r", link.site.site_id, exc)
+                    await link.outbound.put(
+                        _Abort(grpc.StatusCode.UNAVAILABLE, "cloud store unavailable")
+                    )
+                    return
                 if acked is None:
                     await link.outbound.put(
                         _Abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate revoked")

@@ -1,8 +1,9 @@
 """The cloud's database: sites, enrolment tokens, certificates, events, backups, configs.
 
 ``CloudStore`` is the interface the server uses; ``SqliteCloudStore`` implements it on one SQLite
-file (WAL, ``synchronous=FULL``: an acknowledged event survives power loss). ``open_store(url)``
-picks the implementation by URL so that PostgreSQL can join later without touching callers.
+file (WAL, ``synchronous=FULL``: an acknowledged event survives power loss), and
+``cloud_bridge.pg.PostgresCloudStore`` on PostgreSQL. ``open_store(url)`` picks the implementation
+by URL.
 
 Every method is blocking and short; the server calls them from one worker thread, never from
 its event loop.
@@ -18,8 +19,8 @@ import hashlib
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -79,6 +80,22 @@ class SiteSummary:
 
 
 @dataclass(frozen=True)
+class SiteActivity:
+    """What the console shows of a site's event flow."""
+
+    site_id: str
+    """Site id."""
+    newest_seq: int
+    """Highest seq stored, held events included (0 when none)."""
+    acked_occurred_at: float | None
+    """When the acknowledged event (seq = ack) happened at the site."""
+    acked_received_at: float | None
+    """When the cloud stored it."""
+    events_by_kind: Mapping[str, int] = field(default_factory=dict)
+    """Stored events per kind."""
+
+
+@dataclass(frozen=True)
 class BackupRecord:
     """A backup of a site, partial (upload in progress) or complete."""
 
@@ -132,6 +149,9 @@ class StoreError(Exception):
 class CloudStore(Protocol):
     """What the cloud server needs from its database."""
 
+    location: str
+    """Where the store lives, printable (a path, or a URL without its password)."""
+
     def add_token(self, site_id: str, token: str, expires_at: float, now: float) -> None:
         """Record a one-time enrolment token for ``site_id`` (only its hash is kept)."""
         ...
@@ -152,6 +172,10 @@ class CloudStore(Protocol):
         """True when the serial is on the revocation list."""
         ...
 
+    def certificates(self, site_id: str) -> list[tuple[int, float, float | None]]:
+        """(serial, not_after, revoked_at) of a site's certificates, newest first."""
+        ...
+
     def ingest(self, events: Sequence[EventRecord], now: float, *, window: int) -> IngestResult:
         """Store a batch of one site's events exactly once; return the new ack."""
         ...
@@ -170,6 +194,10 @@ class CloudStore(Protocol):
 
     def sites(self) -> list[SiteSummary]:
         """Every known site."""
+        ...
+
+    def activity(self) -> list[SiteActivity]:
+        """Newest seq, the acknowledged event's timing and event counts of every site."""
         ...
 
     def backup(self, site_id: str, backup_id: str) -> BackupRecord | None:
@@ -204,6 +232,10 @@ class CloudStore(Protocol):
 
     def latest_config(self, site_id: str) -> ConfigRecord | None:
         """The newest config version of a site."""
+        ...
+
+    def config_versions(self) -> dict[str, int]:
+        """The newest config version of every site that has one."""
         ...
 
     def close(self) -> None:
@@ -289,6 +321,20 @@ _MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        2,
+        "event counts per site and kind",
+        (
+            """CREATE TABLE event_counts (
+                site_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                count INTEGER NOT NULL,
+                PRIMARY KEY (site_id, kind)
+            ) WITHOUT ROWID""",
+            """INSERT INTO event_counts (site_id, kind, count)
+               SELECT site_id, kind, COUNT(*) FROM events GROUP BY site_id, kind""",
+        ),
+    ),
 )
 
 _BUSY_TIMEOUT_S = 10.0
@@ -304,6 +350,7 @@ class SqliteCloudStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self.location = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
             str(self.path), timeout=_BUSY_TIMEOUT_S, check_same_thread=False,
@@ -384,6 +431,25 @@ class SqliteCloudStore:
         return [
             SiteSummary(r[0], r[1], r[2], r[3], r[4], int(r[5]) if r[5] else None, r[6])
             for r in rows
+        ]
+
+    def activity(self) -> list[SiteActivity]:
+        """Newest seq, the acknowledged event's timing and event counts of every site."""
+        rows = self._conn.execute(
+            """SELECT s.site_id,
+                      (SELECT MAX(seq) FROM events e WHERE e.site_id = s.site_id),
+                      a.occurred_at, a.received_at
+                 FROM sites s
+                 LEFT JOIN events a ON a.site_id = s.site_id AND a.seq = s.acked_seq
+                ORDER BY s.site_id"""
+        ).fetchall()
+        counts: dict[str, dict[str, int]] = {}
+        for site_id, kind, count in self._conn.execute(
+            "SELECT site_id, kind, count FROM event_counts ORDER BY site_id, kind"
+        ):
+            counts.setdefault(site_id, {})[kind] = int(count)
+        return [
+            SiteActivity(r[0], int(r[1] or 0), r[2], r[3], counts.get(r[0], {})) for r in rows
         ]
 
     # ---------------------------------------------------------- enrolment
@@ -483,6 +549,7 @@ class SqliteCloudStore:
         if any(e.site_id != site_id for e in events):
             raise StoreError("a batch holds the events of one site")
         stored = duplicates = refused = 0
+        kinds: dict[str, int] = {}
         with self._write():
             self._ensure_site(site_id, now)
             acked = self._conn.execute(
@@ -503,8 +570,15 @@ class SqliteCloudStore:
                 )
                 if cursor.rowcount == 1:
                     stored += 1
+                    kinds[event.kind] = kinds.get(event.kind, 0) + 1
                 else:
                     duplicates += 1
+            for kind, count in kinds.items():
+                self._conn.execute(
+                    "INSERT INTO event_counts (site_id, kind, count) VALUES (?, ?, ?)"
+                    " ON CONFLICT (site_id, kind) DO UPDATE SET count = count + excluded.count",
+                    (site_id, kind, count),
+                )
             new_ack = self._advance(site_id, acked)
             self._conn.execute(
                 "UPDATE sites SET acked_seq = ?, last_seen_at = ? WHERE site_id = ?",
@@ -644,6 +718,11 @@ class SqliteCloudStore:
             return None
         return ConfigRecord(site_id, int(row[0]), bytes(row[1]), bytes(row[2]), float(row[3]))
 
+    def config_versions(self) -> dict[str, int]:
+        """The newest config version of every site that has one."""
+        rows = self._conn.execute("SELECT site_id, MAX(version) FROM configs GROUP BY site_id")
+        return {r[0]: int(r[1]) for r in rows}
+
 
 class _Transaction:
     """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any exception."""
@@ -658,14 +737,18 @@ class _Transaction:
         self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
 
 
-def open_store(url: str, *, data_dir: Path | None = None) -> SqliteCloudStore:
-    """Open the store named by ``url``.
+def open_store(url: str, *, data_dir: Path | None = None) -> CloudStore:
+    """Open the store named by ``url``; raise StoreError when it cannot be opened.
 
-    ``sqlite:///abs/path.db``, ``sqlite:relative.db`` (relative to ``data_dir``) or a plain
-    path. ``postgresql://`` is reserved for the PostgreSQL store and refused for now.
+    ``postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME[?OPTIONS]`` (or ``postgres://``) opens
+    ``PostgresCloudStore``; ``sqlite:///abs/path.db``, ``sqlite:relative.db`` (relative to
+    ``data_dir``) or a plain path open ``SqliteCloudStore``.
     """
     if url.startswith(("postgresql://", "postgres://")):
-        raise StoreError("PostgreSQL stores are not available yet; use a sqlite: URL or a path")
+        # Imported here: psycopg is needed only by clouds that use PostgreSQL.
+        from cloud_bridge.pg import PostgresCloudStore
+
+        return PostgresCloudStore(url)
     if url.startswith("sqlite://"):
         path = Path(url.removeprefix("sqlite://"))
     elif url.startswith("sqlite:"):

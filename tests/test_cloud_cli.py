@@ -65,7 +65,7 @@ def running(tmp_path) -> Iterator[tuple[Path, subprocess.Popen[str], int, int]]:
     data_dir = tmp_path / "cloud"
     process = subprocess.Popen(
         [sys.executable, "-m", "cloud_bridge.cli", "--data-dir", str(data_dir),
-         "--grpc-port", "0", "--enrol-port", "0"],
+         "--grpc-port", "0", "--enrol-port", "0", "--http-port", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

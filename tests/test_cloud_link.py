@@ -1,4 +1,5 @@
-"""The cloud server over real gRPC, TLS on 127.0.0.1, free ports, a real SQLite file.
+"""The cloud server over real gRPC, TLS on 127.0.0.1, free ports, a real SQLite file or
+PostgreSQL database (every test that takes ``cloud_store_backend`` runs on both).
 
 The server runs on its own event loop thread; the tests are sites speaking through the
 ordinary (synchronous) gRPC client, as an edge agent would.
@@ -18,7 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import conftest_pg
 import pytest
+from conftest_pg import StoreBackend
 
 from proto.build import ensure_generated
 
@@ -41,6 +44,9 @@ from proto import bridge_pb2_grpc as pb_grpc  # noqa: E402
 
 WAIT = 20.0  # bound on every wait for an event; never decides a pass by itself
 MiB = 1024 * 1024
+
+cloud_store_backend = conftest_pg.cloud_store_backend
+postgres_server = conftest_pg.postgres_server
 
 
 # ------------------------------------------------------------------- harness
@@ -100,8 +106,8 @@ class Site:
 
 
 @pytest.fixture
-def cloud(tmp_path) -> Iterator[Cloud]:
-    c = Cloud(tmp_path / "cloud")
+def cloud(tmp_path, cloud_store_backend: StoreBackend) -> Iterator[Cloud]:
+    c = Cloud(tmp_path / "cloud", db_url=cloud_store_backend.url)
     yield c
     c.close()
 
@@ -623,8 +629,10 @@ def test_racing_enrolments_with_one_token_issue_one_certificate(cloud: Cloud) ->
     assert len(cloud.store("certificates", "paris-1")) == 1
 
 
-def test_a_restarted_cloud_keeps_its_ca_acks_and_backups(tmp_path) -> None:
-    first = Cloud(tmp_path / "cloud")
+def test_a_restarted_cloud_keeps_its_ca_acks_and_backups(
+    tmp_path, cloud_store_backend: StoreBackend
+) -> None:
+    first = Cloud(tmp_path / "cloud", db_url=cloud_store_backend.url)
     try:
         site = enrol(first, "paris-1")
         channel, link = open_link(first, site)
@@ -640,7 +648,7 @@ def test_a_restarted_cloud_keeps_its_ca_acks_and_backups(tmp_path) -> None:
             )
     finally:
         first.close()
-    second = Cloud(tmp_path / "cloud")
+    second = Cloud(tmp_path / "cloud", db_url=cloud_store_backend.url)
     try:
         assert second.ca_pem == site.ca_pem  # the site's certificate is still good
         channel, link = open_link(second, site)

@@ -1,12 +1,16 @@
-"""The cloud's store, backup store and CA on real SQLite files and real directories."""
+"""The cloud's store (on SQLite and on a real PostgreSQL), backup store and CA."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import socket
 
+import conftest_pg
 import pytest
+from conftest_pg import StoreBackend
 
 from cloud_bridge.backups import CHUNK_LIMIT, BackupError, BackupStore
 from cloud_bridge.ca import (
@@ -16,8 +20,8 @@ from cloud_bridge.ca import (
     verify_config_signature,
 )
 from cloud_bridge.store import (
+    CloudStore,
     EventRecord,
-    SqliteCloudStore,
     StoreError,
     TokenRejected,
     make_token,
@@ -25,22 +29,39 @@ from cloud_bridge.store import (
 )
 from proto import config_signing_payload
 
+# Every test that takes ``cloud_store_backend`` runs on SQLite and on PostgreSQL.
+cloud_store_backend = conftest_pg.cloud_store_backend
+postgres_server = conftest_pg.postgres_server
+
 
 def _event(seq: int, site: str = "paris-1") -> EventRecord:
     return EventRecord(site, seq, "queue.enter", f"payload {seq}".encode(), 1_700_000_000.0 + seq)
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SqliteCloudStore(tmp_path / "cloud.db")
+def store(cloud_store_backend: StoreBackend):
+    s = cloud_store_backend.open()
     yield s
     s.close()
+
+
+def _column(backend: StoreBackend, sql: str) -> list[object]:
+    """The first column of a query, read with a connection of its own (not the store's)."""
+    if backend.name == "sqlite":
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(backend.url)) as conn:
+            return [r[0] for r in conn.execute(sql)]
+    import psycopg
+
+    with psycopg.connect(backend.url) as conn:
+        return [r[0] for r in conn.execute(sql)]
 
 
 # ------------------------------------------------------------------- ingest
 
 
-def test_ingest_absorbs_duplicates_and_acks_contiguous(store: SqliteCloudStore) -> None:
+def test_ingest_absorbs_duplicates_and_acks_contiguous(store: CloudStore) -> None:
     first = store.ingest([_event(1), _event(2), _event(3)], 10.0, window=1000)
     assert (first.acked_seq, first.stored, first.duplicates) == (3, 3, 0)
     again = store.ingest([_event(2), _event(3), _event(4)], 11.0, window=1000)
@@ -49,7 +70,7 @@ def test_ingest_absorbs_duplicates_and_acks_contiguous(store: SqliteCloudStore) 
     assert store.events("paris-1")[1].payload == b"payload 2"
 
 
-def test_gap_is_held_until_filled(store: SqliteCloudStore) -> None:
+def test_gap_is_held_until_filled(store: CloudStore) -> None:
     assert store.ingest([_event(1), _event(2)], 1.0, window=1000).acked_seq == 2
     held = store.ingest([_event(4), _event(5), _event(7)], 2.0, window=1000)
     assert (held.acked_seq, held.stored) == (2, 3)
@@ -62,12 +83,12 @@ def test_gap_is_held_until_filled(store: SqliteCloudStore) -> None:
     assert [e.seq for e in store.events("paris-1")] == list(range(1, 8))
 
 
-def test_any_order_gives_the_same_log(tmp_path) -> None:
+def test_any_order_gives_the_same_log(cloud_store_backend: StoreBackend) -> None:
     rng = random.Random(7)
     seqs = list(range(1, 201))
     deliveries = seqs + rng.sample(seqs, 60)  # every event, plus 60 replays
     rng.shuffle(deliveries)
-    s = SqliteCloudStore(tmp_path / "c.db")
+    s = cloud_store_backend.open()
     try:
         acks = []
         for start in range(0, len(deliveries), 17):
@@ -82,21 +103,20 @@ def test_any_order_gives_the_same_log(tmp_path) -> None:
         s.close()
 
 
-def test_events_beyond_the_window_are_refused_not_stored(store: SqliteCloudStore) -> None:
+def test_events_beyond_the_window_are_refused_not_stored(store: CloudStore) -> None:
     result = store.ingest([_event(1), _event(50), _event(11)], 1.0, window=10)
     assert (result.acked_seq, result.stored, result.refused) == (1, 1, 2)
     assert [e.seq for e in store.events("paris-1")] == [1]
 
 
-def test_sites_are_kept_apart_and_survive_reopen(tmp_path) -> None:
-    path = tmp_path / "cloud.db"
-    s = SqliteCloudStore(path)
+def test_sites_are_kept_apart_and_survive_reopen(cloud_store_backend: StoreBackend) -> None:
+    s = cloud_store_backend.open()
     s.ingest([_event(1, "paris-1"), _event(2, "paris-1")], 1.0, window=100)
     s.ingest([_event(1, "lyon-2")], 1.0, window=100)
     with pytest.raises(StoreError):
         s.ingest([_event(3, "paris-1"), _event(2, "lyon-2")], 1.0, window=100)
     s.close()
-    s = SqliteCloudStore(path)
+    s = cloud_store_backend.open()
     try:
         assert s.acked_seq("paris-1") == 2
         assert s.acked_seq("lyon-2") == 1
@@ -106,7 +126,9 @@ def test_sites_are_kept_apart_and_survive_reopen(tmp_path) -> None:
         s.close()
 
 
-def test_tokens_single_use_and_expiry(store: SqliteCloudStore) -> None:
+def test_tokens_single_use_and_expiry(
+    store: CloudStore, cloud_store_backend: StoreBackend
+) -> None:
     token, old = make_token(), make_token()
     store.add_token("paris-1", token, expires_at=100.0, now=0.0)
     store.add_token("paris-1", old, expires_at=5.0, now=0.0)
@@ -121,11 +143,12 @@ def test_tokens_single_use_and_expiry(store: SqliteCloudStore) -> None:
         store.redeem_token(make_token(), now=1.0)
     assert unknown.value.reason == "unknown"
     # Only the digest is stored.
-    rows = store.db.execute("SELECT digest FROM enrol_tokens").fetchall()
-    assert all(token not in r[0] for r in rows)
+    digests = _column(cloud_store_backend, "SELECT digest FROM enrol_tokens")
+    assert len(digests) == 2
+    assert all(token not in str(d) for d in digests)
 
 
-def test_revocation_by_serial(store: SqliteCloudStore) -> None:
+def test_revocation_by_serial(store: CloudStore) -> None:
     store.record_certificate("paris-1", 0xABC, 2e9, 1.0)
     assert not store.is_revoked(0xABC)
     assert store.revoke_certificate(0xABC, 2.0)
@@ -142,8 +165,12 @@ def test_open_store_urls(tmp_path) -> None:
     s = open_store(f"sqlite://{tmp_path / 'abs.db'}")
     assert s.path == tmp_path / "abs.db"
     s.close()
-    with pytest.raises(StoreError, match="PostgreSQL"):
-        open_store("postgresql://localhost/edgecc")
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        with pytest.raises(StoreError, match="PostgreSQL") as unreachable:
+            open_store(f"postgresql://edgecc:s3cret@127.0.0.1:{port}/edgecc?connect_timeout=5")
+    assert "s3cret" not in str(unreachable.value)
     with pytest.raises(StoreError, match="scheme"):
         open_store("mysql://localhost/x")
 
@@ -151,7 +178,7 @@ def test_open_store_urls(tmp_path) -> None:
 # ------------------------------------------------------------------- backups
 
 
-def test_backup_resume_drops_uncommitted_tail(tmp_path, store: SqliteCloudStore) -> None:
+def test_backup_resume_drops_uncommitted_tail(tmp_path, store: CloudStore) -> None:
     backups = BackupStore(tmp_path / "b", store, keep=2)
     data = os.urandom(3000)
     assert backups.write_chunk("paris-1", "nightly-1", 0, data[:1000]) == 1000
@@ -169,7 +196,7 @@ def test_backup_resume_drops_uncommitted_tail(tmp_path, store: SqliteCloudStore)
     assert b"".join(d for _, d in backups.read("paris-1", "nightly-1", 2500)) == data[2500:]
 
 
-def test_backup_limits_and_ids(tmp_path, store: SqliteCloudStore) -> None:
+def test_backup_limits_and_ids(tmp_path, store: CloudStore) -> None:
     backups = BackupStore(tmp_path / "b", store, keep=2, max_bytes=CHUNK_LIMIT + 10)
     with pytest.raises(BackupError) as big:
         backups.write_chunk("paris-1", "x", 0, b"\0" * (CHUNK_LIMIT + 1))
@@ -185,7 +212,7 @@ def test_backup_limits_and_ids(tmp_path, store: SqliteCloudStore) -> None:
     assert not (tmp_path / "etc").exists()
 
 
-def test_backup_digest_mismatch_discards_upload(tmp_path, store: SqliteCloudStore) -> None:
+def test_backup_digest_mismatch_discards_upload(tmp_path, store: CloudStore) -> None:
     backups = BackupStore(tmp_path / "b", store)
     backups.write_chunk("paris-1", "b1", 0, b"hello")
     with pytest.raises(BackupError) as bad:
@@ -195,7 +222,7 @@ def test_backup_digest_mismatch_discards_upload(tmp_path, store: SqliteCloudStor
     assert not backups.part_path("paris-1", "b1").exists()
 
 
-def test_backup_retention_keeps_newest(tmp_path, store: SqliteCloudStore) -> None:
+def test_backup_retention_keeps_newest(tmp_path, store: CloudStore) -> None:
     now = [100.0]
     backups = BackupStore(tmp_path / "b", store, keep=2, clock=lambda: now[0])
     for n in range(4):
