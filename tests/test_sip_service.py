@@ -858,3 +858,41 @@ async def test_client_transaction_over_dead_tcp_reports_transport_failure(site: 
         assert all(e.key == key for e in events) and key not in app.service.layer
     finally:
         await app.close()
+
+
+@run_async
+async def test_held_register_answers_retransmissions_until_timer_j_even_when_full(
+        site: Path) -> None:
+    from appliance.sip.transaction import TimerConfig, TransactionTerminated
+
+    app = await start_appliance(site)
+    # Short timers (J = 64*T1 = 0.64 s) and room for one transaction only.
+    app.service.layer = TransactionLayer(TimerConfig(t1=0.01, t2=0.04, t4=0.05),
+                                         max_transactions=1)
+    ended = asyncio.Event()
+    app.service.on_transaction_event = (
+        lambda ev: ended.set() if isinstance(ev, TransactionTerminated) else None)
+    phone = await udp_phone()
+    try:
+        server = app.service.addresses["UDP"]
+        first = register("UDP", phone.local, branch="z9hG4bKheld1", call_id="held-1")
+        phone.transport.sendto(first, server)
+        challenge = await phone.response_to("held-1", (1, "REGISTER"))
+        assert challenge.status == 401 and app.service.layer.completed == 1
+        # The table is full: a new request is refused with 503...
+        phone.transport.sendto(register("UDP", phone.local, call_id="held-2"), server)
+        busy = await phone.response_to("held-2", (1, "REGISTER"))
+        assert busy.status == 503
+        # ...while the held one still answers its retransmission, byte for byte.
+        phone.transport.sendto(first, server)
+        again = await phone.response_to("held-1", (1, "REGISTER"))
+        assert again.to_bytes() == challenge.to_bytes() and app.registrar.calls == 1
+        # Timer J ends it (the event reaches the transaction user); then there is room.
+        await asyncio.wait_for(ended.wait(), WAIT)
+        assert len(app.service.layer) == 0
+        phone.transport.sendto(register("UDP", phone.local, call_id="held-3"), server)
+        assert (await phone.response_to("held-3", (1, "REGISTER"))).status == 401
+        assert app.registrar.calls == 2
+    finally:
+        phone.transport.close()
+        await app.close()

@@ -624,3 +624,85 @@ def test_abandon_ends_an_unanswerable_server_transaction() -> None:
     ckey, _ = layer.send_request(request("OPTIONS"), UDP_PEER, 0.0)
     with pytest.raises(LocalProtocolError):
         layer.abandon(ckey)  # client transactions end by their own timers
+
+
+# -- completed non-INVITE server transactions held compactly (§17.2.2) ----------------------
+
+def test_completed_non_invite_is_held_compactly_until_timer_j() -> None:
+    layer = TransactionLayer()
+    reg = request("REGISTER")
+    reply_to = Source("UDP", "198.51.100.7", 40000)
+    key = only(layer.receive_request(reg, UDP_PEER, 0.0, reply_to=reply_to), RequestReceived).key
+    sent = only(layer.respond(key, response(reg, 401), 1.0), Transmit)
+    # Only the response bytes are kept: no machine, but the key is still matched and counted.
+    assert layer.get(key) is None and key in layer and len(layer) == 1 and layer.completed == 1
+    for t in (1.2, 16.0, 32.9):
+        again = only(layer.receive_request(reg, UDP_PEER, t), Transmit)
+        assert (again.key, again.data, again.destination, again.retransmission) == (
+            key, sent.data, reply_to, True)
+        assert again.message.status == 401 and again.message.to.tag == sent.message.to.tag
+    assert layer.next_timer() == 33.0
+    seen = drive(layer, 100.0)
+    assert [(t, type(ev)) for t, ev in seen] == [(33.0, TransactionTerminated)]
+    assert key not in layer and len(layer) == 0 and layer.completed == 0
+    assert layer.next_timer() is None
+
+
+def test_completed_store_ends_in_deadline_order_across_live_timers() -> None:
+    layer = TransactionLayer()
+    regs = [request("REGISTER") for _ in range(3)]
+    keys = [only(layer.receive_request(r, UDP_PEER, 0.0), RequestReceived).key for r in regs]
+    # Answered out of clock order (a hand clock may go back): J still ends each one at its
+    # own 64*T1 after its answer.
+    for reg, key, t in zip(regs, keys, (5.0, 1.0, 3.0), strict=True):
+        layer.respond(key, response(reg, 200), t)
+    client, _ = layer.send_request(request("OPTIONS"), UDP_PEER, 3.0)  # timer F at 35.0
+    seen = drive(layer, 100.0)
+    ended = [(round(t, 6), ev.key) for t, ev in seen if isinstance(ev, TransactionTerminated)]
+    assert ended == [(33.0, keys[1]), (35.0, keys[2]), (35.0, client), (37.0, keys[0])]
+    assert instants(seen, TransactionTimeout) == [35.0]
+
+
+def test_completed_store_takes_transport_error_and_abandon() -> None:
+    layer = TransactionLayer()
+    reg = request("REGISTER")
+    key = only(layer.receive_request(reg, UDP_PEER, 0.0), RequestReceived).key
+    layer.respond(key, response(reg, 200), 0.1)
+    # (COMPLETED, TRANSPORT_ERROR) of Figure 8: the transaction ends at once.
+    assert layer.transport_error(key, 0.2) == [TransportFailed(key), TransactionTerminated(key)]
+    assert key not in layer and layer.next_timer() is None
+    assert layer.transport_error(key, 0.3) == []
+    other = request("REGISTER")
+    key2 = only(layer.receive_request(other, UDP_PEER, 1.0), RequestReceived).key
+    layer.respond(key2, response(other, 200), 1.1)
+    assert layer.abandon(key2) == [TransactionTerminated(key2)] and len(layer) == 0
+    with pytest.raises(LocalProtocolError):
+        layer.abandon(key2)
+
+
+def test_table_is_sized_for_timer_j_at_5000_requests_per_second() -> None:
+    layer = TransactionLayer()
+    assert layer.max_transactions >= 5000 * 64 * layer.config.t1
+    layer = TransactionLayer(max_transactions=2)
+    reg = request("REGISTER")
+    key = only(layer.receive_request(reg, UDP_PEER, 0.0), RequestReceived).key
+    sent = only(layer.respond(key, response(reg, 200), 0.0), Transmit)
+    layer.receive_request(request("OPTIONS"), UDP_PEER, 0.0)  # live, unanswered
+    # Full (one completed + one live): a new request is refused...
+    with pytest.raises(TransactionTableFull):
+        layer.receive_request(request("REGISTER"), UDP_PEER, 1.0)
+    # ...but a retransmission is still answered from what is held, and the count is unchanged.
+    assert only(layer.receive_request(reg, UDP_PEER, 1.0), Transmit).data == sent.data
+    assert len(layer) == 2
+    # Timer J makes room again: refusal only while the table is really full.
+    drive(layer, 32.0)
+    assert len(layer) == 1
+    assert only(layer.receive_request(request("REGISTER"), UDP_PEER, 32.0), RequestReceived)
+
+
+def test_reliable_non_invite_is_never_held_compactly() -> None:
+    layer = TransactionLayer()
+    reg = request("REGISTER", transport="TCP")
+    key = only(layer.receive_request(reg, TCP_PEER, 0.0), RequestReceived).key
+    layer.respond(key, response(reg, 200), 0.1)
+    assert layer.completed == 0 and key not in layer  # J is zero on TCP (§17.2.2)

@@ -10,7 +10,12 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from appliance.sip.source import Source
-from appliance.sip.transport import SipTransports, response_destination, stamp_via
+from appliance.sip.transport import (
+    UDP_BUFFER_BYTES,
+    SipTransports,
+    response_destination,
+    stamp_via,
+)
 from media_core.sip import Limits, RemoteProtocolError, parse_message
 
 WAIT = 10.0  # bound on every wait for an event; never decides a pass by itself
@@ -367,3 +372,70 @@ async def test_failed_start_releases_what_it_bound() -> None:
                 "127.0.0.1", udp_port=None, tcp_port=None, tls_port=0)
     finally:
         taken.close()
+
+
+def _kernel_max(name: str) -> int | None:
+    try:
+        with open(f"/proc/sys/net/core/{name}") as f:
+            return int(f.read())
+    except OSError:
+        return None
+
+
+@run_async
+async def test_udp_socket_buffers_are_raised_within_the_system_max() -> None:
+    rec = Recorder()
+    transports = await started(rec, udp_buffer_bytes=UDP_BUFFER_BYTES)
+    try:
+        rcvbuf, sndbuf = transports.udp_socket_buffers()
+        for got, limit in ((rcvbuf, _kernel_max("rmem_max")), (sndbuf, _kernel_max("wmem_max"))):
+            if limit is None:
+                continue
+            # Linux reports twice what it granted (bookkeeping overhead), capped by the max.
+            assert got >= 2 * min(UDP_BUFFER_BYTES, limit)
+    finally:
+        await transports.close()
+    assert transports.udp_socket_buffers() is None
+
+
+@run_async
+async def test_udp_burst_is_delivered_whole_and_in_order() -> None:
+    rec = Recorder()
+    transports = await started(rec)
+    dest = transports.addresses["UDP"]
+    burst = 300
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+            phone.bind(("127.0.0.1", 0))
+            # Sent back to back before the loop gets to read any: the socket buffer holds them
+            # and each wake-up of the reader takes several.
+            for n in range(burst):
+                phone.sendto(options(branch=f"z9hG4bKburst{n}", call_id=f"burst-{n}"), dest)
+            got = [(await rec.next())[0].call_id for _ in range(burst)]
+        assert got == [f"burst-{n}" for n in range(burst)]
+        assert rec.malformed.empty()
+    finally:
+        await transports.close()
+
+
+@run_async
+async def test_udp_send_to_an_unreachable_port_keeps_the_socket_serving() -> None:
+    rec = Recorder()
+    transports = await started(rec)
+    transport, peer = await udp_peer()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+            gone.bind(("127.0.0.1", 0))
+            dead = Source("UDP", "127.0.0.1", gone.getsockname()[1])
+        for _ in range(3):
+            transports.send(b"nobody listens", dead)  # ICMP port unreachable comes back
+        transport.sendto(options(call_id="after"), transports.addresses["UDP"])
+        message, source = await rec.next()
+        assert message.call_id == "after"
+        transports.send(b"pong", source)
+        data, _ = await asyncio.wait_for(peer.received.get(), WAIT)
+        assert data == b"pong"
+        assert rec.failed.empty()
+    finally:
+        transport.close()
+        await transports.close()

@@ -53,6 +53,9 @@ _COLUMNS = (
 _MAX_DELTA = 2**32 - 1
 _PRUNE_INTERVAL = 30.0
 _MAX_CONTACTS = 10
+# Rows per statement in the writer: one multi-row statement is one sqlite3_step, and every
+# step releases and re-takes the GIL, a hand-off the event loop thread then waits for.
+_ROWS_PER_STATEMENT = 500
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,8 @@ class BindingStore:
                 raise RuntimeError("binding store is closed")
             self._pending.update(writes)
             self._generation += 1
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _connect(self) -> sqlite_utils.Database:
         db = sqlite_utils.Database(sqlite3.connect(self.path, timeout=30.0))
@@ -301,10 +305,8 @@ class BindingStore:
     def _run(self) -> None:
         db = self._connect()
         conn = db.conn
-        upsert = (
-            f"INSERT OR REPLACE INTO {TABLE} ({', '.join(_COLUMNS)}) "
-            f"VALUES ({', '.join('?' * len(_COLUMNS))})"
-        )
+        row_marks = f"({', '.join('?' * len(_COLUMNS))})"
+        upsert = f"INSERT OR REPLACE INTO {TABLE} ({', '.join(_COLUMNS)}) VALUES "
         delete = f"DELETE FROM {TABLE} WHERE aor = ? AND contact = ?"
         stop = threading.Event()
         try:
@@ -323,8 +325,12 @@ class BindingStore:
                     with conn:
                         if gone:
                             conn.executemany(delete, gone)
-                        if rows:
-                            conn.executemany(upsert, rows)
+                        for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+                            chunk = rows[i:i + _ROWS_PER_STATEMENT]
+                            conn.execute(
+                                upsert + ", ".join([row_marks] * len(chunk)),
+                                [value for row in chunk for value in row],
+                            )
                     self.writes += len(batch)
                 with self._lock:
                     self._written_generation = generation

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from typing import Any
 from appliance.sip.guard import GuardVerdict
 from appliance.sip.source import Source
 from appliance.sip.transaction import (
+    DEFAULT_MAX_TRANSACTIONS,
     AckReceived,
     Event,
     RequestReceived,
@@ -36,6 +38,7 @@ from appliance.sip.transaction import (
     TransactionKey,
     TransactionLayer,
     TransactionTableFull,
+    TransactionTerminated,
     TransactionTimeout,
     Transmit,
     TransportFailed,
@@ -43,6 +46,7 @@ from appliance.sip.transaction import (
 from appliance.sip.transport import (
     DEFAULT_PORTS,
     STREAM_TRANSPORTS,
+    UDP_BUFFER_BYTES,
     SipTransports,
     response_destination,
     server_ssl_context,
@@ -72,6 +76,10 @@ DIALOG_METHODS = frozenset({"INVITE", "ACK", "CANCEL", "BYE", "UPDATE", "INFO", 
 _TAKEN = object()  # ``_answer``: the dialog hook took the request and answers it itself
 HOUSEKEEPING_PERIOD = 10.0
 """Seconds between prunes of the guard's tables and the registrar's expired bindings."""
+TIMER_GRANULARITY = 0.005
+"""Transaction timers are served on a 5 ms grid: under load thousands of timer J deadlines
+fall due each second, and one wake-up serves all those of its slot. The layer keeps its
+schedule exact regardless (it reschedules from each deadline, RFC 3261 §17)."""
 
 _HEADER_NAMES = {
     "via": "Via", "v": "Via", "from": "From", "f": "From", "to": "To", "t": "To",
@@ -133,6 +141,8 @@ class SipService:
         clock: Callable[[], float] = time.monotonic,
         idle_timeout: float = 300.0,
         max_connections: int = 4096,
+        max_transactions: int = DEFAULT_MAX_TRANSACTIONS,
+        udp_buffer_bytes: int = UDP_BUFFER_BYTES,
     ) -> None:
         sip = config.sip
         self.config = config
@@ -146,7 +156,7 @@ class SipService:
             max_line_bytes=sip.limits.max_line_bytes,
         )
         self.timers = TimerConfig(t1=sip.timers.t1, t2=sip.timers.t2, t4=sip.timers.t4)
-        self.layer = TransactionLayer(self.timers)
+        self.layer = TransactionLayer(self.timers, max_transactions=max_transactions)
         self.transports = SipTransports(
             on_message=self._on_message,
             on_malformed=self._on_malformed,
@@ -156,6 +166,7 @@ class SipService:
             idle_timeout=idle_timeout,
             max_connections=max_connections,
             clock=clock,
+            udp_buffer_bytes=udp_buffer_bytes,
         )
         self.stats: dict[str, int] = {
             "requests": 0, "responses": 0, "malformed": 0, "dropped": 0, "retransmissions": 0,
@@ -192,10 +203,13 @@ class SipService:
         clock: Callable[[], float] = time.monotonic,
         idle_timeout: float = 300.0,
         max_connections: int = 4096,
+        max_transactions: int = DEFAULT_MAX_TRANSACTIONS,
+        udp_buffer_bytes: int = UDP_BUFFER_BYTES,
     ) -> SipService:
         """Bind the listeners of ``config.sip`` and start answering."""
         service = cls(config, registrar=registrar, guard=guard, clock=clock,
-                      idle_timeout=idle_timeout, max_connections=max_connections)
+                      idle_timeout=idle_timeout, max_connections=max_connections,
+                      max_transactions=max_transactions, udp_buffer_bytes=udp_buffer_bytes)
         sip = config.sip
         context = None
         if sip.tls_port is not None:
@@ -315,13 +329,21 @@ class SipService:
 
     def _run(self, events: list[Event]) -> None:
         pending = list(events)
+        pending.reverse()  # popped from the end; events a dispatch adds go on in order
         while pending:
-            event = pending.pop(0)
-            if isinstance(event, Transmit):
-                destination = self._stream_destination(event)
-                if destination.transport in STREAM_TRANSPORTS and event.key is not None:
-                    self._sent_by[event.key] = destination
+            event = pending.pop()
+            kind = type(event)
+            if kind is Transmit:
+                destination = event.destination
+                if destination.transport in STREAM_TRANSPORTS:
+                    destination = self._stream_destination(event)
+                    if event.key is not None:
+                        self._sent_by[event.key] = destination
                 self.transports.send(event.data, destination)
+            elif kind is TransactionTerminated:
+                if self._sent_by:
+                    self._sent_by.pop(event.key, None)
+                self._notify(event)
             elif isinstance(event, RequestReceived):
                 if event.key is None:
                     # ACK for a 2xx outside any transaction: end to end, for the dialogs.
@@ -330,7 +352,7 @@ class SipService:
                         log.debug("event=sip_ack_absorbed call_id=%s",
                                   event.request.get("Call-ID"))
                     continue
-                pending[0:0] = self._dispatch(event.key, event.request, event.source)
+                pending.extend(reversed(self._dispatch(event.key, event.request, event.source)))
             elif isinstance(event, StrayResponse):
                 log.debug("event=sip_stray_response status=%s source=%s:%d",
                           event.response.status, event.source.host, event.source.port)
@@ -369,8 +391,6 @@ class SipService:
 
     def _dispatch(self, key: TransactionKey, request: SipMessage, source: Source) -> list[Event]:
         now = self.clock()
-        # Log fields are read with ``get``: a broken header must not stop the answer.
-        call_id = request.get("Call-ID")
         try:
             response = self._answer(key, request, source, now)
             if response is _TAKEN:
@@ -378,17 +398,20 @@ class SipService:
         except RemoteProtocolError as exc:
             response = self._error_response(request, exc.status, exc.reason, exc.headers)
         except Exception:
+            # Log fields are read with ``get``: a broken header must not stop the answer.
             log.exception("event=sip_internal_error method=%s call_id=%s",
-                          request.method, call_id)
+                          request.method, request.get("Call-ID"))
             response = self._error_response(request, 500, "Server Internal Error", ())
         if response is None:
             # Nothing can be built to answer with: end the transaction rather than leave it
             # open (an INVITE server transaction has no timer of its own in Proceeding).
             log.info("event=sip_unanswerable method=%s call_id=%s source=%s:%d",
-                     request.method, call_id, source.host, source.port)
+                     request.method, request.get("Call-ID"), source.host, source.port)
             return self.layer.abandon(key)
-        log.debug("event=sip_response method=%s status=%d call_id=%s source=%s:%d",
-                  request.method, response.status, call_id, source.host, source.port)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("event=sip_response method=%s status=%d call_id=%s source=%s:%d",
+                      request.method, response.status, request.get("Call-ID"), source.host,
+                      source.port)
         return self.layer.respond(key, response, now)
 
     @staticmethod
@@ -457,15 +480,17 @@ class SipService:
         if self._closed:
             return
         deadline = self.layer.next_timer()
-        if deadline == self._timer_at:
-            return
+        if deadline is None:
+            return  # a wake-up already armed finds nothing due and is not renewed
+        # Wake at the end of the deadline's slot of the timer grid.
+        wake = math.ceil(deadline / TIMER_GRANULARITY) * TIMER_GRANULARITY
+        if self._timer_at is not None and self._timer_at <= wake:
+            return  # an earlier (or the same) wake-up is armed; it reschedules after itself
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            delay = max(0.0, deadline - self.clock())
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._timer_at = wake
+        delay = max(0.0, wake - self.clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

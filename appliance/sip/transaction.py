@@ -14,18 +14,26 @@ Rules of this file:
   straight to Terminated, so retransmitted INVITEs and 2xx are absorbed or passed up correctly.
 * Timers that RFC 3261 sets to zero on reliable transports (D, I, J, K) fire at once, inside the
   call that armed them; retransmission timers (A, E, G) are never armed on reliable transports.
+* A non-INVITE server transaction that has sent its final response over UDP only waits for
+  timer J (§17.2.2): the layer keeps its key, response bytes and J deadline, not the machine.
+  Its inputs are still those of Figure 8's Completed row (retransmission -> the response again,
+  transport error, timer J).
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.sip.source import Source
-from media_core.sip import LocalProtocolError  # one class per kind of error across the stack
+
+# One class per kind of error across the stack.
+from media_core.sip import LocalProtocolError, parse_message
 
 MAGIC_COOKIE = "z9hG4bK"
 """RFC 3261 §8.1.1.7: branches that start with this were built by RFC 3261 clients."""
@@ -60,7 +68,14 @@ class TimerConfig:
             )
 
 
-class Kind(enum.Enum):
+class _Symbol(enum.Enum):
+    """An enum whose members hash by identity: the tables are looked up for every message, and
+    ``Enum.__hash__`` (a Python function) would cost more than the lookup itself."""
+
+    __hash__ = object.__hash__
+
+
+class Kind(_Symbol):
     """The four transaction machines of RFC 3261 §17.1.1, §17.1.2, §17.2.1, §17.2.2."""
 
     INVITE_CLIENT = "invite-client"
@@ -69,7 +84,7 @@ class Kind(enum.Enum):
     NON_INVITE_SERVER = "non-invite-server"
 
 
-class State(enum.Enum):
+class State(_Symbol):
     """Transaction states of RFC 3261 §17 (and Accepted from RFC 6026)."""
 
     CALLING = "calling"
@@ -81,7 +96,7 @@ class State(enum.Enum):
     TERMINATED = "terminated"
 
 
-class Timer(enum.Enum):
+class Timer(_Symbol):
     """The transaction timers of RFC 3261 Table 4, RFC 6026 and the §17.2.1 100 Trying."""
 
     A = "A"
@@ -99,7 +114,7 @@ class Timer(enum.Enum):
     TRYING = "100"  # §17.2.1 automatic 100 Trying
 
 
-class Input(enum.Enum):
+class Input(_Symbol):
     """What can happen to a transaction: network input, transaction-user input, timers."""
 
     REQUEST = "request"  # server: retransmission of the request
@@ -126,7 +141,7 @@ class Input(enum.Enum):
     TIMER_TRYING = "timer-100"
 
 
-class Action(enum.Enum):
+class Action(_Symbol):
     """What a transition does, in order, before it enters its next state."""
 
     SEND_REQUEST = "send-request"  # (re)transmit the request
@@ -327,7 +342,7 @@ _TIMER_RANK = {t: (0 if t in {Timer.B, Timer.F, Timer.H} else 1) for t in Timer}
 # Events
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TransactionKey:
     """Identifies one transaction inside a ``TransactionLayer`` (RFC 3261 §17.1.3, §17.2.3)."""
 
@@ -341,6 +356,17 @@ class TransactionKey:
     """Top Via sent-by ``host:port`` (server side, RFC 3261 branches only)."""
     legacy: tuple[str, ...] = ()
     """RFC 2543 fallback fields: Request-URI, From tag, Call-ID, CSeq number, To tag, Via."""
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Keys are hashed several times per message (live table, completed table, heap):
+        # hash the fields once.
+        object.__setattr__(
+            self, "_hash", hash((self.server, self.method, self.branch, self.sent_by, self.legacy))
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True)
@@ -566,6 +592,8 @@ class Transaction:
 
     def _run_due(self, now: float, events: list[Event]) -> None:
         while self.state is not State.TERMINATED and self._timers:
+            if min(self._timers.values()) > now:
+                return  # the common case, decided without building the sort keys below
             timer, deadline = min(
                 self._timers.items(), key=lambda item: (item[1], _TIMER_RANK[item[0]])
             )
@@ -664,6 +692,9 @@ class Transaction:
 # --------------------------------------------------------------------------------------------
 # The layer
 
+DEFAULT_MAX_TRANSACTIONS = 200_000
+"""Room for 5,000 non-INVITE requests/s held for timer J (64*T1 = 32 s) plus live ones."""
+
 
 def _sent_by(message: Message) -> str:
     via = message.top_via
@@ -707,12 +738,14 @@ class TransactionLayer:
         self,
         config: TimerConfig | None = None,
         *,
-        max_transactions: int = 100_000,
+        max_transactions: int = DEFAULT_MAX_TRANSACTIONS,
         build_ack: Callable[[Message, Message], Message] = default_ack,
         build_trying: Callable[[Message], Message] = default_trying,
     ) -> None:
         self.config = config or TimerConfig()
         self.max_transactions = max_transactions
+        """Transactions held at most, live and completed alike; a new one beyond it is
+        refused with ``TransactionTableFull``."""
         self._build_ack = build_ack
         self._build_trying = build_trying
         self._transactions: dict[TransactionKey, Transaction] = {}
@@ -720,15 +753,29 @@ class TransactionLayer:
         self._acks: dict[tuple[str, ...], TransactionKey] = {}
         self._heap: list[tuple[float, int, TransactionKey]] = []
         self._seq = 0
+        # Non-INVITE server transactions in Completed over UDP (§17.2.2) only absorb
+        # retransmissions until timer J: they are kept as key -> (J deadline, final response
+        # bytes, destination), swept in deadline order, instead of as whole machines.
+        self._completed: dict[TransactionKey, tuple[float, bytes, Source]] = {}
+        self._expiries: deque[tuple[float, int, TransactionKey]] = deque()
 
     def __len__(self) -> int:
-        return len(self._transactions)
+        return len(self._transactions) + len(self._completed)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._transactions
+        return key in self._transactions or key in self._completed
+
+    @property
+    def completed(self) -> int:
+        """Non-INVITE server transactions held compactly in Completed (part of ``len``)."""
+        return len(self._completed)
 
     def get(self, key: TransactionKey) -> Transaction | None:
-        """The live transaction with this key, if any."""
+        """The live transaction with this key, if any.
+
+        None also for a non-INVITE server transaction over UDP that has sent its final
+        response: it only keeps those bytes until timer J (``key in layer`` is still True).
+        """
         return self._transactions.get(key)
 
     # -- network side ------------------------------------------------------------------------
@@ -753,8 +800,14 @@ class TransactionLayer:
         tx = self._transactions.get(key)
         if tx is not None:
             return self._feed(tx, Input.REQUEST, now, request)
-        if len(self._transactions) >= self.max_transactions:
-            raise TransactionTableFull(f"{len(self._transactions)} transactions open")
+        held = self._completed.get(key)
+        if held is not None:
+            # §17.2.2 Completed: the retransmitted request gets the final response again and
+            # the transaction user is not told (Figure 8, the table's (COMPLETED, REQUEST)).
+            _, data, destination = held
+            return [Transmit(key, parse_message(data), data, destination, True)]
+        if len(self._transactions) + len(self._completed) >= self.max_transactions:
+            raise TransactionTableFull(f"{len(self)} transactions held")
         kind = Kind.INVITE_SERVER if request.method == "INVITE" else Kind.NON_INVITE_SERVER
         tx = Transaction(
             kind, key, request, reply_to or source, self.config,
@@ -779,6 +832,9 @@ class TransactionLayer:
         """The transport could not deliver a message of this transaction."""
         tx = self._transactions.get(key)
         if tx is None:
+            if self._completed.pop(key, None) is not None:
+                # (COMPLETED, TRANSPORT_ERROR) of Figure 8.
+                return [TransportFailed(key), TransactionTerminated(key)]
             return []
         return self._feed(tx, Input.TRANSPORT_ERROR, now, None)
 
@@ -809,6 +865,11 @@ class TransactionLayer:
         """Send the transaction user's response through server transaction ``key``."""
         tx = self._transactions.get(key)
         if tx is None or not tx.is_server:
+            if key in self._completed:
+                raise LocalProtocolError(
+                    f"non-invite-server transaction in state completed cannot take "
+                    f"{_classify(response.status, server=True).value}"
+                )
             raise LocalProtocolError(f"no server transaction {key}")
         events = self._feed(tx, _classify(response.status, server=True), now, response)
         if not key.branch and tx.kind is Kind.INVITE_SERVER and key in self._transactions:
@@ -821,6 +882,8 @@ class TransactionLayer:
     def abandon(self, key: TransactionKey) -> list[Event]:
         """Drop a server transaction the transaction user cannot answer at all."""
         tx = self._transactions.get(key)
+        if tx is None and self._completed.pop(key, None) is not None:
+            return [TransactionTerminated(key)]
         if tx is None or not tx.is_server:
             raise LocalProtocolError(f"no server transaction {key}")
         tx.abandon()
@@ -841,26 +904,53 @@ class TransactionLayer:
 
     def next_timer(self) -> float | None:
         """The instant at which ``handle_timer`` must next run, or None."""
-        while self._heap:
-            deadline, _, key = self._heap[0]
-            tx = self._transactions.get(key)
-            if tx is not None and tx.next_timer() == deadline:
-                return deadline
-            heapq.heappop(self._heap)  # stale: the transaction moved on or ended
-        return None
+        live = self._next_live()
+        held = self._next_completed()
+        if held is None or (live is not None and live < held):
+            return live
+        return held
 
     def handle_timer(self, now: float) -> list[Event]:
-        """Fire every transaction timer due at ``now``."""
+        """Fire every transaction timer due at ``now``, earliest first."""
         events: list[Event] = []
+        completed = self._completed
+        expiries = self._expiries
         while True:
-            deadline = self.next_timer()
-            if deadline is None or deadline > now:
+            live = self._next_live()
+            held = self._next_completed()
+            if held is not None and held <= now and (live is None or held <= live):
+                # Timer J of a compactly held transaction: (COMPLETED, TIMER_J) -> Terminated.
+                _, _, key = expiries.popleft()
+                del completed[key]
+                events.append(TransactionTerminated(key))
+                continue
+            if live is None or live > now:
                 return events
             _, _, key = heapq.heappop(self._heap)
             tx = self._transactions[key]
             produced = tx.handle_timer(now)
             self._after(tx, produced)
             events += produced
+
+    def _next_live(self) -> float | None:
+        heap = self._heap
+        while heap:
+            deadline, _, key = heap[0]
+            tx = self._transactions.get(key)
+            if tx is not None and tx.next_timer() == deadline:
+                return deadline
+            heapq.heappop(heap)  # stale: the transaction moved on or ended
+        return None
+
+    def _next_completed(self) -> float | None:
+        expiries = self._expiries
+        while expiries:
+            deadline, _, key = expiries[0]
+            held = self._completed.get(key)
+            if held is not None and held[0] == deadline:
+                return deadline
+            expiries.popleft()  # stale: ended early (transport error, abandon)
+        return None
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -872,13 +962,33 @@ class TransactionLayer:
         return events
 
     def _after(self, tx: Transaction, events: list[Event]) -> None:
-        if tx.state is State.TERMINATED:
+        state = tx.state
+        if state is State.TERMINATED:
             self._transactions.pop(tx.key, None)
             if tx.ack_fields is not None:
                 self._acks.pop(tx.ack_fields, None)
+            return
+        if state is State.COMPLETED and tx.kind is Kind.NON_INVITE_SERVER:
+            self._hold_completed(tx)
             return
         deadline = tx.next_timer()
         if deadline is not None and deadline != tx.queued_at:
             tx.queued_at = deadline
             self._seq += 1
             heapq.heappush(self._heap, (deadline, self._seq, tx.key))
+
+    def _hold_completed(self, tx: Transaction) -> None:
+        # Only timer J is left (§17.2.2): keep the response bytes and the deadline, drop the
+        # machine. On reliable transports J is zero and the transaction has already ended.
+        deadline = tx.next_timer()
+        assert deadline is not None and tx.last_response is not None
+        key = tx.key
+        del self._transactions[key]
+        self._completed[key] = (deadline, tx._response_bytes, tx.peer)
+        self._seq += 1
+        entry = (deadline, self._seq, key)
+        expiries = self._expiries
+        if not expiries or expiries[-1][0] <= deadline:
+            expiries.append(entry)  # the usual case: J has one length, ``now`` only grows
+        else:
+            bisect.insort(expiries, entry, key=lambda e: (e[0], e[1]))

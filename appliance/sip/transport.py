@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,6 @@ from media_core.sip import (
     SipMessage,
     StreamFramer,
     parse_message,
-    parse_via,
 )
 
 __all__ = [
@@ -45,7 +46,16 @@ log = logging.getLogger("edgecc.sip.transport")
 
 STREAM_TRANSPORTS = frozenset({"TCP", "TLS"})
 DEFAULT_PORTS = {"UDP": 5060, "TCP": 5060, "TLS": 5061}
+UDP_BUFFER_BYTES = 4 * 1024 * 1024
+"""SO_RCVBUF/SO_SNDBUF asked for on the UDP socket (the kernel caps it at its rmem/wmem_max):
+a registration storm arrives in bursts, and a datagram dropped by a full buffer costs the phone
+a 500 ms retransmission (RFC 3261 Timer E)."""
 _CRLF = b"\r\n"
+_KEEPALIVE_BYTES = b"\r\n \t\0"
+_RECV_BATCH = 64  # datagrams read per wake-up before the loop serves anything else
+_MAX_DATAGRAM = 65536
+_SEND_BACKLOG_BYTES = 4 * 1024 * 1024  # queued while the socket is full; beyond it, dropped
+_MAX_SOURCES = 4096  # cached Source objects (one per peer address)
 
 OnMessage = Callable[[SipMessage, Source], None]
 OnMalformed = Callable[[bytes, RemoteProtocolError, Source], None]
@@ -67,13 +77,11 @@ def stamp_via(message: SipMessage, source: Source) -> None:
     RFC 3581 §4: when the client asked with an empty ``rport``, set ``rport`` to the source
     port and always add ``received``. Raises ``RemoteProtocolError`` for a missing Via.
     """
-    vias = message.get_all("Via")
-    if not vias:
-        raise RemoteProtocolError(400, "Missing Via", droppable=True)
-    via = parse_via(vias[0])
+    via = message.top_via  # parsed once, kept by the message for the layers after this one
     asked_rport = via.rport is not None
     if not asked_rport and via.host.strip("[]").lower() == source.host.lower():
         return
+    vias = message.get_all("Via")
     params = dict(via.params)
     params["received"] = source.host
     if asked_rport:
@@ -106,29 +114,109 @@ def _peer(transport: asyncio.BaseTransport) -> tuple[str, int]:
     return str(addr[0]), int(addr[1])
 
 
-class _Datagrams(asyncio.DatagramProtocol):
-    def __init__(self, owner: SipTransports) -> None:
+class _Datagrams:
+    """The UDP socket, read straight from the event loop's selector.
+
+    Each wake-up reads up to ``_RECV_BATCH`` datagrams (asyncio's datagram transport reads one
+    per loop iteration), and sends go to the socket at once, queued only while it is full.
+    """
+
+    def __init__(self, owner: SipTransports, sock: socket.socket) -> None:
         self.owner = owner
-        self.transport: asyncio.DatagramTransport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.closed = self.loop.create_future()
+        self._sources: dict[Any, Source] = {}
+        self._backlog: deque[tuple[bytes, tuple[str, int]]] = deque()
+        self._backlog_bytes = 0
+        self.loop.add_reader(sock.fileno(), self._read_ready)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def _read_ready(self) -> None:
+        recvfrom = self.sock.recvfrom
+        sources = self._sources
+        deliver = self.owner.deliver_datagram
+        for _ in range(_RECV_BATCH):
+            try:
+                data, addr = recvfrom(_MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # ICMP errors for earlier sends (e.g. port unreachable); the socket stays usable.
+                log.debug("event=sip_udp_error error=%s", exc.__class__.__name__)
+                continue
+            source = sources.get(addr)
+            if source is None:
+                if len(sources) >= _MAX_SOURCES:
+                    sources.clear()
+                source = sources[addr] = Source("UDP", str(addr[0]), int(addr[1]))
+            # RFC 5626 §3.5.1 keep-alives belong to streams; phones still send bare CRLFs on UDP.
+            if data[:1] in _KEEPALIVE_BYTES and not data.strip(_KEEPALIVE_BYTES):
+                continue
+            deliver(data, source)
+            if self.sock.fileno() < 0:
+                return  # closed by what the message caused
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._backlog:
+            self._queue(data, addr)
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self._queue(data, addr)
+            self.loop.add_writer(self.sock.fileno(), self._write_ready)
+        except OSError as exc:
+            log.debug("event=sip_udp_error error=%s", exc.__class__.__name__)
+
+    def _queue(self, data: bytes, addr: tuple[str, int]) -> None:
+        # UDP may lose a datagram; what matters is that the queue stays bounded (the
+        # transaction layer retransmits what needs to arrive, RFC 3261 §17).
+        if self._backlog_bytes + len(data) > _SEND_BACKLOG_BYTES:
+            log.debug("event=sip_udp_send_dropped bytes=%d", len(data))
+            return
+        self._backlog.append((data, addr))
+        self._backlog_bytes += len(data)
+
+    def _write_ready(self) -> None:
+        while self._backlog:
+            data, addr = self._backlog[0]
+            try:
+                self.sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("event=sip_udp_error error=%s", exc.__class__.__name__)
+            self._backlog.popleft()
+            self._backlog_bytes -= len(data)
+        self.loop.remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+        self._backlog.clear()
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        source = Source("UDP", str(addr[0]), int(addr[1]))
-        # RFC 5626 §3.5.1 keep-alives belong to streams; phones still send bare CRLFs on UDP.
-        if not data.strip(b"\r\n \t\0"):
-            return
-        self.owner.deliver_datagram(data, source)
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for earlier sends (e.g. port unreachable); the socket stays usable.
-        log.debug("event=sip_udp_error error=%s", exc.__class__.__name__)
+async def _udp_socket(bind: str, port: int, buffer_bytes: int) -> socket.socket:
+    """A bound, non-blocking UDP socket with large kernel buffers (IPv4 or IPv6)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        bind, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP
+    )
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class _Stream(asyncio.Protocol):
@@ -233,6 +321,7 @@ class SipTransports:
         max_connections: int = 4096,
         client_ssl: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
+        udp_buffer_bytes: int = UDP_BUFFER_BYTES,
     ) -> None:
         self.on_message = on_message
         self.on_malformed = on_malformed
@@ -243,9 +332,10 @@ class SipTransports:
         self.max_connections = max_connections
         self.client_ssl = client_ssl
         self.clock = clock
+        self.udp_buffer_bytes = udp_buffer_bytes
         self.addresses: dict[str, tuple[str, int]] = {}
         """Bound address per transport name, ports resolved (``{"UDP": ("127.0.0.1", 5060)}``)."""
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: _Datagrams | None = None
         self._udp_closed: asyncio.Future[None] | None = None
         self._servers: list[asyncio.base_events.Server] = []
         self._streams: dict[Source, _Stream] = {}
@@ -265,15 +355,15 @@ class SipTransports:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """Bind the listeners; ``None`` leaves a transport off, ``0`` takes a free port."""
-        loop = asyncio.get_running_loop()
         try:
             if udp_port is not None:
-                transport, protocol = await loop.create_datagram_endpoint(
-                    lambda: _Datagrams(self), local_addr=(bind, udp_port)
-                )
-                self._udp = transport
-                self._udp_closed = protocol.closed
-                self.addresses["UDP"] = _local(transport)
+                sock = await _udp_socket(bind, udp_port, self.udp_buffer_bytes)
+                self._udp = _Datagrams(self, sock)
+                self._udp_closed = self._udp.closed
+                self.addresses["UDP"] = _local(sock)
+                log.info("event=sip_udp_buffers rcvbuf=%d sndbuf=%d",
+                         sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                         sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
             if tcp_port is not None:
                 await self._listen("TCP", bind, tcp_port, None)
             if tls_port is not None:
@@ -365,6 +455,14 @@ class SipTransports:
         stream = self._streams.get(destination)
         return stream is not None and stream.transport is not None and (
             not stream.transport.is_closing())
+
+    def udp_socket_buffers(self) -> tuple[int, int] | None:
+        """(SO_RCVBUF, SO_SNDBUF) of the UDP socket as the kernel reports them, or None."""
+        if self._udp is None or self._udp.sock.fileno() < 0:
+            return None
+        sock = self._udp.sock
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
     def connection_count(self, transport: str | None = None) -> int:
         """Open stream connections (of one transport, or all)."""
