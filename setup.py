@@ -66,10 +66,12 @@ setup(
         "grpcio-reflection>=1.85.1",
         "protobuf>=7.35.1",
         "psycopg[binary]>=3.1",
+        "websockets>=13",
     ],
     extras_require={
         "test": [
             "grpcio-tools>=1.85.1",
+            "schemathesis>=4.0",
             "pytest>=8.0",
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",

@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--site-dir", type=Path, required=True, help="directory of the site")
     doctor.set_defaults(handler=_cmd_doctor)
 
+    from appliance.api.cli import add_parser as add_users_parser
     from appliance.reporting.cli import add_wfm_parser
+
+    add_users_parser(commands)
 
     add_wfm_parser(commands)
 

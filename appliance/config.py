@@ -372,6 +372,77 @@ class StorageConfig(_Model):
     """The site's SQLite database."""
     site_key: SitePath = Path("site.key")
     """32 random bytes that wrap the per-recording encryption keys."""
+    recordings: SitePath = Path("recordings")
+    """Directory of the encrypted call recordings."""
+
+
+def _flows_value(value: Any) -> Any:
+    if isinstance(value, str | dict):
+        return value
+    raise ValueError(
+        "expected a mapping of flow names to flows, or the name of a flow file, "
+        f"got {_describe(value)}")
+
+
+def _optional_site_path(value: Any, info: ValidationInfo) -> Any:
+    return None if value is None else _site_path(value, info)
+
+
+QUEUE_STRATEGIES = (
+    "ring-all", "linear", "longest-idle", "fewest-calls", "least-talk-time",
+    "round-robin-with-memory", "random", "weighted-random",
+)
+"""ACD strategies (docs/acd.md, "Strategies")."""
+
+QueueName = Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+
+class IvrConfig(_Model):
+    """IVR flows and which dialled number (DID) starts which flow (docs/ivr.md, docs/calls.md)."""
+
+    flows: Annotated[StrictStr | dict[StrictStr, Any], BeforeValidator(_flows_value)] = Field(
+        default_factory=dict)
+    """The flows inline (a mapping of flow names to flows), or a flow file relative to the site
+    directory. Checked whole when the appliance starts."""
+    prompts: Annotated[Path | None, BeforeValidator(_optional_site_path)] = None
+    """Directory of prompt WAV files (mono 16-bit, 8 or 16 kHz); None: the shipped prompts."""
+    dids: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    """Dialled number (the user part of the trunk INVITE's Request-URI) -> flow name. A call to
+    any other number is answered 404."""
+
+    @field_validator("dids")
+    @classmethod
+    def _dial_strings(cls, value: dict[str, str]) -> dict[str, str]:
+        for did in value:
+            if not re.fullmatch(r"\+?[0-9A-Za-z._-]{1,64}", did):
+                raise ValueError(f"expected a dialled number such as '+15550100', got {did!r}")
+        return value
+
+
+class QueueSettings(_Model):
+    """One ACD queue (docs/acd.md)."""
+
+    name: QueueName
+    """Name used by IVR ``queue`` nodes and in queue events."""
+    members: tuple[StrictStr, ...] = ()
+    """Agents (SIP account users) who take this queue's calls, in member order."""
+    strategy: StrictStr = "longest-idle"
+    """How the agent is picked: one of QUEUE_STRATEGIES."""
+    ring_timeout: Seconds = 15.0
+    """Seconds an agent's phone rings before the call goes to the next agent."""
+    wrap_up: Annotated[StrictFloat | StrictInt, Field(ge=0)] = 0.0
+    """Seconds after a call before the agent is offered another."""
+    max_wait: Seconds | None = None
+    """Seconds a caller may wait; None: no limit."""
+    record: StrictBool = True
+    """Record the queue's answered calls (stereo, encrypted at rest)."""
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in QUEUE_STRATEGIES:
+            raise ValueError(f"expected one of {', '.join(QUEUE_STRATEGIES)}, got {value!r}")
+        return value
 
 
 class SiteConfig(_Model):
@@ -384,6 +455,8 @@ class SiteConfig(_Model):
     http: HttpConfig = _section()
     media: MediaConfig = _section()
     storage: StorageConfig = _section()
+    ivr: IvrConfig = _section()
+    queues: tuple[QueueSettings, ...] = ()
 
     _site_dir: Path | None = PrivateAttr(default=None)
 
@@ -404,6 +477,26 @@ class SiteConfig(_Model):
             raise _KeyedValueError(
                 ("http", "port"), f"expected a port not used by SIP TCP/TLS, got {self.http.port}"
             )
+        users = self.sip.accounts_by_user
+        names: dict[str, int] = {}
+        for index, queue in enumerate(self.queues):
+            if queue.name in names:
+                raise _KeyedValueError(
+                    ("queues", index, "name"),
+                    f"expected a unique queue name, {queue.name!r} is already "
+                    f"queues[{names[queue.name]}]",
+                )
+            names[queue.name] = index
+            for position, member in enumerate(queue.members):
+                if member not in users:
+                    raise _KeyedValueError(
+                        ("queues", index, "members", position),
+                        f"expected the user of a sip.accounts entry, got {member!r}",
+                    )
+            if len(set(queue.members)) != len(queue.members):
+                raise _KeyedValueError(
+                    ("queues", index, "members"), "expected each agent once per queue"
+                )
         return self
 
     @property

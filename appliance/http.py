@@ -1,7 +1,9 @@
 """The appliance's HTTP API: FastAPI served by uvicorn inside the appliance's own event loop.
 
-Only ``GET /health`` and FastAPI's ``/openapi.json`` (and ``/docs``) exist so far. uvicorn's
-signal handling is switched off: the appliance owns SIGTERM/SIGINT and stops the server itself.
+``GET /health`` (no login) and FastAPI's ``/openapi.json`` (and ``/docs``), plus, when an
+``ApiContext`` is given, the ``/api`` routes and the ``/api/events`` WebSocket (docs/api.md).
+uvicorn's signal handling is switched off: the appliance owns SIGTERM/SIGINT and stops the server
+itself.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import os
 import socket
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
 from appliance.log import kv
+
+if TYPE_CHECKING:
+    from appliance.api import ApiContext
 
 log = logging.getLogger("edgecc.http")
 
@@ -55,9 +60,13 @@ class HealthSource:
     uptime_s: Callable[[], float]
 
 
-def build_http_app(health: HealthSource) -> FastAPI:
-    """The FastAPI application of the appliance."""
+def build_http_app(health: HealthSource, api: ApiContext | None = None) -> FastAPI:
+    """The FastAPI application of the appliance; with ``api``, the ``/api`` routes too."""
     app = FastAPI(title="edgecc appliance", version="0.1.0")
+    if api is not None:
+        from appliance.api import install_api
+
+        install_api(app, api)
 
     @app.get("/health", response_model=Health, summary="Liveness and bound addresses")
     async def get_health() -> Health:

@@ -97,6 +97,8 @@ def render_site_yaml(spec: SiteSpec, passwords: dict[str, str]) -> str:
     data["trunk"] = {"allowed_sources": list(spec.trunk_sources)}
     data["http"] = {"bind": spec.http_bind, "port": spec.http_port}
     data["media"] = {"rtp_ports": f"{spec.rtp_ports[0]}-{spec.rtp_ports[1]}"}
+    if passwords:
+        data["ivr"], data["queues"] = starter_call_path(list(passwords))
     header = (
         f"# edgecc site configuration for {spec.site_id!r}, made by `edgecc init`.\n"
         "# Every key is described in docs/config.md. Paths are relative to this directory.\n"
@@ -106,6 +108,36 @@ def render_site_yaml(spec: SiteSpec, passwords: dict[str, str]) -> str:
         data, Dumper=_IndentedDumper, sort_keys=False, default_flow_style=False, width=100
     )
     return header + body
+
+
+DEMO_DID = "+15550100"
+"""The number the starter flow answers (the user part of the trunk's Request-URI)."""
+
+
+def starter_call_path(agents: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ``ivr`` and ``queues`` sections of a new site: one DID, a flow that welcomes the
+    caller and sends "1" to the queue ``support``, and that queue with every agent."""
+    ivr = {
+        "dids": {DEMO_DID: "main"},
+        "flows": {
+            "main": {
+                "start": "welcome",
+                "nodes": {
+                    "welcome": {
+                        "type": "menu", "prompt": "welcome", "options": {"1": "support"},
+                        "timeout": 5, "retries": 3, "invalid_prompt": "invalid",
+                        "timeout_prompt": "no_input", "on_failure": "goodbye",
+                    },
+                    "support": {"type": "queue", "queue": "support"},
+                    "goodbye": {"type": "play", "prompt": "goodbye", "next": "bye"},
+                    "bye": {"type": "hangup"},
+                },
+            },
+        },
+    }
+    queues = [{"name": "support", "members": agents, "strategy": "longest-idle",
+               "ring_timeout": 15.0, "wrap_up": 0.0, "record": True}]
+    return ivr, queues
 
 
 class _IndentedDumper(yaml.SafeDumper):

@@ -149,6 +149,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX api_tokens_user_id ON api_tokens (user_id)",
         ),
     ),
+    Migration(
+        4,
+        "call records",
+        (
+            # One row per call, written with its queue events and call.record event in one
+            # transaction (docs/calls.md). Times are seconds since the epoch; legs is JSON.
+            """CREATE TABLE call_records (
+                call_id TEXT PRIMARY KEY,
+                sip_call_id TEXT NOT NULL,
+                caller TEXT,
+                dialled TEXT,
+                flow TEXT,
+                queue TEXT,
+                agent TEXT,
+                started_at REAL NOT NULL,
+                offered_at REAL,
+                answered_at REAL,
+                ended_at REAL NOT NULL,
+                end_reason TEXT NOT NULL,
+                end_code INTEGER,
+                recording_id TEXT,
+                ivr_trace TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(ivr_trace)),
+                legs TEXT NOT NULL CHECK (json_valid(legs))
+            )""",
+            "CREATE INDEX call_records_started_at ON call_records (started_at)",
+            "CREATE INDEX call_records_agent ON call_records (agent, started_at)",
+        ),
+    ),
 )
 
 _BUSY_TIMEOUT_S = 10.0

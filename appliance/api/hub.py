@@ -1,0 +1,129 @@
+"""An in-process publish/subscribe hub for live events (queue, agent, call, health).
+
+Parts of the appliance publish on the event loop; each WebSocket client holds a subscription
+with a bounded queue. A subscriber too slow to keep up is cut off rather than let its queue grow:
+it gets ``overflowed`` and the WebSocket ends it, so one stuck browser never costs memory.
+Events are serialised to JSON once, when published, and shared by every subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.api.users import Role
+
+DEFAULT_QUEUE_LIMIT = 1000
+TOPIC_MAX_CHARS = 64
+
+
+@dataclass(frozen=True)
+class HubEvent:
+    """One published event."""
+
+    seq: int
+    """Position in the hub's stream since start, from 1."""
+    topic: str
+    """What it is about: ``queue``, ``agent``, ``call``, ``health`` ..."""
+    at: float
+    """Unix time of publication."""
+    audience: Role
+    """Lowest role that receives it."""
+    message: str
+    """The JSON text sent to WebSocket clients (``type``, ``seq``, ``topic``, ``at``,
+    ``data``)."""
+
+
+class Subscription:
+    """One subscriber's bounded queue of events; get them with :meth:`get`."""
+
+    def __init__(self, hub: Hub, role: Role, limit: int) -> None:
+        self.role = role
+        """Events whose audience is above this role are not delivered."""
+        self.overflowed = False
+        """True once an event was lost because the queue was full; then nothing more comes."""
+        self._hub = hub
+        self._queue: asyncio.Queue[HubEvent] = asyncio.Queue(limit)
+
+    def _offer(self, event: HubEvent) -> None:
+        if self.overflowed or not self.role.allows(event.audience):
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self._hub.unsubscribe(self)
+
+    async def get(self, timeout: float) -> HubEvent | None:
+        """The next event, or None when none came within ``timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def pending(self) -> int:
+        """Events queued and not yet taken."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        """Stop receiving events."""
+        self._hub.unsubscribe(self)
+
+
+class Hub:
+    """Publish events to every subscriber; call :meth:`publish` on the event loop's thread
+    (from another thread use :meth:`publish_threadsafe`)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time,
+                 queue_limit: int = DEFAULT_QUEUE_LIMIT) -> None:
+        self._clock = clock
+        self._limit = queue_limit
+        self._subscribers: set[Subscription] = set()
+        self._seq = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def subscribers(self) -> int:
+        """Current number of subscriptions."""
+        return len(self._subscribers)
+
+    def subscribe(self, role: Role) -> Subscription:
+        """A new subscription receiving events meant for ``role``; call on the loop."""
+        self._loop = asyncio.get_running_loop()
+        subscription = Subscription(self, role, self._limit)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Stop delivering to ``subscription`` (no error if already gone)."""
+        self._subscribers.discard(subscription)
+
+    def publish(self, topic: str, data: Mapping[str, Any], *,
+                audience: Role = Role.AGENT) -> HubEvent:
+        """Deliver an event to every subscriber whose role reaches ``audience``.
+
+        ``data`` must be JSON-serialisable (TypeError/ValueError otherwise, nothing sent)."""
+        if not topic or len(topic) > TOPIC_MAX_CHARS:
+            raise ValueError(f"topic must be 1 to {TOPIC_MAX_CHARS} characters, got {topic!r}")
+        at = self._clock()
+        message = json.dumps({"type": "event", "seq": self._seq + 1, "topic": topic, "at": at,
+                              "data": data}, allow_nan=False, separators=(",", ":"))
+        self._seq += 1
+        event = HubEvent(self._seq, topic, at, audience, message)
+        for subscription in list(self._subscribers):
+            subscription._offer(event)
+        return event
+
+    def publish_threadsafe(self, topic: str, data: Mapping[str, Any], *,
+                           audience: Role = Role.AGENT) -> None:
+        """:meth:`publish` from a thread other than the loop's (dropped when nobody has
+        subscribed yet, since then there is no loop and nobody to tell)."""
+        json.dumps(data, allow_nan=False)  # bad data fails here, in the caller's thread
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(lambda: self.publish(topic, data, audience=audience))

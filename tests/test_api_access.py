@@ -1,0 +1,140 @@
+"""Every /api endpoint with every kind of caller: no token, an expired token, a revoked token,
+and a token of each role. Roles are ordered agent < supervisor < admin."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_api_server import ApiServer
+
+from appliance.api import Role
+
+# (method, path, lowest role allowed, status when allowed)
+ENDPOINTS = [
+    ("GET", "/api/me", Role.AGENT, 200),
+    ("GET", "/api/wfm/staff?calls=100&aht=180&interval=1800&sl=0.8&threshold=20", Role.AGENT,
+     200),
+    ("GET", "/api/kpi/live", Role.SUPERVISOR, 200),
+    ("GET", "/api/config/accounts", Role.ADMIN, 200),
+    ("GET", "/api/audit?limit=5", Role.ADMIN, 200),
+    ("POST", "/api/logout", Role.AGENT, 204),
+]
+CALLERS = ["none", "expired", "revoked", "agent", "supervisor", "admin"]
+NAMES = {Role.AGENT: "alex", Role.SUPERVISOR: "sam", Role.ADMIN: "ada"}
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    server = ApiServer(Path(tmp_path_factory.mktemp("site")))
+    try:
+        for role, name in NAMES.items():
+            server.add(name, role)
+        # Real logins, one per role (TOTP for admin and supervisor).
+        server.tokens = {role: server.token(name) for role, name in NAMES.items()}
+        yield server
+    finally:
+        server.close()
+
+
+def _token_for(api: ApiServer, caller: str, method: str) -> str | None:
+    if caller == "none":
+        return None
+    if caller == "expired":
+        account = api.accounts["alex"]
+        token, _ = api.users.issue_token(
+            account.user_id, now=api.clock() - api.users.policy.token_ttl - 1)
+        return token
+    if caller == "revoked":
+        token, _ = api.users.issue_token(api.accounts["ada"].user_id)
+        assert api.request("POST", "/api/logout", token=token).status == 204
+        return token
+    role = Role(caller)
+    if method == "POST":  # logout ends the session: give it one of its own
+        return api.users.issue_token(api.accounts[NAMES[role]].user_id)[0]
+    return api.tokens[role]
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize(("method", "path", "needed", "ok"), ENDPOINTS,
+                         ids=[f"{m} {p.split('?')[0]}" for m, p, _, _ in ENDPOINTS])
+def test_access(api: ApiServer, method: str, path: str, needed: Role, ok: int,
+                caller: str) -> None:
+    token = _token_for(api, caller, method)
+    reply = api.request(method, path, token=token)
+    if caller in ("none", "expired", "revoked"):
+        assert reply.status == 401, reply.body
+        assert reply.headers["www-authenticate"].startswith("Bearer")
+        assert set(reply.body) == {"error", "field"}
+    elif Role(caller).allows(needed):
+        assert reply.status == ok, reply.body
+    else:
+        assert reply.status == 403, reply.body
+        assert reply.body["error"].startswith(f"this needs the {needed.value} role")
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_each_role_logs_in_and_sees_itself(api: ApiServer, role: Role) -> None:
+    me = api.request("GET", "/api/me", token=api.tokens[role])
+    assert me.status == 200
+    assert me.body["name"] == NAMES[role] and me.body["role"] == role.value
+    assert me.body["two_factor"] is role.needs_two_factor
+    assert me.body["token_expires_at"] == pytest.approx(
+        api.clock() + api.users.policy.token_ttl, abs=5)
+
+
+def test_a_token_is_no_substitute_for_credentials_at_login(api: ApiServer) -> None:
+    reply = api.request("POST", "/api/login", token=api.tokens[Role.ADMIN])
+    assert reply.status == 422 and reply.body["field"] == "body"
+
+
+def test_accounts_never_show_secrets(api: ApiServer) -> None:
+    reply = api.request("GET", "/api/config/accounts", token=api.tokens[Role.ADMIN])
+    assert reply.body["sip_accounts"] == [{"user": "1001", "display_name": "Agent 1001"},
+                                          {"user": "1002", "display_name": None}]
+    assert {u["name"]: u["role"] for u in reply.body["api_users"]} == {
+        "ada": "admin", "alex": "agent", "sam": "supervisor"}
+    text = json.dumps(reply.body).lower()
+    assert "ha1" not in text and "scrypt" not in text and "secret" not in text
+    for account in api.accounts.values():
+        if account.secret:
+            from appliance.api.totp import secret_to_base32
+
+            assert secret_to_base32(account.secret).lower() not in text
+
+
+def test_live_board_is_empty_until_calls_flow(api: ApiServer) -> None:
+    reply = api.request("GET", "/api/kpi/live", token=api.tokens[Role.SUPERVISOR])
+    assert reply.body["queues"] == [] and reply.body["agents"] == {}
+    assert reply.body["at"] == api.clock()
+    assert set(reply.body["agents_by_state"]) == {
+        "logged-out", "available", "paused", "on-call", "on-hold", "wrap-up"}
+    assert not any(reply.body["agents_by_state"].values())
+
+
+def test_live_board_shows_applied_events(api: ApiServer) -> None:
+    from appliance.reporting.events import QueueEvent, QueueVerb
+
+    now = api.clock()
+    events = [QueueEvent(now - 30, "c1", "sales", "", "+3311", QueueVerb.ENTERQUEUE, {}),
+              QueueEvent(now - 20, "", "sales", "a1", "", QueueVerb.AGENTLOGIN, {})]
+    for event in events:
+        api.call_soon(lambda e=event: api.board.apply(e))
+    reply = api.request("GET", "/api/kpi/live", token=api.tokens[Role.ADMIN])
+    assert reply.status == 200
+    [queue] = reply.body["queues"]
+    assert queue["queue"] == "sales" and queue["waiting"] == 1
+    assert queue["longest_wait"] == pytest.approx(30)
+    assert reply.body["agents"] == {"a1": "available"}
+
+
+def test_audit_lists_recent_rows_newest_first_and_pages(api: ApiServer) -> None:
+    token = api.tokens[Role.ADMIN]
+    rows = api.request("GET", "/api/audit?limit=3", token=token).body["rows"]
+    assert len(rows) == 3 and rows[0]["id"] > rows[1]["id"] > rows[2]["id"]
+    older = api.request("GET", f"/api/audit?limit=3&before={rows[-1]['id']}",
+                        token=token).body["rows"]
+    assert all(r["id"] < rows[-1]["id"] for r in older)
+    assert api.request("GET", "/api/audit?limit=0", token=token).body["field"] == "limit"
