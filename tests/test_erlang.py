@@ -234,3 +234,11 @@ def test_erlang_a_heavily_overloaded_matches_the_chain() -> None:
     for name in ("prob_wait", "prob_abandon", "average_wait", "asa", "service_level"):
         assert getattr(fig, name) == pytest.approx(chain[name], rel=1e-6, abs=1e-9), name
     assert fig.prob_abandon == pytest.approx(1 - 5 / 40, rel=0.02)  # fluid limit 1 − 1/ρ
+
+
+def test_an_occupancy_cap_that_needs_absurd_staffing_is_refused_quickly() -> None:
+    # 5,000 Erlangs at 1e-9 occupancy would need 5e12 agents: a clear error, not a hang.
+    with pytest.raises(StaffingError, match="max_occupancy"):
+        required_agents(5000, 1, 1, max_occupancy=1e-9)
+    with pytest.raises(StaffingError, match="max_occupancy"):
+        required_agents(5000, 1, 1, max_occupancy=1e-9, patience=60)

@@ -322,6 +322,11 @@ def required_agents(calls: float, aht: float, interval: float, *, service_level:
         _check_positive("asa", asa)
     if max_occupancy is not None and not 0 < max_occupancy <= 1:
         raise StaffingError(f"max_occupancy must be above 0 and at most 1, got {max_occupancy}")
+    if max_occupancy is not None and traffic / max_occupancy > MAX_TRAFFIC:
+        # The occupancy cap alone would need more agents than any search here covers.
+        raise StaffingError(
+            f"max_occupancy {max_occupancy} would need more than {MAX_TRAFFIC:,.0f} agents for "
+            f"{traffic:.2f} Erlangs; raise it")
     if patience is not None:
         _check_positive("patience", patience)
     scheduled_agents(0, shrinkage)  # validates shrinkage before any work
