@@ -24,6 +24,8 @@ cdef enum:
     MAX_SRC = 3              # mix sources per leg (barge: the other two parties)
     CMD_CAP = 4096           # queued commands; a full queue is an error for the caller
     EVT_CAP = 16384          # queued events; on overflow events are counted as lost
+    REC_HOLD = 640           # PCM samples held per side while a timestamp jump is confirmed
+    REC_HOLD_PKTS = 8        # packets held likewise
 
 # Leg.latch
 cdef enum:
@@ -77,14 +79,46 @@ ctypedef struct Event:
     int64_t x
     int64_t t_ns
 
+ctypedef struct RecChannel:
+    # One side of a recording, placed by RTP timestamp (RFC 3550 §5.1): recording position =
+    # timestamp relative to the side's first packet + offset, both in 8 kHz samples.
+    int32_t anchored         # the first packet of the stream has been seen
+    uint32_t ssrc
+    uint16_t last_seq        # highest sequence number seen (RFC 3550 A.1, 16-bit wrap)
+    uint32_t last_ts         # highest timestamp seen (32-bit wrap)
+    int64_t last_rel         # last_ts relative to the first packet, extended past wraps
+    int64_t offset           # position = rel + offset
+    int64_t floor            # least lateness (samples) seen in the current drift period
+    int64_t floor_end_ns     # end of the drift period
+    # packets far later than their place (a timestamp jump back, or a sender that stopped
+    # without advancing its clock): held until the jump is confirmed, then placed again
+    int32_t jumping          # in a run of such packets, since jump_since_ns
+    int64_t jump_since_ns
+    int32_t nheld
+    int32_t held_fill
+    int64_t held_rel[REC_HOLD_PKTS]
+    int64_t held_pos[REC_HOLD_PKTS]      # arrival positions
+    int32_t held_len[REC_HOLD_PKTS]
+    int32_t held_muted[REC_HOLD_PKTS]    # arrived while the recording was paused
+    int16_t held_pcm[REC_HOLD]
+
 ctypedef struct Recording:
     FILE* f
     char* vbuf               # stdio buffer (REC_BUF bytes, see record_start)
+    int16_t* ring            # caller's ring_size samples then the agent's; zero where no audio
     int32_t id
     int32_t legs[2]          # caller (left channel), agent (right channel); -1 when gone
+    int32_t ring_size        # a power of two, > delay + the early bound + a few frames
     int32_t paused
     int32_t error
-    uint64_t frames          # stereo frames written
+    int64_t pos              # next position to write (samples)
+    uint64_t frames          # stereo frames written to the file
+    int64_t start_ns         # position 0 of the recording (monotonic clock)
+    int64_t delay            # a position is written once it is this old (samples)
+    int64_t max_end          # end of the latest audio placed (samples)
+    int64_t mute_from        # positions [mute_from, mute_to) are written as silence (pause)
+    int64_t mute_to
+    RecChannel ch[2]
     int16_t buf[2 * FRAME]
 
 ctypedef struct Leg:
@@ -134,6 +168,8 @@ ctypedef struct Leg:
     uint64_t rx_foreign      # from an address other than the latched one
     uint64_t rx_invalid      # not RTP, or an unknown payload type
     uint64_t tx_errors
+    uint64_t rec_late        # packets (partly) too late for their place in the recording
+    uint64_t rec_resyncs     # recording timeline realigned (new stream, jump, drift)
     rtp_stats_t stats
     te_receiver_t te
     int32_t inband
@@ -209,5 +245,6 @@ ctypedef struct EngineState:
     int32_t tick_pos
     int64_t tick_now         # when the tick in progress started
     int64_t coalesce_ns      # after a wake-up that moved packets, let more queue this long
+    int64_t rec_delay        # recordings' reorder/lateness window (samples)
     int16_t dec_ulaw[256]
     int16_t dec_alaw[256]

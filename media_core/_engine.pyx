@@ -4,7 +4,16 @@ without the GIL (epoll + recvmmsg/sendmmsg), plus the control-side API that queu
 it and drains its events. The asyncio façade is media_core.engine.MediaEngine."""
 
 from libc.errno cimport EADDRINUSE, EAGAIN, errno
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport (
+    INT64_MAX,
+    int16_t,
+    int32_t,
+    int64_t,
+    uint8_t,
+    uint16_t,
+    uint32_t,
+    uint64_t,
+)
 from libc.stdio cimport FILE, SEEK_SET, _IOFBF, fclose, fflush, fopen, fseek, fwrite, setvbuf
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
@@ -46,6 +55,11 @@ from media_core._rtp cimport (
 )
 from media_core.cengine cimport *
 
+
+cdef extern from "engine_core.h" nogil:
+    # Hint that memory at p will be read soon (__builtin_prefetch).
+    void engine_prefetch(const void* p)
+
 cdef int64_t TICK_NS = 20_000_000          # 20 ms packetization (RFC 3551 §4.5.14 default)
 cdef int64_t HOUSE_NS = 50_000_000         # timeouts, RTCP, RFC 4733 end detection
 cdef int64_t RTCP_NS = 5_000_000_000       # RFC 3550 §6.2 minimum interval
@@ -58,6 +72,16 @@ cdef int TOS_EF = 0xb8                     # DSCP EF (46) << 2, RFC 3246 / RFC 4
 cdef int SOCKBUF = 1 << 20
 cdef int REC_FLUSH_TICKS = 50                # one write(2) per recording per second
 cdef int REC_BUF = 40960                     # > 50 ticks x 640 bytes
+# Recording timeline (each side placed by RTP timestamp, RFC 3550 §5.1), in 8 kHz samples
+cdef int64_t REC_EARLY = 1600                # 200 ms ahead of its arrival: the side is realigned
+cdef int64_t REC_JUMP = 1600                 # 200 ms behind: held until the jump is confirmed
+cdef int64_t REC_CONFIRM_NS = 40_000_000     # a jump must last this long to be followed
+cdef int64_t REC_DRIFT_NS = 2_000_000_000    # drift period: its least lateness is checked
+cdef int REC_MAX_DROPOUT = 3000              # RFC 3550 A.1: larger sequence jumps restart
+cdef int REC_MAX_MISORDER = 100
+cdef int REC_CATCHUP = 8                     # frames one recording writes per tick at most
+REC_DELAY_MIN_MS = 60                        # recording window bounds (Engine recording_delay_ms)
+REC_DELAY_MAX_MS = 500
 
 # ---------------------------------------------------------------------------------------------
 # small helpers (engine thread)
@@ -213,7 +237,7 @@ cdef inline void encode(int pt, const int16_t* pcm, uint8_t* out, Py_ssize_t n) 
 
 
 # ---------------------------------------------------------------------------------------------
-# PCM taps: each tapped leg queues its decoded input; the 20 ms tick takes one frame
+# PCM taps for mixes: each leg that feeds a mix queues its decoded input; the tick takes a frame
 
 
 cdef inline void fifo_push(Leg* g, const int16_t* pcm, int n) noexcept nogil:
@@ -253,6 +277,271 @@ cdef inline void fifo_pop(Leg* g) noexcept nogil:
     if take < FRAME:
         memset(&g.cur[take], 0, (FRAME - take) * 2)
         g.fifo_primed = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# recordings: each side's audio goes to the place its RTP timestamp gives it (RFC 3550 §5.1),
+# on a timeline that keeps wall time; a position is written once it is r.delay old, so late
+# and reordered packets still land where they belong
+
+
+cdef inline int64_t rec_position(Recording* r, int64_t now) noexcept nogil:
+    """Position of the clock time now on the recording's timeline (8 kHz samples)."""
+    return ((now - r.start_ns) * 8) // 1000000
+
+
+cdef int rec_ring_size(int64_t delay) noexcept nogil:
+    """Ring samples per side: the window, how far ahead a side may run, and a few frames."""
+    cdef int size = 1024
+    while size < delay + REC_EARLY + 6 * FRAME:
+        size *= 2
+    return size
+
+
+cdef void rec_init(Recording* r, int64_t start_ns, int64_t delay, int16_t* ring,
+                   int ring_size) noexcept nogil:
+    """Timeline at position 0 at start_ns; ring holds 2 x ring_size zeroed samples."""
+    cdef int c
+    r.start_ns = start_ns
+    r.delay = delay
+    r.pos = 0
+    r.max_end = 0
+    r.mute_from = 0
+    r.mute_to = 0
+    r.ring_size = ring_size
+    r.ring = ring
+    for c in range(2):
+        r.ch[c].anchored = 0
+        rec_drop_held(&r.ch[c])
+
+
+cdef int rec_store(Recording* r, int c, int64_t at, const int16_t* pcm, int n) noexcept nogil:
+    """Copies n samples to positions [at, at + n) of the side; returns how many did not fit
+    (already written, or beyond the ring)."""
+    cdef int64_t lo = at, hi = at + n, limit = r.pos + r.ring_size
+    cdef int idx, first, count
+    cdef int16_t* ring = r.ring + c * r.ring_size
+    if lo < r.pos:
+        lo = r.pos
+    if hi > limit:
+        hi = limit
+    if lo >= hi:
+        return n
+    count = <int>(hi - lo)
+    idx = <int>(lo & (r.ring_size - 1))
+    first = r.ring_size - idx if r.ring_size - idx < count else count
+    memcpy(&ring[idx], pcm + (lo - at), first * 2)
+    if first < count:
+        memcpy(ring, pcm + (lo - at) + first, (count - first) * 2)
+    if hi > r.max_end:
+        r.max_end = hi
+    return n - count
+
+
+cdef inline void rec_drop_held(RecChannel* ch) noexcept nogil:
+    ch.nheld = 0
+    ch.held_fill = 0
+    ch.jumping = 0
+
+
+cdef inline void rec_new_period(RecChannel* ch, int64_t now) noexcept nogil:
+    ch.floor = INT64_MAX
+    ch.floor_end_ns = now + REC_DRIFT_NS
+
+
+cdef void rec_anchor(RecChannel* ch, uint16_t seq, uint32_t ts, uint32_t ssrc, int64_t pos_now,
+                     int64_t now, uint64_t* late) noexcept nogil:
+    """The stream's first packet (or a new stream's) goes where it arrived."""
+    if ch.nheld:
+        late[0] += ch.nheld
+    ch.anchored = 1
+    ch.ssrc = ssrc
+    ch.last_seq = seq
+    ch.last_ts = ts
+    ch.last_rel = 0
+    ch.offset = pos_now
+    rec_drop_held(ch)
+    rec_new_period(ch, now)
+
+
+cdef void rec_hold(Recording* r, int c, uint32_t ts, int64_t rel, int64_t pos_now,
+                   const int16_t* pcm, int n, bint muted, int64_t now, uint64_t* resyncs,
+                   uint64_t* late) noexcept nogil:
+    """A packet far later than its place: hold it. Packets that stay that late for
+    REC_CONFIRM_NS are a jump (the sender's timestamps went back, or it stopped without
+    advancing its clock, against RFC 3550 §5.1): the side is realigned on the least late of
+    them and they are all placed. A run that ends sooner was only late packets (a stall, whose
+    burst may also overflow the hold: those are late too)."""
+    cdef RecChannel* ch = &r.ch[c]
+    cdef int i, off = 0
+    cdef int64_t best = pos_now - rel
+    cdef bint fits = ch.nheld < REC_HOLD_PKTS and n <= REC_HOLD - ch.held_fill
+    if not ch.jumping:
+        ch.jumping = 1
+        ch.jump_since_ns = now
+    if fits:
+        i = ch.nheld
+        ch.held_rel[i] = rel
+        ch.held_pos[i] = pos_now
+        ch.held_len[i] = n
+        ch.held_muted[i] = muted
+        memcpy(&ch.held_pcm[ch.held_fill], pcm, n * 2)
+        ch.held_fill += n
+        ch.nheld += 1
+    if now - ch.jump_since_ns < REC_CONFIRM_NS:
+        if not fits:
+            late[0] += 1
+        return
+    # confirmed: follow the jump
+    for i in range(ch.nheld):
+        if ch.held_pos[i] - ch.held_rel[i] < best:
+            best = ch.held_pos[i] - ch.held_rel[i]
+    ch.offset = best
+    resyncs[0] += 1
+    for i in range(ch.nheld):
+        if not ch.held_muted[i] and rec_store(r, c, ch.held_rel[i] + best, &ch.held_pcm[off],
+                                              ch.held_len[i]) > 0:
+            late[0] += 1
+        off += ch.held_len[i]
+    rec_drop_held(ch)
+    ch.last_ts = ts
+    ch.last_rel = rel
+    rec_new_period(ch, now)
+    if not fits and not muted and rec_store(r, c, rel + best, pcm, n) > 0:
+        late[0] += 1
+
+
+cdef void rec_place(Recording* r, int c, uint16_t seq, uint32_t ts, uint32_t ssrc,
+                    const int16_t* pcm, int n, int64_t now, uint64_t* resyncs,
+                    uint64_t* late) noexcept nogil:
+    """Places one packet's PCM (arrived at now) on side c of the recording. resyncs and late
+    count realignments and packets (partly) too late for their place."""
+    cdef RecChannel* ch = &r.ch[c]
+    cdef int64_t pos_now = rec_position(r, now)
+    cdef int64_t rel, lateness
+    cdef int32_t dts
+    cdef int dseq
+    cdef bint muted = r.paused
+    if n <= 0:
+        return
+    if ch.anchored and ch.ssrc == ssrc:
+        dseq = <int16_t>(seq - ch.last_seq)
+        if dseq > REC_MAX_DROPOUT or dseq < -REC_MAX_MISORDER:
+            # RFC 3550 A.1: a large jump in sequence numbers is a restarted source
+            rec_anchor(ch, seq, ts, ssrc, pos_now, now, late)
+            resyncs[0] += 1
+            rel = 0
+        else:
+            if dseq > 0:
+                ch.last_seq = seq
+            # 32-bit timestamps wrap: the signed distance to the highest one seen says where
+            dts = <int32_t>(ts - ch.last_ts)
+            rel = ch.last_rel + dts
+            if dts > 0:
+                ch.last_ts = ts
+                ch.last_rel = rel
+    else:
+        if ch.anchored:
+            resyncs[0] += 1          # a new SSRC is a new stream (re-INVITE, transfer)
+        rec_anchor(ch, seq, ts, ssrc, pos_now, now, late)
+        rel = 0
+    lateness = pos_now - (rel + ch.offset)
+    if lateness > REC_JUMP:
+        rec_hold(r, c, ts, rel, pos_now, pcm, n, muted, now, resyncs, late)
+        return
+    if ch.jumping:
+        # the run of very late packets ended: they were late (a stall), not a jump
+        late[0] += ch.nheld
+        rec_drop_held(ch)
+    if lateness < -REC_EARLY:
+        # far ahead of its arrival: the sender's clock jumped or runs fast; follow it (the
+        # audio already placed ahead is overwritten: that much is dropped)
+        ch.offset = pos_now - rel
+        resyncs[0] += 1
+        rec_new_period(ch, now)
+    elif lateness < ch.floor:
+        ch.floor = lateness
+    if not muted and rec_store(r, c, rel + ch.offset, pcm, n) > 0:
+        late[0] += 1
+    if now >= ch.floor_end_ns:
+        if ch.floor != INT64_MAX and ch.floor > r.delay // 2:
+            # every packet of the period came late: the sender's clock runs slow against ours.
+            # Realign before the lateness reaches the window (inserts that much silence).
+            ch.offset += ch.floor
+            resyncs[0] += 1
+        rec_new_period(ch, now)
+
+
+cdef void rec_pause(Recording* r, int64_t now) noexcept nogil:
+    """From now on, silence. A pause whose predecessor is not yet written out extends it
+    (more is masked, never less)."""
+    if r.paused:
+        return
+    if r.mute_to <= r.pos:
+        r.mute_from = rec_position(r, now)
+    r.mute_to = INT64_MAX
+    r.paused = 1
+
+
+cdef void rec_resume(Recording* r, int64_t now) noexcept nogil:
+    if not r.paused:
+        return
+    r.mute_to = rec_position(r, now)
+    r.paused = 0
+
+
+cdef inline int64_t rec_due(Recording* r, int64_t now) noexcept nogil:
+    """Frames whose positions are at least r.delay old at now."""
+    cdef int64_t n = (rec_position(r, now) - r.delay - r.pos) // FRAME
+    return n if n > 0 else 0
+
+
+cdef void rec_take_frame(Recording* r, int16_t* out) noexcept nogil:
+    """The stereo frame at r.pos (caller left, agent right); its ring places become silence
+    for the next time round. Muted (paused) positions are written as silence."""
+    cdef int c, j, idx, first
+    cdef int16_t side[2][FRAME]
+    cdef int16_t* ring
+    cdef int64_t lo, hi
+    idx = <int>(r.pos & (r.ring_size - 1))
+    first = r.ring_size - idx if r.ring_size - idx < FRAME else FRAME
+    for c in range(2):
+        # block copies: the ring was written a window ago and is no longer in cache
+        ring = r.ring + c * r.ring_size
+        memcpy(side[c], &ring[idx], first * 2)
+        memset(&ring[idx], 0, first * 2)
+        if first < FRAME:
+            memcpy(&side[c][first], ring, (FRAME - first) * 2)
+            memset(ring, 0, (FRAME - first) * 2)
+    for j in range(FRAME):
+        out[2 * j] = side[0][j]
+        out[2 * j + 1] = side[1][j]
+    lo = r.mute_from if r.mute_from > r.pos else r.pos
+    hi = r.mute_to if r.mute_to < r.pos + FRAME else r.pos + FRAME
+    if lo < hi:
+        memset(&out[2 * (lo - r.pos)], 0, (hi - lo) * 4)
+    r.pos += FRAME
+
+
+cdef inline void rec_prefetch(Recording* r) noexcept nogil:
+    """Asks for the ring lines the next rec_take_frame reads (written a window ago, so out
+    of cache by now), so that the tick does not wait for each of them in turn."""
+    cdef int idx = <int>(r.pos & (r.ring_size - 1))
+    cdef int k
+    for k in range(0, FRAME + 32, 32):
+        engine_prefetch(r.ring + idx + k)
+        engine_prefetch(r.ring + r.ring_size + idx + k)
+
+
+cdef inline int64_t rec_end(Recording* r, int64_t now) noexcept nogil:
+    """Where the recording ends if it stops at now: its wall time, or the last audio placed
+    if that is later; never beyond the ring."""
+    cdef int64_t end = rec_position(r, now)
+    if r.max_end > end:
+        end = r.max_end
+    if end > r.pos + r.ring_size:
+        end = r.pos + r.ring_size
+    return end
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,8 +710,13 @@ cdef void handle_rtp_batch(EngineState* e, Leg* g, int count, int64_t now) noexc
                 while code != 0:
                     push_event(e, EV_DIGIT, g.slot, code, 1, 0)
                     code = dtmf_feed(&g.dtmf, pcm, 0)
-            if have_pcm and (g.rec != NULL or g.listeners > 0):
+            if have_pcm and g.listeners > 0:
                 fifo_push(g, pcm, <int>plen)
+            if have_pcm and g.rec != NULL:
+                for i in range(2):
+                    if g.rec.legs[i] == g.slot:
+                        rec_place(g.rec, i, h.seq, h.timestamp, h.ssrc, pcm, <int>plen, now,
+                                  &g.rec_resyncs, &g.rec_late)
             if t == NULL:
                 continue
             if t.pt != h.payload_type:
@@ -474,22 +768,28 @@ cdef int receive(EngineState* e, int fd) noexcept nogil:
 # the 20 ms tick: prompts, mixes (monitor/whisper/barge) and recordings
 
 
-cdef void record_frame(EngineState* e, Recording* r) noexcept nogil:
-    cdef int j
-    cdef int16_t* ch0 = e.legs[r.legs[0]].cur if r.legs[0] >= 0 else NULL
-    cdef int16_t* ch1 = e.legs[r.legs[1]].cur if r.legs[1] >= 0 else NULL
-    for j in range(FRAME):
-        # stereo: caller left, agent right; a paused recording keeps time with silence
-        r.buf[2 * j] = ch0[j] if ch0 != NULL and not r.paused else 0
-        r.buf[2 * j + 1] = ch1[j] if ch1 != NULL and not r.paused else 0
+cdef inline void rec_write_frame(Recording* r) noexcept nogil:
+    rec_take_frame(r, r.buf)
     if fwrite(r.buf, 4, FRAME, r.f) != FRAME:
         r.error = 1
     else:
         r.frames += FRAME
+
+
+cdef int record_tick(EngineState* e, Recording* r) noexcept nogil:
+    """Writes the frames that became due (one a tick, more to catch up after a stall);
+    returns how many."""
+    cdef int64_t n = rec_due(r, e.tick_now)
+    cdef int k
+    if n > REC_CATCHUP:
+        n = REC_CATCHUP
+    for k in range(n):
+        rec_write_frame(r)
     if (e.tick_no + <uint64_t>r.id) % REC_FLUSH_TICKS == 0:
         # each recording writes once a second, at its own tick: the disk work is spread
         # evenly instead of landing on one tick (the stdio buffer never fills before)
         fflush(r.f)
+    return <int>n
 
 
 cdef void send_frame(EngineState* e, Leg* g, int64_t now) noexcept nogil:
@@ -544,7 +844,7 @@ cdef bint tick_step(EngineState* e) noexcept nogil:
             while e.tick_pos < e.ndense:
                 g = e.legs[e.dense[e.tick_pos]]
                 e.tick_pos += 1
-                if g.rec != NULL or g.listeners > 0:
+                if g.listeners > 0:
                     fifo_pop(g)
                     work += 1
                     if work % 64 == 0 and engine_now_ns() > stop:
@@ -554,8 +854,12 @@ cdef bint tick_step(EngineState* e) noexcept nogil:
                 r = e.recs[e.tick_pos]
                 e.tick_pos += 1
                 if r != NULL and r.f != NULL:
-                    record_frame(e, r)
-                    work += 4
+                    # one recording ahead, ask for its ring; two ahead, for its header
+                    if e.tick_pos < e.max_recs and e.recs[e.tick_pos] != NULL:
+                        rec_prefetch(e.recs[e.tick_pos])
+                    if e.tick_pos + 1 < e.max_recs and e.recs[e.tick_pos + 1] != NULL:
+                        engine_prefetch(e.recs[e.tick_pos + 1])
+                    work += 1 + 4 * record_tick(e, r)
                     if work % 64 == 0 and engine_now_ns() > stop:
                         return False
         else:
@@ -627,8 +931,13 @@ cdef void recount_listeners(EngineState* e) noexcept nogil:
 
 cdef void finish_recording(EngineState* e, Recording* r) noexcept nogil:
     cdef uint32_t v
-    cdef uint64_t data = r.frames * 4
+    cdef uint64_t data
     cdef int i
+    cdef int64_t end = rec_end(r, engine_now_ns())
+    # what is still inside the window goes out too: the file is as long as the call
+    while r.pos < end:
+        rec_write_frame(r)
+    data = r.frames * 4
     # RFC 2361 / RIFF: patch the chunk sizes now that the length is known
     if data > 0xFFFFFFF0ULL - 36:
         data = 0xFFFFFFF0ULL - 36
@@ -643,6 +952,8 @@ cdef void finish_recording(EngineState* e, Recording* r) noexcept nogil:
     r.f = NULL
     free(r.vbuf)
     r.vbuf = NULL
+    free(r.ring)
+    r.ring = NULL
     for i in range(2):
         if r.legs[i] >= 0 and e.legs[r.legs[i]] != NULL:
             e.legs[r.legs[i]].rec = NULL
@@ -725,11 +1036,14 @@ cdef void run_command(EngineState* e, Cmd* c, int64_t now) noexcept nogil:
             return
         if c.op == CMD_REC_STOP:
             finish_recording(e, r)
+        elif c.op == CMD_REC_PAUSE:
+            rec_pause(r, now)
         else:
-            r.paused = c.op == CMD_REC_PAUSE
+            rec_resume(r, now)
         return
     if c.op == CMD_REC_START:
         r = <Recording*>c.ptr
+        r.start_ns = now
         e.recs[r.id] = r
         e.nrecs += 1
         for i in range(2):
@@ -990,13 +1304,16 @@ cdef class Engine:
     cdef object rec_paths
 
     def __cinit__(self, int port_min=20000, int port_max=29999, int max_legs=4096,
-                  int max_recordings=1024, int coalesce_us=0):
+                  int max_recordings=1024, int coalesce_us=0, int recording_delay_ms=100):
         cdef epoll_event ev
         cdef int i
         if port_min < 1024 or port_max > 65535 or port_max - port_min < 1:
             raise EngineError(f"bad RTP port range {port_min}-{port_max}")
         if not 1 <= max_legs <= 65536 or not 1 <= max_recordings <= 65536:
             raise EngineError("max_legs and max_recordings must be within 1..65536")
+        if not REC_DELAY_MIN_MS <= recording_delay_ms <= REC_DELAY_MAX_MS:
+            raise EngineError(f"recording_delay_ms must be within "
+                              f"{REC_DELAY_MIN_MS}..{REC_DELAY_MAX_MS}: {recording_delay_ms}")
         self.e = <EngineState*>calloc(1, sizeof(EngineState))
         if self.e == NULL:
             raise MemoryError()
@@ -1017,6 +1334,7 @@ cdef class Engine:
         if not 0 <= coalesce_us <= 1000:
             raise EngineError("coalesce_us must be within 0..1000")
         e.coalesce_ns = coalesce_us * 1000
+        e.rec_delay = recording_delay_ms * 8
         e.legs = <Leg**>calloc(max_legs, sizeof(Leg*))
         self.owned = <Leg**>calloc(max_legs, sizeof(Leg*))
         e.dense = <int32_t*>calloc(max_legs, sizeof(int32_t))
@@ -1134,8 +1452,14 @@ cdef class Engine:
 
     @property
     def recording_bytes(self) -> int:
-        """Memory of one recording's state, its stdio buffer excluded (bytes)."""
-        return sizeof(Recording)
+        """Memory of one recording's state and timeline ring, its stdio buffer excluded
+        (bytes)."""
+        return sizeof(Recording) + 2 * rec_ring_size(self.e.rec_delay) * sizeof(int16_t)
+
+    @property
+    def recording_delay_ms(self) -> int:
+        """How old a position of a recording is before it is written (reorder window)."""
+        return self.e.rec_delay // 8
 
     @property
     def tick_max_us(self) -> float:
@@ -1359,6 +1683,8 @@ cdef class Engine:
         cdef Cmd c
         cdef bytes p = path.encode()
         cdef FILE* f
+        cdef int16_t* ring
+        cdef int ring_size
         # RIFF/WAVE header, sizes patched when the recording ends
         cdef bytes header = (b"RIFF" + b"\0\0\0\0" + b"WAVEfmt " + (16).to_bytes(4, "little")
                              + (1).to_bytes(2, "little") + (2).to_bytes(2, "little")
@@ -1377,9 +1703,14 @@ cdef class Engine:
             fclose(f)
             raise OSError(errno, f"cannot write recording {path!r}")
         r = <Recording*>calloc(1, sizeof(Recording))
-        if r == NULL:
+        ring_size = rec_ring_size(self.e.rec_delay)
+        ring = <int16_t*>calloc(2 * ring_size, sizeof(int16_t))
+        if r == NULL or ring == NULL:
             fclose(f)
+            free(r)
+            free(ring)
             raise MemoryError()
+        rec_init(r, 0, self.e.rec_delay, ring, ring_size)   # the engine sets the start time
         r.f = f
         r.id = self.free_recs.pop()
         # holds more than one flush period of audio: the tick decides when it is written
@@ -1396,6 +1727,8 @@ cdef class Engine:
         except BaseException:
             fclose(f)
             self.free_recs.append(r.id)
+            free(r.vbuf)
+            free(ring)
             free(r)
             raise
         self.rec_paths[r.id] = path
@@ -1482,6 +1815,8 @@ cdef class Engine:
             "tx_packets": g.tx_packets,
             "tx_bytes": g.tx_bytes,
             "tx_errors": g.tx_errors,
+            "rec_late": g.rec_late,
+            "rec_resyncs": g.rec_resyncs,
             "rx_foreign": g.rx_foreign,
             "rx_invalid": g.rx_invalid,
             "lost": lost,
@@ -1495,3 +1830,90 @@ cdef class Engine:
             "latched": g.latch == LATCH_LOCKED,
             "remote_port": addr_port(&g.remote) if g.latch != LATCH_NONE else None,
         }
+
+
+cdef class RecordingTimeline:
+    """A recording's timeline without sockets, threads or files: each side's packets go in
+    with their arrival time, stereo frames (caller left, agent right) come out as the clock
+    passes. The engine's recordings run this same code; here the times are chosen by the
+    caller, so placement can be checked exactly."""
+
+    cdef Recording* r
+    cdef uint64_t resyncs_[2]
+    cdef uint64_t late_[2]
+
+    def __cinit__(self, int delay_ms=100, int64_t start_ns=0):
+        cdef int size
+        cdef int16_t* ring
+        if not REC_DELAY_MIN_MS <= delay_ms <= REC_DELAY_MAX_MS:
+            raise EngineError(f"delay_ms must be within {REC_DELAY_MIN_MS}..{REC_DELAY_MAX_MS}")
+        size = rec_ring_size(delay_ms * 8)
+        self.r = <Recording*>calloc(1, sizeof(Recording))
+        ring = <int16_t*>calloc(2 * size, sizeof(int16_t))
+        if self.r == NULL or ring == NULL:
+            free(self.r)
+            free(ring)
+            self.r = NULL
+            raise MemoryError()
+        rec_init(self.r, start_ns, delay_ms * 8, ring, size)
+
+    def __dealloc__(self):
+        if self.r != NULL:
+            free(self.r.ring)
+            free(self.r)
+            self.r = NULL
+
+    def feed(self, int side, int seq, long long timestamp, long long ssrc, pcm,
+             int64_t now_ns) -> None:
+        """One RTP packet's decoded PCM (int16) for side 0 (caller) or 1 (agent), arrived at
+        now_ns (same clock as start_ns)."""
+        cdef const int16_t[::1] view
+        if side not in (0, 1):
+            raise EngineError(f"side must be 0 (caller) or 1 (agent): {side}")
+        mv = memoryview(pcm)
+        if mv.format != "h":
+            mv = mv.cast("B").cast("h")
+        view = mv
+        if not 0 < view.shape[0] <= PKT_MAX:
+            raise EngineError(f"a packet holds 1..{PKT_MAX} samples: {view.shape[0]}")
+        rec_place(self.r, side, <uint16_t>(seq & 0xFFFF), <uint32_t>(timestamp & 0xFFFFFFFF),
+                  <uint32_t>(ssrc & 0xFFFFFFFF), &view[0], <int>view.shape[0], now_ns,
+                  &self.resyncs_[side], &self.late_[side])
+
+    def pause(self, int64_t now_ns) -> None:
+        """Silence from now_ns on (PCI DSS pause)."""
+        rec_pause(self.r, now_ns)
+
+    def resume(self, int64_t now_ns) -> None:
+        """Audio again from now_ns on."""
+        rec_resume(self.r, now_ns)
+
+    def take(self, int64_t now_ns) -> bytes:
+        """The stereo frames due at now_ns (int16 little-endian, interleaved), as the engine's
+        tick would write them."""
+        return self._take(rec_due(self.r, now_ns))
+
+    def finish(self, int64_t now_ns) -> bytes:
+        """Everything left when the recording stops at now_ns."""
+        return self._take((rec_end(self.r, now_ns) - self.r.pos + FRAME - 1) // FRAME)
+
+    cdef bytes _take(self, int64_t frames):
+        cdef bytearray out = bytearray(max(frames, 0) * FRAME * 4)
+        cdef int64_t k
+        cdef char* p = out
+        for k in range(max(frames, 0)):
+            rec_take_frame(self.r, <int16_t*>(p + k * FRAME * 4))
+        return bytes(out)
+
+    @property
+    def position(self) -> int:
+        """Samples per side taken so far."""
+        return self.r.pos
+
+    def resyncs(self, int side) -> int:
+        """Times the side was realigned to wall time (new stream, jump, drift)."""
+        return self.resyncs_[side & 1]
+
+    def late(self, int side) -> int:
+        """Packets of the side that came (partly) too late for their place."""
+        return self.late_[side & 1]

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from media_core._engine import Engine, EngineError
+from media_core._engine import Engine, EngineError, RecordingTimeline
 
 __all__ = [
     "DigitReceived",
@@ -27,6 +27,7 @@ __all__ = [
     "MediaTimeout",
     "PromptFinished",
     "RecordingFinished",
+    "RecordingTimeline",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,11 @@ class LegStats:
     """Packets dropped because they came from another address than the latched one."""
     mos: float | None
     """ITU-T G.107 E-model MOS from loss and delay, None when media_core.quality is absent."""
+    recording_late: int = 0
+    """Packets that reached the recorder after their place in the file was written."""
+    recording_resyncs: int = 0
+    """Times the recorder realigned this leg's RTP timestamps to wall time (new stream, a jump,
+    clock drift)."""
 
 
 class MediaEngine:
@@ -164,8 +170,10 @@ class MediaEngine:
         host: str = "127.0.0.1",
         max_legs: int = 4096,
         max_recordings: int = 1024,
+        recording_delay_ms: int = 100,
     ) -> None:
-        self._core = Engine(port_range[0], port_range[1], max_legs, max_recordings)
+        self._core = Engine(port_range[0], port_range[1], max_legs, max_recordings,
+                            recording_delay_ms=recording_delay_ms)
         self._host = host
         self._loop: asyncio.AbstractEventLoop | None = None
         self.events: asyncio.Queue[MediaEvent] = asyncio.Queue(EVENT_QUEUE_LIMIT)
@@ -214,9 +222,15 @@ class MediaEngine:
         return self._core.legs_active
 
     @property
+    def recording_delay_ms(self) -> int:
+        """Age at which a recording's audio is written: packets later than that, or reordered
+        further, miss their place."""
+        return self._core.recording_delay_ms
+
+    @property
     def bytes_per_call(self) -> int:
-        """Engine memory of one recorded two-leg call: two legs, one recording, its stdio buffer
-        (40 KiB)."""
+        """Engine memory of one recorded two-leg call: two legs, one recording with its timeline
+        ring, its stdio buffer (40 KiB)."""
         return 2 * self._core.leg_bytes + self._core.recording_bytes + 40960
 
     # -- legs ------------------------------------------------------------------------------------
@@ -272,6 +286,8 @@ class MediaEngine:
             latched=s["latched"],
             rx_foreign=s["rx_foreign"],
             mos=_mos(s["loss_pct"], (rtt or 0.0) / 2 + s["jitter_ms"] * 2 + 20.0),
+            recording_late=s["rec_late"],
+            recording_resyncs=s["rec_resyncs"],
         )
 
     # -- media -----------------------------------------------------------------------------------
