@@ -56,10 +56,6 @@ from media_core._rtp cimport (
 from media_core.cengine cimport *
 
 
-cdef extern from "engine_core.h" nogil:
-    # Hint that memory at p will be read soon (__builtin_prefetch).
-    void engine_prefetch(const void* p)
-
 cdef int64_t TICK_NS = 20_000_000          # 20 ms packetization (RFC 3551 §4.5.14 default)
 cdef int64_t HOUSE_NS = 50_000_000         # timeouts, RTCP, RFC 4733 end detection
 cdef int64_t RTCP_NS = 5_000_000_000       # RFC 3550 §6.2 minimum interval

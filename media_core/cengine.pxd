@@ -149,6 +149,8 @@ cdef extern from "<pthread.h>" nogil:
 
 
 cdef extern from "engine_core.h" nogil:
+    # Hint that memory at p will be read soon (__builtin_prefetch).
+    void engine_prefetch(const void* p)
     # Thread id of the caller (gettid), for pinning and /proc/self/task/TID/stat.
     int engine_gettid()
     # CLOCK_MONOTONIC in nanoseconds.
