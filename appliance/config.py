@@ -19,7 +19,7 @@ import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -276,6 +276,8 @@ class Account(_Model):
     """``md5("user:realm:password")`` in hex (RFC 2617 §3.2.2.2)."""
     ha1_sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-fA-F]{64}$")]
     """``sha256("user:realm:password")`` in hex (RFC 7616 §3.4.2, RFC 8760)."""
+    role: Literal["agent", "supervisor"] = "agent"
+    """What the phone's user may do: dial rules per role, supervisor feature codes."""
 
     @field_validator("ha1_md5", "ha1_sha256")
     @classmethod
@@ -344,11 +346,41 @@ class GuardConfig(_Model):
     """User-Agent substrings (case-insensitive) whose requests are dropped unanswered."""
 
 
+class CarrierAddress(_Model):
+    """Where calls to the carrier (and its registration and keep-alive) are sent."""
+
+    host: StrictStr
+    """The carrier's SIP server: an IP address or a host name."""
+    port: Port = 5060
+    transport: Literal["UDP", "TCP", "TLS"] = "UDP"
+
+    @field_validator("transport", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class TrunkAuth(_Model):
+    """Digest credentials the carrier gave the site, kept as HA1 only (never the password)."""
+
+    user: StrictStr
+    realm: StrictStr
+    """The carrier's digest realm (HA1 is bound to it)."""
+    ha1_md5: Annotated[StrictStr, Field(pattern=r"^[0-9a-fA-F]{32}$")]
+    """``md5("user:realm:password")`` in hex."""
+    ha1_sha256: Annotated[StrictStr | None, Field(pattern=r"^[0-9a-fA-F]{64}$")] = None
+    """``sha256("user:realm:password")`` in hex, when the carrier offers SHA-256."""
+
+
 class TrunkConfig(_Model):
     """The carrier trunk."""
 
     allowed_sources: tuple[Cidr, ...] = ("127.0.0.1/32",)
     """Networks the carrier's INVITEs may come from (no digest for these)."""
+    carrier: CarrierAddress | None = None
+    """Where outbound calls go; None: the site has no outbound trunk."""
+    auth: TrunkAuth | None = None
+    """Credentials for the carrier's digest challenges (outbound INVITE, REGISTER)."""
 
 
 class HttpConfig(_Model):

@@ -12,7 +12,11 @@ use (cores) at that N: calls per core. Relays, in the same run, alternating, thr
 - rtpengine (Debian, userspace forwarding), driven by its ng control protocol;
 - a plain C epoll + recvmmsg/sendmmsg relay (bench/plain_relay.c), the floor.
 
-Usage: .venv/bin/python bench/media_relay.py [--quick] [--soak]
+Usage: .venv/bin/python bench/media_relay.py [--quick] [--soak SECONDS [--soak-calls N]
+       [--soak-dir DIR] [--soak-only]]
+The soak records every call to WAV files on disk (in --soak-dir, by default a temporary
+directory under the current one: ~32 KB/s per call, 19 GB for 1,000 calls over 10 minutes)
+and then checks every file for gaps.
 The last line printed is the JSON result (/work/shared/BENCHMARKS.md).
 """
 
@@ -49,7 +53,7 @@ ENGINE_PORTS = (20000, 20000 + 4 * MAX_CALLS + 3)     # RTP+RTCP per leg, two le
 RTPENGINE_PORTS = (2000, 2000 + 4 * MAX_CALLS + 99)
 # below the kernel's ephemeral range (32768-60999), above ENGINE_PORTS; RTCP on +1
 GEN_CALLER_PORT, GEN_AGENT_PORT = 31990, 31992
-SOAK_CALLS = 800
+SOAK_CALLS = 1000
 RT_PRIORITY = 10
 USE_RT = True
 
@@ -182,7 +186,7 @@ def write_targets(path: Path, pairs: list[tuple[int, int]]) -> None:
 class EngineRelay:
     """The edgecc engine in this process, its thread pinned to one core."""
 
-    def __init__(self, core: int, record_dir: Path | None) -> None:
+    def __init__(self, core: int, record_dir: Path | None, calls: int = MAX_CALLS) -> None:
         self.rss_before = rss_bytes()
         self.core = Engine(ENGINE_PORTS[0], ENGINE_PORTS[1], 2 * MAX_CALLS + 8, MAX_CALLS + 8)
         self.core.start()
@@ -193,7 +197,7 @@ class EngineRelay:
         if USE_RT:
             realtime(self.core.thread_id)
         self.pairs = []
-        for i in range(MAX_CALLS):
+        for i in range(calls):
             a, pa = self.core.allocate("127.0.0.1")
             b, pb = self.core.allocate("127.0.0.1")
             self.core.bridge(a, b)
@@ -210,7 +214,7 @@ class EngineRelay:
 
     def close(self) -> None:
         # memory of the process grown by the calls (legs, recordings, buffers touched by load)
-        self.rss_per_call = (rss_bytes() - self.rss_before) / MAX_CALLS
+        self.rss_per_call = (rss_bytes() - self.rss_before) / len(self.pairs)
         self.core.close()
 
 
@@ -350,7 +354,8 @@ def sdp_port(reply: dict) -> int:
 
 def recording_gaps(rec_dir: Path, files: int) -> tuple[int, float]:
     """Runs of >= 20 ms of digital silence (what the recorder writes for missing audio) in
-    either channel of the first WAVs, after the first second; and the shortest file's length."""
+    either channel of the first `files` WAVs, after the first second and before the last; and
+    the shortest file's length."""
     import wave
 
     import numpy as np
@@ -385,14 +390,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one repetition, fewer steps")
     ap.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
-                    help="also run the recording engine for this long at 800 calls and check "
-                         "its WAV files for gaps")
+                    help="also run the recording engine for this long and check every WAV "
+                         "file for gaps")
+    ap.add_argument("--soak-calls", type=int, default=SOAK_CALLS, metavar="N",
+                    help=f"concurrent recorded calls in the soak (default {SOAK_CALLS})")
+    ap.add_argument("--soak-dir", type=Path, default=Path.cwd(), metavar="DIR",
+                    help="where the soak's WAV files go (a temporary directory is made in it)")
+    ap.add_argument("--soak-only", action="store_true", help="skip the ramps, soak only")
     ap.add_argument("--no-rt", action="store_true", help="do not use SCHED_FIFO")
     args = ap.parse_args()
     USE_RT = not args.no_rt
     cores = sorted(os.sched_getaffinity(0))
     relay_core, gen_core = (cores[-1], cores[0]) if len(cores) > 1 else (cores[0], cores[0])
-    reps = 1 if args.quick else 3
+    reps = 0 if args.soak_only else 1 if args.quick else 3
     steps = STEPS[:5] if args.quick else STEPS
     have_rtpengine = shutil.which("rtpengine") is not None
     results: dict[str, list[dict]] = {"engine": [], "engine_rec": [], "plain": [], "rtpengine": []}
@@ -429,13 +439,14 @@ def main() -> None:
                     results[name][-1]["rss_bytes_per_call"] = relay.rss_per_call
         soak: dict = {}
         if args.soak > 0:
-            rec_dir = Path(tempfile.mkdtemp(prefix="edgecc-soak-", dir=shm))
-            relay = EngineRelay(relay_core, rec_dir)
+            rec_dir = Path(tempfile.mkdtemp(prefix="edgecc-soak-", dir=args.soak_dir))
+            relay = EngineRelay(relay_core, rec_dir, args.soak_calls)
             try:
                 write_targets(targets, relay.pairs)
-                soak = run_load(tools, targets, SOAK_CALLS, gen_core, relay.cpu, args.soak)
+                soak = run_load(tools, targets, args.soak_calls, gen_core, relay.cpu, args.soak)
                 relay.close()           # finishes every WAV
-                soak["wav_gaps"], soak["wav_seconds"] = recording_gaps(rec_dir, 20)
+                soak["wav_gaps"], soak["wav_seconds"] = recording_gaps(rec_dir, args.soak_calls)
+                soak["wav_files_checked"] = args.soak_calls
                 print(f"soak {args.soak:.0f}s: {soak}", flush=True)
             finally:
                 relay.close()
@@ -450,6 +461,8 @@ def main() -> None:
     engine_bytes = (2 * probe.leg_bytes, 2 * probe.leg_bytes + probe.recording_bytes + 40960)
     probe.close()
     value = med("engine", "calls_per_core")
+    if args.soak_only:
+        value = soak.get("calls_per_core", 0.0)
     peer_value = med("rtpengine", "calls_per_core")
     plain_value = med("plain", "calls_per_core")
     detail = {
@@ -461,9 +474,10 @@ def main() -> None:
         "with_recording_loss_pct": med("engine_rec", "loss_pct"),
         "with_recording_p99_added_ms": med("engine_rec", "p99_us") / 1000,
         # the first run's growth: later runs reuse memory the earlier ones freed
-        "rss_bytes_per_call": round(results["engine"][0].get("rss_bytes_per_call", 0)),
+        "rss_bytes_per_call": round(results["engine"][0].get("rss_bytes_per_call", 0)
+                                    if results["engine"] else 0),
         "rss_bytes_per_recorded_call": round(
-            results["engine_rec"][0].get("rss_bytes_per_call", 0)),
+            results["engine_rec"][0].get("rss_bytes_per_call", 0) if results["engine_rec"] else 0),
         "engine_bytes_per_call": engine_bytes[0],
         "engine_bytes_per_recorded_call": engine_bytes[1],
         "plain_c_relay_calls_per_core": round(plain_value, 1),
@@ -471,7 +485,8 @@ def main() -> None:
         "rtpengine_calls_per_core": round(peer_value, 1),
         "rtpengine_loss_pct": med("rtpengine", "loss_pct"),
         "rtpengine_p99_added_ms": med("rtpengine", "p99_us") / 1000,
-        "soak": {k: soak[k] for k in ("calls", "loss_pct", "p99_us", "wav_gaps", "wav_seconds")
+        "soak": {k: soak[k] for k in ("calls", "calls_per_core", "cpu_cores", "loss_pct", "p99_us",
+                                      "wav_gaps", "wav_seconds", "wav_files_checked")
                  if k in soak},
         "repetitions": reps,
         "steps": steps,
