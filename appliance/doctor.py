@@ -1,7 +1,7 @@
 """``edgecc doctor``: checks that a site can run, and says how to fix what is wrong.
 
 Checks, in order: configuration, site directory, file permissions, ports, disk, TLS
-certificate, database, clock. Nothing is changed: ports are bound and released at once, the
+certificate, database, carrier trunk (as the running appliance last recorded it), clock. Nothing is changed: ports are bound and released at once, the
 database is opened read-only, and the probe file that proves the site directory writable is
 removed. Findings at level WARN or FAIL are problems (exit status 1); INFO is reported only
 (for instance when NTP state cannot be read on this system).
@@ -59,7 +59,7 @@ class Finding:
     level: Level
     """OK, INFO, WARN or FAIL."""
     check: str
-    """Which check: config, site-dir, permissions, ports, disk, clock, tls, database."""
+    """Which check: config, site-dir, permissions, ports, disk, clock, tls, database, trunk."""
     message: str
     """What was found."""
     fix: str = ""
@@ -95,6 +95,7 @@ def run_checks(site_dir: Path | str) -> list[Finding]:
     if config is not None:
         findings += check_tls(config)
         findings += _check_database(config)
+        findings += check_trunk(config)
     findings += check_clock(config, started)
     return findings
 
@@ -450,3 +451,50 @@ def _check_database(config: SiteConfig) -> list[Finding]:
                         "stop the appliance and restore the latest backup")]
     return [Finding(Level.OK, "database", f"{path} passes quick_check (schema {version})")]
 
+
+
+TRUNK_STALE_MIN_S = 120.0
+"""A trunk status older than this (or three keep-alive intervals) was not written by a running
+appliance."""
+
+
+def check_trunk(config: SiteConfig, *, now: float | None = None) -> list[Finding]:
+    """The carrier trunk's keep-alive state and registration, from the ``trunk_status`` row the
+    running appliance keeps (``appliance.sip.trunk``); nothing when no carrier is set."""
+    from appliance.sip.trunk import read_trunk_status  # the SIP stack only when needed
+
+    trunk = config.trunk
+    if trunk.carrier is None:
+        return []
+    carrier = f"{trunk.carrier.host}:{trunk.carrier.port}"
+    if not trunk.registration and trunk.options_interval is None:
+        return [Finding(Level.INFO, "trunk",
+                        f"{carrier}: registration and keep-alive are both disabled")]
+    path = config.storage.database
+    status = read_trunk_status(str(path)) if path.exists() else None
+    if status is None or status.get("carrier") != carrier:
+        return [Finding(Level.INFO, "trunk",
+                        f"{carrier}: no status recorded yet (the running appliance records it)")]
+    now = time.time() if now is None else now
+    age = now - status["updated_at"]
+    stale_after = max(TRUNK_STALE_MIN_S, 3 * (trunk.options_interval or 0.0))
+    parts = [f"state {status['state']}"]
+    if status["registration"] != "disabled":
+        parts.append(f"registration {status['registration']}")
+        if status["registration"] == "registered" and status["registered_until"]:
+            parts.append(f"for {max(0, int(status['registered_until'] - now))} s more")
+    if status["reason"]:
+        parts.append(f"last outcome {status['reason']}")
+    summary = f"{carrier}: " + ", ".join(parts) + f" (recorded {int(age)} s ago)"
+    if age > stale_after:
+        # Doctor also runs before the appliance starts: an old status is history, not a fault.
+        return [Finding(Level.INFO, "trunk", summary + "; the appliance is not running")]
+    if status["state"] == "down":
+        return [Finding(Level.FAIL, "trunk", summary + f", {status['failures']} keep-alives "
+                        "failed in a row",
+                        "check trunk.carrier (host, port, transport), the firewall, and that "
+                        "the carrier expects this site's address")]
+    if status["registration"] == "failed":
+        return [Finding(Level.FAIL, "trunk", summary,
+                        "check trunk.auth (user, realm, HA1) with the carrier")]
+    return [Finding(Level.OK, "trunk", summary)]

@@ -422,7 +422,11 @@ cdef class SipMessage:
             values = self.get_all("Via")
             if len(values) > self._max_vias:
                 raise RemoteProtocolError(513, "Too many Via entries", message=self)
-            self._c_vias = [parse_via(v) for v in values]
+            if self._c_top_via is not None and values:
+                # The cached top Via was parsed from values[0] (edits clear the cache).
+                self._c_vias = [self._c_top_via] + [parse_via(v) for v in values[1:]]
+            else:
+                self._c_vias = [parse_via(v) for v in values]
         return self._c_vias
 
     @property
@@ -1054,16 +1058,53 @@ cdef frozenset _URI_FORBIDDEN = frozenset(' \t\r\n<>"\\\x7f')
 cdef frozenset _HEX = frozenset("0123456789abcdefABCDEF")
 
 
-cdef inline bint _all_in(str s, frozenset chars):
+# The same sets as bit classes of a 128-entry table: every member is ASCII, so a membership
+# test is one array load instead of a set lookup per character.
+cdef enum:
+    C_USER = 1
+    C_PASSWORD = 2
+    C_PARAM = 4
+    C_HEADER = 8
+    C_TOKEN = 16
+    C_HOST = 32
+    C_IPV6 = 64
+    C_SCHEME = 128
+    C_FORBIDDEN = 256
+
+cdef unsigned short _CLASS[128]
+cdef dict _CLASS_OF_SET = {}
+
+
+def _build_class_table():
+    cdef int code
+    sets = ((_USER_SAFE, C_USER), (_PASSWORD_SAFE, C_PASSWORD), (_PARAM_SAFE, C_PARAM),
+            (_HEADER_SAFE, C_HEADER), (_TOKEN_CHARS, C_TOKEN), (_HOST_CHARS, C_HOST),
+            (_IPV6_CHARS, C_IPV6), (_SCHEME_CHARS, C_SCHEME), (_URI_FORBIDDEN, C_FORBIDDEN))
+    for code in range(128):
+        _CLASS[code] = 0
+    for chars, bit in sets:
+        _CLASS_OF_SET[id(chars)] = bit
+        for ch in chars:
+            _CLASS[ord(ch)] |= bit
+
+
+_build_class_table()
+
+
+cdef inline bint _all_in_class(str s, unsigned short bit) noexcept:
     cdef Py_UCS4 c
     for c in s:
-        if c not in chars:
+        if c >= 128 or not (_CLASS[c] & bit):
             return False
     return True
 
 
+cdef inline bint _all_in(str s, frozenset chars):
+    return _all_in_class(s, <unsigned short>_CLASS_OF_SET[id(chars)])
+
+
 cdef bint _is_token(str s):
-    return len(s) > 0 and _all_in(s, _TOKEN_CHARS)
+    return len(s) > 0 and _all_in_class(s, C_TOKEN)
 
 
 cdef str _escape(str s, frozenset safe):
@@ -1103,7 +1144,7 @@ cdef str _unescape(str s):
 cdef void _check_uri_text(str s) except *:
     cdef Py_UCS4 c
     for c in s:
-        if c in _URI_FORBIDDEN or c < 32:
+        if c < 128 and (c < 32 or _CLASS[c] & C_FORBIDDEN):
             raise RemoteProtocolError(400, "Bad character in URI")
 
 
@@ -1119,7 +1160,7 @@ cdef tuple _parse_host_port(str s, bint lws_ok):
         host = s[:close + 1]
         inner = host[1:len(host) - 1]
         # RFC 5118 §4.10: accept the three-colon form the RFC 3261 ABNF allowed.
-        if not inner or ":" not in inner or not _all_in(inner, _IPV6_CHARS):
+        if not inner or ":" not in inner or not _all_in_class(inner, C_IPV6):
             raise RemoteProtocolError(400, "Bad IPv6 reference")
         rest = s[close + 1:]
         if lws_ok:
@@ -1133,7 +1174,7 @@ cdef tuple _parse_host_port(str s, bint lws_ok):
         host, sep, port_text = s.partition(":")
         if lws_ok:
             host = host.strip()
-        if not host or not _all_in(host, _HOST_CHARS):
+        if not host or not _all_in_class(host, C_HOST):
             raise RemoteProtocolError(400, "Bad host")
         if not sep:
             return host, None
@@ -1227,7 +1268,7 @@ def parse_uri(str text) -> SipUri:
     if colon <= 0:
         raise RemoteProtocolError(400, "URI without scheme")
     scheme = text[:colon]
-    if not scheme[0].isascii() or not scheme[0].isalpha() or not _all_in(scheme, _SCHEME_CHARS):
+    if not scheme[0].isascii() or not scheme[0].isalpha() or not _all_in_class(scheme, C_SCHEME):
         raise RemoteProtocolError(400, "Bad URI scheme")
     scheme = scheme.lower()
     rest = text[colon + 1:]
@@ -1412,9 +1453,9 @@ cdef dict _header_params(list items):
                     raise RemoteProtocolError(400, "Bad parameter value")
             elif value[0] == "[":
                 if value[len(value) - 1] != "]" \
-                        or not _all_in(value[1:len(value) - 1], _IPV6_CHARS):
+                        or not _all_in_class(value[1:len(value) - 1], C_IPV6):
                     raise RemoteProtocolError(400, "Bad parameter value")
-            elif not _all_in(value, _TOKEN_CHARS) and not _all_in(value, _IPV6_CHARS):
+            elif not _all_in_class(value, C_TOKEN) and not _all_in_class(value, C_IPV6):
                 raise RemoteProtocolError(400, "Bad parameter value")
             out[name.lower()] = value
         else:
@@ -1626,6 +1667,21 @@ cdef void _check_value(str value) except *:
 
 _SINGLE_VALUED = ("To", "From", "Call-ID", "CSeq", "Max-Forwards", "Content-Length",
                   "Content-Type", "Expires")
+# check_request's slots: Via, then the single-valued fields in the order above (the first four
+# are also mandatory), then the other fields it reads.
+cdef enum:
+    _K_VIA = 0
+    _K_TO = 1
+    _K_CSEQ = 4
+    _K_MAX_FORWARDS = 5
+    _K_CONTENT_TYPE = 7
+    _K_EXPIRES = 8
+    _K_DATE = 9
+    _K_REQUIRE = 10
+    _K_ACCEPT = 11
+    _NCHECK = 12
+cdef tuple _CHECK_NAMES = ("Via",) + _SINGLE_VALUED + ("Date", "Require", "Accept")
+cdef dict _CHECK_SLOT = {name: i for i, name in enumerate(_CHECK_NAMES)}
 _WKDAYS = frozenset(("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"))
 _MONTHS = frozenset(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
                      "Nov", "Dec"))
@@ -1663,14 +1719,29 @@ def check_request(SipMessage msg, *, supported=frozenset(), accept=("application
     """
     if not msg.is_request:
         raise LocalProtocolError("check_request needs a request")
-    if msg.get("Via") is None:
+    # One pass over the header fields: counts of the mandatory and single-valued ones and the
+    # first value of those checked below (names are canonical, as ``get`` compares them).
+    cdef int counts[_NCHECK]
+    cdef list firsts = [None] * _NCHECK
+    cdef int k
+    cdef tuple pair
+    for k in range(_NCHECK):
+        counts[k] = 0
+    for pair in msg.headers:
+        slot = _CHECK_SLOT.get(pair[0])
+        if slot is not None:
+            k = <int>slot
+            if counts[k] == 0:
+                firsts[k] = pair[1]
+            counts[k] += 1
+    if counts[_K_VIA] == 0:
         raise RemoteProtocolError(400, "Missing Via", droppable=True, message=msg)
-    for name in ("To", "From", "Call-ID", "CSeq"):
-        if msg.get(name) is None:
-            raise RemoteProtocolError(400, f"Missing {name}", message=msg)
-    for name in _SINGLE_VALUED:
-        if msg.count(name) > 1:
-            raise RemoteProtocolError(400, f"Repeated {name}", message=msg)
+    for k in range(_K_TO, _K_CSEQ + 1):
+        if counts[k] == 0:
+            raise RemoteProtocolError(400, f"Missing {_CHECK_NAMES[k]}", message=msg)
+    for k in range(_K_TO, _K_EXPIRES + 1):
+        if counts[k] > 1:
+            raise RemoteProtocolError(400, f"Repeated {_CHECK_NAMES[k]}", message=msg)
     try:
         msg.vias
         msg.from_
@@ -1681,11 +1752,11 @@ def check_request(SipMessage msg, *, supported=frozenset(), accept=("application
     method = msg.method
     if msg.cseq[1] != method:
         raise RemoteProtocolError(400, "CSeq method does not match", message=msg)
-    max_forwards = msg.max_forwards
-    date = msg.get("Date")
+    max_forwards = msg.max_forwards if counts[_K_MAX_FORWARDS] else None
+    date = firsts[_K_DATE]
     if date is not None and not _date_ok(date):
         raise RemoteProtocolError(400, "Bad Date", message=msg)
-    if msg.get("Expires") is not None:
+    if counts[_K_EXPIRES]:
         msg.expires
     ruri = msg.request_uri          # §8.2.2.1: 416 for a scheme we do not understand
     if ruri.headers:
@@ -1699,12 +1770,13 @@ def check_request(SipMessage msg, *, supported=frozenset(), accept=("application
         raise RemoteProtocolError(483, "Too Many Hops", message=msg)
     if method != "ACK" and method != "CANCEL":
         # §8.2.2.3: every option tag in Require must be supported.
-        unsupported = [t for t in msg.get_all("Require") if t not in supported]
+        unsupported = [t for t in msg.get_all("Require") if t not in supported] \
+            if counts[_K_REQUIRE] else None
         if unsupported:
             raise RemoteProtocolError(420, "Bad Extension",
                                       (("Unsupported", ", ".join(unsupported)),), message=msg)
     # §8.2.3: content we cannot process.
-    ctype = msg.get("Content-Type")
+    ctype = firsts[_K_CONTENT_TYPE]
     if msg.body or ctype is not None:
         wanted = (ctype or "").split(";", 1)[0].strip().lower()
         if not wanted:
@@ -1716,7 +1788,7 @@ def check_request(SipMessage msg, *, supported=frozenset(), accept=("application
         if any(e != "identity" for e in encodings):
             raise RemoteProtocolError(415, "Unsupported Media Type",
                                       (("Accept-Encoding", "identity"),), message=msg)
-    if method == "INVITE" and msg.get("Accept") is not None:
+    if method == "INVITE" and counts[_K_ACCEPT]:
         ranges = msg.get_all("Accept")
         if not any(_media_match(r, a.lower()) for r in ranges for a in accept):
             raise RemoteProtocolError(406, "Not Acceptable", message=msg)
@@ -1770,12 +1842,20 @@ def build_response(SipMessage request, int status, reason=None, *, headers=(), b
     resp.status = status
     resp.reason = reason if reason is not None else reason_phrase(status)
     out = []
+    cdef bint first_to = True
     for name, value in request.headers:
         if name == "Via" or name == "From" or name == "Call-ID" or name == "CSeq":
             out.append((name, value))
         elif name == "To":
-            if to_tag is not None and not _has_tag(value):
-                value = f"{value};tag={to_tag}"
+            if to_tag is not None:
+                # The first To's parsed view is cached by the request when it was read.
+                if first_to and request._c_to is not None:
+                    tagged = (<NameAddr>request._c_to).params.get("tag") is not None
+                else:
+                    tagged = _has_tag(value)
+                if not tagged:
+                    value = f"{value};tag={to_tag}"
+            first_to = False
             out.append((name, value))
     resp.headers = out
     for name, value in headers:

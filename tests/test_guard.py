@@ -61,6 +61,24 @@ def test_five_failures_within_the_window_ban_the_source_for_ban_time(caplog) -> 
     ]
 
 
+def test_each_new_ban_is_told_once_and_a_failing_listener_changes_nothing() -> None:
+    g = guard()
+    told: list[tuple[str, float, int]] = []
+    g.on_ban = lambda source, until, failures: told.append((source.host, until, failures))
+    for i in range(5):
+        g.auth_failed(ATTACKER, 100.0 + i)
+    g.auth_failed(ATTACKER, 106.0)  # already banned: no second ban
+    assert told == [(ATTACKER.host, 104.0 + 900.0, 5)]
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("listener down")
+
+    g.on_ban = broken
+    for i in range(5):
+        g.auth_failed(PHONE, 200.0 + i)
+    assert g.admit(Req(), PHONE, 205.0) is DROP  # banned all the same
+
+
 def test_failures_spread_wider_than_the_window_do_not_ban() -> None:
     g = guard()
     for i in range(20):

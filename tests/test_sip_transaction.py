@@ -34,6 +34,7 @@ from appliance.sip.transaction import (
     TransactionTimeout,
     Transmit,
     TransportFailed,
+    server_key,
 )
 
 UDP_PEER = Source("UDP", "127.0.0.1", 5070)
@@ -706,3 +707,37 @@ def test_reliable_non_invite_is_never_held_compactly() -> None:
     key = only(layer.receive_request(reg, TCP_PEER, 0.0), RequestReceived).key
     layer.respond(key, response(reg, 200), 0.1)
     assert layer.completed == 0 and key not in layer  # J is zero on TCP (§17.2.2)
+
+
+def test_answer_at_once_ends_as_receive_then_respond_does() -> None:
+    layer = TransactionLayer()
+    reg = request("REGISTER")
+    reply_to = Source("UDP", "198.51.100.7", 40000)
+    key = server_key(reg)
+    data = response(reg, 401).to_bytes()
+    layer.answer_at_once(key, data, reply_to, 1.0)
+    # Completed (§17.2.2): retransmissions get the same bytes until timer J = 64*T1.
+    assert layer.get(key) is None and key in layer and layer.completed == 1
+    again = only(layer.receive_request(reg, UDP_PEER, 20.0), Transmit)
+    assert (again.key, again.data, again.destination, again.retransmission) == (
+        key, data, reply_to, True)
+    assert layer.next_timer() == 33.0
+    assert [(t, type(ev)) for t, ev in drive(layer, 100.0)] == [(33.0, TransactionTerminated)]
+    assert key not in layer and len(layer) == 0
+
+
+def test_answer_at_once_refuses_what_it_cannot_hold() -> None:
+    layer = TransactionLayer(max_transactions=1)
+    reg = request("REGISTER")
+    key = server_key(reg)
+    layer.answer_at_once(key, b"SIP/2.0 200 OK\r\n\r\n", UDP_PEER, 0.0)
+    with pytest.raises(LocalProtocolError):
+        layer.answer_at_once(key, b"", UDP_PEER, 0.0)  # already held
+    with pytest.raises(TransactionTableFull):
+        layer.answer_at_once(server_key(request("REGISTER")), b"", UDP_PEER, 0.0)
+    layer = TransactionLayer()
+    with pytest.raises(LocalProtocolError):  # J is zero on streams: nothing to hold
+        layer.answer_at_once(server_key(reg), b"", TCP_PEER, 0.0)
+    with pytest.raises(LocalProtocolError):  # INVITE server transactions need the machine
+        layer.answer_at_once(server_key(request("INVITE")), b"", UDP_PEER, 0.0)
+    assert len(layer) == 0

@@ -36,6 +36,7 @@ __all__ = [
     "HasHa1",
     "MD5_FIRST_USER_AGENTS",
     "answer_challenge",
+    "authorization_from_ha1",
     "compute_ha1",
     "parse_challenge",
     "parse_credentials",
@@ -60,9 +61,8 @@ _NONCE_SERIAL = 6
 _NONCE_MAC = 12
 _NONCE_LEN = 8 + _NONCE_SERIAL + _NONCE_MAC
 
-_PARAM_RE = re.compile(
-    r'\s*([A-Za-z0-9_.!%*+`\'~-]+)\s*=\s*("[^"\\]*(?:\\.[^"\\]*)*"|[^\s,"]*)\s*(?:,|$)'
-)
+_PARAM = r'\s*([A-Za-z0-9_.!%*+`\'~-]+)\s*=\s*("[^"\\]*(?:\\.[^"\\]*)*"|[^\s,"]*)\s*'
+_PARAM_RE = re.compile(_PARAM + r"(?:,|$)")
 _QUOTED_PAIR_RE = re.compile(r"\\(.)")
 
 
@@ -390,48 +390,87 @@ def answer_challenge(
 ) -> str:
     """Build the Authorization value answering one Digest challenge with ``qop=auth``.
 
-    This is the client side (a trunk registration from the appliance, or a test phone).
+    This is the client side for a test phone; the appliance itself holds HA1 only and uses
+    ``authorization_from_ha1``.
     """
     params = parse_challenge(challenge)
+    algorithm = params.get("algorithm", "MD5")
+    if algorithm.upper() not in _HASHES:
+        raise ValueError(f"unsupported digest algorithm {algorithm!r}")
+    ha1 = compute_ha1(username, params["realm"], password, algorithm)
+    return authorization_from_ha1(
+        params, method=method, uri=uri, username=username, ha1=ha1, nc=nc, cnonce=cnonce
+    )
+
+
+def authorization_from_ha1(
+    params: Mapping[str, str],
+    *,
+    method: str,
+    uri: str,
+    username: str,
+    ha1: str,
+    nc: int = 1,
+    cnonce: str | None = None,
+) -> str:
+    """The Authorization value for a parsed challenge (``parse_challenge``), from HA1.
+
+    RFC 7616 §3.4: with ``qop="auth"`` offered the answer carries qop, nc and cnonce; a
+    challenge without qop (RFC 2069 style, still sent by some carriers) gets the plain
+    ``H(HA1:nonce:HA2)``. ``opaque`` is echoed when given (RFC 7616 §3.4).
+    """
     algorithm = params.get("algorithm", "MD5")
     digest = _HASHES.get(algorithm.upper())
     if digest is None:
         raise ValueError(f"unsupported digest algorithm {algorithm!r}")
-    ha1 = compute_ha1(username, params["realm"], password, algorithm)
+    nonce = params["nonce"]
     ha2 = digest(f"{method}:{uri}".encode()).hexdigest()
-    cnonce = cnonce or base64.urlsafe_b64encode(os.urandom(12)).decode()
-    nc_text = f"{nc:08x}"
-    response = digest(f"{ha1}:{params['nonce']}:{nc_text}:{cnonce}:auth:{ha2}".encode()).hexdigest()
-    return (
-        f"Digest username={_quote(username)}, realm={_quote(params['realm'])}, "
-        f'nonce="{params["nonce"]}", uri={_quote(uri)}, response="{response}", '
-        f'algorithm={algorithm}, qop=auth, nc={nc_text}, cnonce="{cnonce}"'
-    )
+    qops = [q.strip().lower() for q in params.get("qop", "").split(",") if q.strip()]
+    parts = [
+        f"Digest username={_quote(username)}",
+        f"realm={_quote(params['realm'])}",
+        f"nonce={_quote(nonce)}",
+        f"uri={_quote(uri)}",
+    ]
+    if "auth" in qops:
+        cnonce = cnonce or base64.urlsafe_b64encode(os.urandom(12)).decode()
+        nc_text = f"{nc:08x}"
+        response = digest(f"{ha1}:{nonce}:{nc_text}:{cnonce}:auth:{ha2}".encode()).hexdigest()
+        parts += [f'response="{response}"', f"algorithm={algorithm}", "qop=auth",
+                  f"nc={nc_text}", f'cnonce="{cnonce}"']
+    elif qops:
+        raise ValueError(f"no supported qop in {params.get('qop')!r}")
+    else:
+        response = digest(f"{ha1}:{nonce}:{ha2}".encode()).hexdigest()
+        parts += [f'response="{response}"', f"algorithm={algorithm}"]
+    if "opaque" in params:
+        parts.append(f"opaque={_quote(params['opaque'])}")
+    return ", ".join(parts)
 
 
 def _auth_params(text: str, what: str) -> dict[str, str]:
     """``name=value, name="quoted"`` pairs (RFC 7235 §2.1 auth-param); ValueError if bad."""
+    if not text:
+        return {}
+    # One C-level pass: ``split`` yields [gap, name, value, gap, name, value, ..., tail]; the
+    # list is well-formed exactly when every pair is followed by "," or the end, that is when
+    # no gap or tail is left between them.
+    parts = _PARAM_RE.split(text)
+    if len(parts) < 3 or any(parts[0::3]):
+        raise ValueError(f"malformed {what} parameters")
+    names = parts[1::3]
+    if len(names) > _MAX_AUTH_PARAMS:
+        raise ValueError(f"too many {what} parameters")
     params: dict[str, str] = {}
-    pos = 0
-    end = len(text)
-    for m in _PARAM_RE.finditer(text):
-        if m.start() != pos or m.end() == pos:
-            raise ValueError(f"malformed {what} parameters")
-        name, raw = m.group(1).lower(), m.group(2)
-        if raw.startswith('"'):
+    for name, raw in zip(names, parts[2::3], strict=True):
+        name = name.lower()
+        if raw[:1] == '"':
             raw = raw[1:-1]
             if "\\" in raw:
                 raw = _QUOTED_PAIR_RE.sub(r"\1", raw)
         if name in params:
             raise ValueError(f"repeated {what} parameter {name}")
         params[name] = raw
-        if len(params) > _MAX_AUTH_PARAMS:
-            raise ValueError(f"too many {what} parameters")
-        pos = m.end()
-        if pos == end:
-            break
-    if pos != end:
-        raise ValueError(f"malformed {what} parameters")
     return params
 
 

@@ -22,7 +22,7 @@ import enum
 import ipaddress
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,8 @@ class Guard:
         self._drop_logged: dict[str, float] = {}
         self.dropped: dict[str, int] = {"banned": 0, "rate limited": 0, "scanner": 0}
         """Counters of dropped requests per reason."""
+        self.on_ban: Callable[[Source, float, int], None] | None = None
+        """Told of each new ban: (source, ban end, failures); the alerts' security rule."""
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -245,6 +247,11 @@ class Guard:
             self.failure_window,
             self.ban_time,
         )
+        if self.on_ban is not None:
+            try:
+                self.on_ban(source, now + self.ban_time, failures)
+            except Exception:
+                log.exception("event=sip_guard_on_ban_failed source=%s", source.host)
 
     def _drop(self, decision: GuardDecision, source: Source, now: float) -> GuardDecision:
         self.dropped[decision.reason] += 1

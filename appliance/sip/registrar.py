@@ -95,12 +95,27 @@ class Binding:
         return int(left + 0.5) if left > 0 else 0
 
 
+_CONTACT_KEYS: dict[str, str] = {}
+"""``contact_key`` results: phones re-register the same Contact over and over."""
+_MAX_CONTACT_KEYS = 8192
+
+
 def contact_key(uri: str) -> str:
     """A comparison key for Contact URIs, close to RFC 3261 §19.1.4.
 
     Scheme and host compare case-insensitively, user and password case-sensitively; URI
     parameters compare by name case-insensitively and in any order.
     """
+    key = _CONTACT_KEYS.get(uri)
+    if key is None:
+        key = _contact_key(uri)
+        if len(_CONTACT_KEYS) >= _MAX_CONTACT_KEYS:
+            _CONTACT_KEYS.clear()  # bounded: a flood of distinct Contacts only costs re-work
+        _CONTACT_KEYS[uri] = key
+    return key
+
+
+def _contact_key(uri: str) -> str:
     text = uri.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]

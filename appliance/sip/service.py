@@ -42,6 +42,7 @@ from appliance.sip.transaction import (
     TransactionTimeout,
     Transmit,
     TransportFailed,
+    server_key,
 )
 from appliance.sip.transport import (
     DEFAULT_PORTS,
@@ -186,6 +187,7 @@ class SipService:
         self._housekeeping: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._sent_by: dict[TransactionKey, Source] = {}
+        self._client_hooks: dict[TransactionKey, Callable[[Event], None]] = {}
         self._closed = False
 
     @property
@@ -232,9 +234,13 @@ class SipService:
 
     # -- sending (for call control) ----------------------------------------------------------
 
-    def send_request(self, request: SipMessage, destination: Source) -> TransactionKey:
-        """Open a client transaction; its events go to ``on_transaction_event``."""
+    def send_request(self, request: SipMessage, destination: Source, *,
+                     on_event: Callable[[Event], None] | None = None) -> TransactionKey:
+        """Open a client transaction; its events go to ``on_event`` when given (until it
+        terminates), else to ``on_transaction_event``."""
         key, events = self.layer.send_request(request, destination, self.clock())
+        if on_event is not None:
+            self._client_hooks[key] = on_event
         self._run(events)
         return key
 
@@ -263,6 +269,15 @@ class SipService:
     def _on_request(self, request: SipMessage, source: Source, now: float) -> None:
         if self._refused_by_guard(request, source, now):
             return
+        if request.method == "REGISTER" and source.transport == "UDP":
+            # The registration storm's path: a new REGISTER over UDP is answered at once, so
+            # its server transaction goes straight to Completed (RFC 3261 §17.2.2) without a
+            # machine or event list; retransmissions and a full table take the general path.
+            key = server_key(request)
+            layer = self.layer
+            if key not in layer and len(layer) < layer.max_transactions:
+                self._register_at_once(key, request, source, now)
+                return
         try:
             events = self.layer.receive_request(
                 request, source, now, reply_to=response_destination(request, source)
@@ -386,15 +401,49 @@ class SipService:
         return Source(destination.transport, destination.host, port)
 
     def _notify(self, event: Event) -> None:
-        if self.on_transaction_event is not None:
-            self.on_transaction_event(event)
+        hooks = self._client_hooks
+        hook = hooks.get(event.key) if hooks else None
+        if hook is None:
+            if self.on_transaction_event is not None:
+                self.on_transaction_event(event)
+            return
+        if type(event) is TransactionTerminated:
+            del hooks[event.key]
+        try:
+            hook(event)
+        except Exception:  # the owner's bug must not stop the SIP service
+            log.exception("event=sip_internal_error where=client_hook method=%s",
+                          event.key.method)
+
+    def _register_at_once(self, key: TransactionKey, request: SipMessage, source: Source,
+                          now: float) -> None:
+        # Same answer as ``_dispatch`` gives; the layer files the response bytes for timer J.
+        response = self._build_answer(key, request, source, now)
+        if response is None:
+            self._run([TransactionTerminated(key)])  # what ``layer.abandon`` reports
+            return
+        data = response.to_bytes()
+        destination = response_destination(request, source)
+        self.layer.answer_at_once(key, data, destination, now)
+        self.transports.send(data, destination)
+        self._reschedule()
 
     def _dispatch(self, key: TransactionKey, request: SipMessage, source: Source) -> list[Event]:
         now = self.clock()
+        response = self._build_answer(key, request, source, now)
+        if response is _TAKEN:
+            return []  # call control answers through respond()
+        if response is None:
+            return self.layer.abandon(key)
+        return self.layer.respond(key, response, now)
+
+    def _build_answer(self, key: TransactionKey, request: SipMessage, source: Source,
+                      now: float) -> Any:
+        """The response to ``request``, ``_TAKEN`` (call control answers), or None."""
         try:
             response = self._answer(key, request, source, now)
             if response is _TAKEN:
-                return []  # call control answers through respond()
+                return response
         except RemoteProtocolError as exc:
             response = self._error_response(request, exc.status, exc.reason, exc.headers)
         except Exception:
@@ -407,12 +456,12 @@ class SipService:
             # open (an INVITE server transaction has no timer of its own in Proceeding).
             log.info("event=sip_unanswerable method=%s call_id=%s source=%s:%d",
                      request.method, request.get("Call-ID"), source.host, source.port)
-            return self.layer.abandon(key)
+            return None
         if log.isEnabledFor(logging.DEBUG):
             log.debug("event=sip_response method=%s status=%d call_id=%s source=%s:%d",
                       request.method, response.status, request.get("Call-ID"), source.host,
                       source.port)
-        return self.layer.respond(key, response, now)
+        return response
 
     @staticmethod
     def _error_response(request: SipMessage, status: int, reason: str,

@@ -879,6 +879,37 @@ class TransactionLayer:
             self._acks[tx.ack_fields] = key
         return events
 
+    def answer_at_once(
+        self, key: TransactionKey, response_bytes: bytes, destination: Source, now: float
+    ) -> None:
+        """File a new non-INVITE server transaction over UDP already answered with a final
+        response: the same end state as ``receive_request`` then ``respond`` with it, without
+        building the machine (the registrar's hot path).
+
+        RFC 3261 §17.2.2: (TRYING, final from the TU) -> Completed with timer J = 64*T1; until
+        J the transaction only re-sends ``response_bytes`` to retransmissions. The caller has
+        checked ``key not in self`` and sends the bytes itself. Raises
+        ``TransactionTableFull`` like ``receive_request``.
+        """
+        if key in self._transactions or key in self._completed:
+            raise LocalProtocolError(f"transaction {key} exists")
+        if not key.server or key.method in ("INVITE", "ACK"):
+            raise LocalProtocolError("only non-INVITE server transactions are answered at once")
+        if destination.transport.upper() in RELIABLE_TRANSPORTS:
+            raise LocalProtocolError("answer_at_once is for UDP (timer J is zero on streams)")
+        if len(self._transactions) + len(self._completed) >= self.max_transactions:
+            raise TransactionTableFull(f"{len(self)} transactions held")
+        _, duration = _STARTS[A.START_J]
+        deadline = now + duration(self.config, False)
+        self._completed[key] = (deadline, response_bytes, destination)
+        self._seq += 1
+        entry = (deadline, self._seq, key)
+        expiries = self._expiries
+        if not expiries or expiries[-1][0] <= deadline:
+            expiries.append(entry)
+        else:
+            bisect.insort(expiries, entry, key=lambda e: (e[0], e[1]))
+
     def abandon(self, key: TransactionKey) -> list[Event]:
         """Drop a server transaction the transaction user cannot answer at all."""
         tx = self._transactions.get(key)
