@@ -381,6 +381,21 @@ class TrunkConfig(_Model):
     """Where outbound calls go; None: the site has no outbound trunk."""
     auth: TrunkAuth | None = None
     """Credentials for the carrier's digest challenges (outbound INVITE, REGISTER)."""
+    registration: StrictBool = Field(default=False, alias="register")
+    """``register:`` in site.yaml. Register the site with ``carrier`` (RFC 3261 §10.2),
+    answering its digest challenge with ``auth``; needs both."""
+    register_expires: Annotated[StrictInt, Field(ge=60, le=86400)] = 600
+    """Registration lifetime asked for, in seconds; refreshed before it ends."""
+    options_interval: Annotated[float, Field(gt=0, le=3600)] | None = 30.0
+    """Seconds between OPTIONS keep-alives to ``carrier``; null disables them."""
+    options_failures: Annotated[StrictInt, Field(ge=1, le=100)] = 3
+    """Keep-alives failed in a row before the trunk is reported down."""
+
+    @model_validator(mode="after")
+    def _registration_needs(self) -> TrunkConfig:
+        if self.registration and (self.carrier is None or self.auth is None):
+            raise _KeyedValueError(("register",), "expected carrier and auth with register: true")
+        return self
 
 
 class HttpConfig(_Model):
@@ -395,6 +410,8 @@ class MediaConfig(_Model):
 
     rtp_ports: PortRange = (20000, 29999)
     """UDP ports the media engine allocates RTP/RTCP pairs from (``"LOW-HIGH"``)."""
+    rtp_timeout: Annotated[StrictFloat | StrictInt, Field(ge=0, le=3600)] = 30.0
+    """Seconds without RTP on an answered leg before both sides are hung up (0: never)."""
 
 
 class StorageConfig(_Model):
@@ -429,8 +446,25 @@ QUEUE_STRATEGIES = (
 QueueName = Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
 
+class IvrCustomer(_Model):
+    """A known caller in ``ivr.customers`` (docs/ivr.md, "Customer list")."""
+
+    priority: Annotated[StrictInt, Field(ge=0, le=100)] = 0
+    """Queue priority for this caller's calls (higher is served first)."""
+    tier: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")] | None = None
+    """Customer tier such as ``gold``, for the call record and screen pops."""
+
+
 class IvrConfig(_Model):
     """IVR flows and which dialled number (DID) starts which flow (docs/ivr.md, docs/calls.md)."""
+
+    customers: dict[
+        Annotated[StrictStr, Field(pattern=r"^\+?[0-9]{2,32}$")], IvrCustomer] = Field(
+        default_factory=dict, max_length=100_000)
+    """Caller number (as in the From header's user part) -> priority and tier, consulted
+    before any CRM look-up (a listed caller skips ``http`` nodes)."""
+    lookup_concurrency: Annotated[StrictInt, Field(ge=1, le=256)] = 8
+    """CRM look-ups (``http`` nodes) running at once on the site; more wait or fail."""
 
     flows: Annotated[StrictStr | dict[StrictStr, Any], BeforeValidator(_flows_value)] = Field(
         default_factory=dict)
@@ -466,8 +500,22 @@ class QueueSettings(_Model):
     """Seconds after a call before the agent is offered another."""
     max_wait: Seconds | None = None
     """Seconds a caller may wait; None: no limit."""
-    record: StrictBool = True
-    """Record the queue's answered calls (stereo, encrypted at rest)."""
+    record: StrictBool | StrictInt = True
+    """Record the queue's answered calls (stereo, encrypted at rest): true, false, or the
+    percentage of calls to record, drawn per call."""
+    music: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = "hold_music"
+    """Prompt the caller hears, looped, from joining the queue until an agent answers;
+    None: silence."""
+    announce_every: Seconds | None = None
+    """Seconds between announcements of the waiting caller's position and estimated wait
+    (between the music); None: no announcements."""
+
+    @field_validator("record")
+    @classmethod
+    def _record_policy(cls, value: bool | int) -> bool | int:
+        if not isinstance(value, bool) and not 0 <= value <= 100:
+            raise ValueError(f"expected true, false or a percentage 0-100, got {value}")
+        return value
 
     @field_validator("strategy")
     @classmethod
@@ -475,6 +523,170 @@ class QueueSettings(_Model):
         if value not in QUEUE_STRATEGIES:
             raise ValueError(f"expected one of {', '.join(QUEUE_STRATEGIES)}, got {value!r}")
         return value
+
+
+FEATURE_CODE_ACTIONS = (
+    "login", "logout", "pause", "unpause", "disposition", "listen", "whisper", "barge",
+    "record-pause", "record-resume",
+)
+"""Actions a feature code may be given to (docs/routing.md, "Feature codes")."""
+
+FeatureCodeDigits = Annotated[StrictStr, Field(pattern=r"^[0-9*#]{1,8}$")]
+AgentCode = Annotated[StrictStr, Field(pattern=r"^[0-9]{1,16}$")]
+AgentLabel = Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+
+class AgentsConfig(_Model):
+    """The agent desk: feature codes, pause reasons, dispositions, watchdog (docs/routing.md)."""
+
+    feature_codes: dict[StrictStr, FeatureCodeDigits] = Field(default_factory=dict)
+    """Action -> code, replacing the default (``*70`` login ... ``*1``/``*2`` recording)."""
+    pause_reasons: dict[AgentCode, AgentLabel] = Field(
+        default_factory=lambda: {"1": "break", "2": "lunch", "3": "training"})
+    """Pause reason code (dialled after the pause code) -> reason name."""
+    dispositions: dict[AgentCode, AgentLabel] = Field(
+        default_factory=lambda: {"1": "resolved", "2": "follow-up", "3": "escalated"})
+    """Disposition code (dialled after the disposition code) -> name."""
+    watchdog_interval: Seconds = 30.0
+    """Seconds between watchdog runs."""
+    watchdog_grace: Annotated[StrictFloat | StrictInt, Field(ge=0)] = 10.0
+    """Seconds a ringing offer or call the router holds must stay unexplained by a live call
+    before the watchdog clears it."""
+
+    @field_validator("feature_codes")
+    @classmethod
+    def _known_actions(cls, value: dict[str, str]) -> dict[str, str]:
+        for action in value:
+            if action not in FEATURE_CODE_ACTIONS:
+                raise ValueError(f"expected actions among {', '.join(FEATURE_CODE_ACTIONS)}, "
+                                 f"got {action!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_codes(self) -> AgentsConfig:
+        defaults = {"login": "*70", "logout": "*71", "pause": "*72", "unpause": "*73",
+                    "disposition": "*74", "listen": "*80", "whisper": "*81", "barge": "*82",
+                    "record-pause": "*1", "record-resume": "*2"}
+        # Overridden codes last, so a clash is reported at the key the site set.
+        codes = {**{a: c for a, c in defaults.items() if a not in self.feature_codes},
+                 **self.feature_codes}
+        seen: dict[str, str] = {}
+        for action, code in codes.items():
+            if code in seen:
+                raise _KeyedValueError(
+                    ("feature_codes", action),
+                    f"expected a code of its own, {code!r} is also {seen[code]}")
+            seen[code] = action
+        if "auto-pause" in self.pause_reasons.values():
+            raise _KeyedValueError(("pause_reasons",),
+                                   "expected reason names other than auto-pause (the router's)")
+        return self
+
+
+DialPrefix = Annotated[StrictStr, Field(pattern=r"^(\+[0-9]{0,16}|[0-9]{1,16})$")]
+
+
+class DialRole(_Model):
+    """What the phones of one account role may dial through the trunk (docs/calls.md)."""
+
+    allowed_prefixes: tuple[DialPrefix, ...] = ()
+    """A dialled number must start with one of these; empty: any number."""
+    international: StrictBool = False
+    """May dial numbers whose longest matching prefix is an international one."""
+    premium: StrictBool = False
+    """May dial numbers starting with a premium-rate prefix."""
+    max_calls: Annotated[StrictInt, Field(ge=0, le=100)] = 2
+    """Outbound calls one phone of this role may have up at once; beyond it: 486."""
+    record: StrictBool = True
+    """Record this role's outbound calls (stereo, encrypted at rest)."""
+
+
+class DiallingConfig(_Model):
+    """Dial rules for calls agents and supervisors place through ``trunk.carrier``."""
+
+    international_prefixes: tuple[DialPrefix, ...] = ("00", "011", "+")
+    """A number whose longest matching prefix (with ``national_prefixes``) is one of these is
+    international."""
+    national_prefixes: tuple[DialPrefix, ...] = ("+1",)
+    """Prefixes that are not international even though a shorter international one matches."""
+    premium_prefixes: tuple[DialPrefix, ...] = ("1900", "+1900", "1976", "+1976")
+    """Premium-rate numbers start with one of these."""
+    roles: dict[Literal["agent", "supervisor"], DialRole] = Field(
+        default_factory=lambda: {"agent": DialRole(),
+                                 "supervisor": DialRole(international=True, max_calls=4)})
+    """Account role -> its rules; a role not listed may not dial out."""
+
+
+class ServiceLevelAlert(_Model):
+    """Alert when a queue's service level over a sliding window is below target."""
+
+    target: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.8
+    """Fraction of callers answered within ``threshold``."""
+    threshold: Seconds = 20.0
+    """Answered within this many seconds counts as in time."""
+    window: Seconds = 1800.0
+    """Callers who left the queue within this many seconds count."""
+    min_calls: PositiveInt = 10
+    """Fewer callers than this in the window raise nothing."""
+
+
+class CountAlert(_Model):
+    """Alert above a count."""
+
+    above: Annotated[StrictInt, Field(ge=0)] = 10
+
+
+class DurationAlert(_Model):
+    """Alert above a duration, seconds."""
+
+    above: Seconds = 120.0
+
+
+class LinkDownAlert(_Model):
+    """Alert when the cloud link has been offline this long."""
+
+    after: Seconds = 60.0
+
+
+class SecurityAlert(_Model):
+    """Alert on a burst of SIP bans and refused API logins."""
+
+    count: PositiveInt = 5
+    window: Seconds = 300.0
+
+
+class AlertsConfig(_Model):
+    """Alert rules (docs/alerts.md); ``null`` turns a rule off."""
+
+    service_level: ServiceLevelAlert | None = Field(default_factory=ServiceLevelAlert)
+    calls_waiting: CountAlert | None = Field(default_factory=CountAlert)
+    """Callers waiting in one queue."""
+    longest_wait: DurationAlert | None = Field(default_factory=DurationAlert)
+    """Seconds the longest-waiting caller of a queue has waited."""
+    agent_paused: DurationAlert | None = Field(
+        default_factory=lambda: DurationAlert(above=900.0))
+    """Seconds an agent has been paused."""
+    long_call: DurationAlert | None = Field(default_factory=lambda: DurationAlert(above=3600.0))
+    """Seconds a call has lasted."""
+    link_down: LinkDownAlert | None = Field(default_factory=LinkDownAlert)
+    security: SecurityAlert | None = Field(default_factory=SecurityAlert)
+
+
+class WebhookTarget(_Model):
+    """One URL events are POSTed to (docs/alerts.md, "Webhooks")."""
+
+    url: Annotated[StrictStr, Field(pattern=r"^https?://[^\s/?#]+(/[^\s]*)?$")]
+    """http:// or https:// URL of the receiver."""
+    secret_file: Annotated[Path | None, BeforeValidator(_optional_site_path)] = None
+    """File holding the HMAC-SHA256 key that signs each request (never the key itself)."""
+    kinds: tuple[StrictStr, ...] = ("alert.raised", "alert.cleared", "screen.pop")
+    """Event kinds sent to this URL."""
+    timeout: Seconds = 2.0
+    retries: Annotated[StrictInt, Field(ge=0, le=20)] = 5
+    backoff: Seconds = 0.5
+    """First retry delay, seconds; doubled on each retry."""
+    queue_limit: PositiveInt = 10000
+    """Events held for this URL at most; more are dropped and counted."""
 
 
 class SiteConfig(_Model):
@@ -489,6 +701,10 @@ class SiteConfig(_Model):
     storage: StorageConfig = _section()
     ivr: IvrConfig = _section()
     queues: tuple[QueueSettings, ...] = ()
+    agents: AgentsConfig = _section()
+    dialling: DiallingConfig = _section()
+    alerts: AlertsConfig = _section()
+    webhooks: tuple[WebhookTarget, ...] = ()
 
     _site_dir: Path | None = PrivateAttr(default=None)
 

@@ -177,6 +177,146 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX call_records_agent ON call_records (agent, started_at)",
         ),
     ),
+    Migration(
+        5,
+        "edge agent backups and config versions",
+        (
+            # Written by the edge agent only (docs/backups.md). One row per backup attempt;
+            # completed_at is set when the cloud confirmed the whole upload and its SHA-256.
+            """CREATE TABLE edge_backups (
+                backup_id TEXT PRIMARY KEY,
+                reason TEXT NOT NULL,
+                started_at REAL NOT NULL,
+                completed_at REAL,
+                size INTEGER,
+                sha256 TEXT,
+                error TEXT
+            )""",
+            # Every config version the cloud pushed and what became of it; the running version
+            # is the highest with ok = 1.
+            """CREATE TABLE edge_config (
+                version INTEGER PRIMARY KEY,
+                received_at REAL NOT NULL,
+                ok INTEGER NOT NULL CHECK (ok IN (0, 1)),
+                error TEXT NOT NULL DEFAULT '',
+                sha256 TEXT NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        6,
+        "agent desk and api user agent link",
+        (
+            # The presence each agent chose, one row per agent (docs/routing.md, "Agent
+            # states"); written with its audit row and agent.* event in one transaction.
+            """CREATE TABLE agent_desk (
+                agent TEXT PRIMARY KEY,
+                presence TEXT NOT NULL CHECK (presence IN ('logged-out', 'available', 'paused')),
+                reason TEXT,
+                since REAL NOT NULL,
+                actor TEXT NOT NULL,
+                source TEXT NOT NULL
+            )""",
+            # The agent extension (SIP account user) an API user of role agent acts for.
+            "ALTER TABLE api_users ADD COLUMN agent TEXT",
+            "CREATE UNIQUE INDEX api_users_agent ON api_users (agent) WHERE agent IS NOT NULL",
+        ),
+    ),
+    Migration(
+        7,
+        "kpi rollups and alerts",
+        (
+            # Per-interval queue figures folded from the event log (docs/kpis.md, "Where
+            # reports come from"); config is the KPI settings they were counted with.
+            """CREATE TABLE kpi_rollup (
+                config TEXT NOT NULL,
+                interval_start INTEGER NOT NULL,
+                queue TEXT NOT NULL,
+                offered INTEGER NOT NULL DEFAULT 0,
+                answered INTEGER NOT NULL DEFAULT 0,
+                abandoned INTEGER NOT NULL DEFAULT 0,
+                short_abandoned INTEGER NOT NULL DEFAULT 0,
+                timed_out INTEGER NOT NULL DEFAULT 0,
+                answered_within INTEGER NOT NULL DEFAULT 0,
+                abandoned_within INTEGER NOT NULL DEFAULT 0,
+                answered_wait REAL NOT NULL DEFAULT 0,
+                left_wait REAL NOT NULL DEFAULT 0,
+                all_wait REAL NOT NULL DEFAULT 0,
+                all_abandons INTEGER NOT NULL DEFAULT 0,
+                handled INTEGER NOT NULL DEFAULT 0,
+                talk REAL NOT NULL DEFAULT 0,
+                hold REAL NOT NULL DEFAULT 0,
+                ring_no_answer INTEGER NOT NULL DEFAULT 0,
+                longest_wait REAL,
+                PRIMARY KEY (config, interval_start, queue)
+            )""",
+            # Calls the rollup has seen enter but not finish, and the seq it reflects.
+            """CREATE TABLE kpi_rollup_open (
+                config TEXT NOT NULL,
+                call_key TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (json_valid(state)),
+                PRIMARY KEY (config, call_key)
+            )""",
+            """CREATE TABLE kpi_rollup_state (
+                config TEXT PRIMARY KEY,
+                last_seq INTEGER NOT NULL,
+                updated_at REAL NOT NULL
+            )""",
+            # Reports and exports read the log by time.
+            "CREATE INDEX events_occurred_at ON events (occurred_at)",
+        ),
+    ),
+    Migration(
+        8,
+        "call records: direction, holds, who ended the call, recording decision",
+        (
+            # docs/calls.md: inbound (carrier -> agent) or outbound (agent -> carrier).
+            "ALTER TABLE call_records ADD COLUMN direction TEXT NOT NULL DEFAULT 'inbound'"
+            " CHECK (direction IN ('inbound', 'outbound'))",
+            # JSON list of [start, end] hold periods (end null while held at the end).
+            "ALTER TABLE call_records ADD COLUMN holds TEXT NOT NULL DEFAULT '[]'"
+            " CHECK (json_valid(holds))",
+            # The API user who ended the call, when it was ended through the API.
+            "ALTER TABLE call_records ADD COLUMN ended_by TEXT",
+            # Why the call was or was not recorded (the queue's policy and its draw).
+            "ALTER TABLE call_records ADD COLUMN recording_decision TEXT",
+        ),
+    ),
+    Migration(
+        9,
+        "trunk status: the carrier's keep-alive state and registration, for edgecc doctor",
+        (
+            # One row per carrier, replaced by appliance.sip.trunk on every outcome.
+            "CREATE TABLE trunk_status (carrier TEXT PRIMARY KEY, state TEXT NOT NULL"
+            " CHECK (state IN ('unknown', 'up', 'down')), state_since REAL NOT NULL,"
+            " failures INTEGER NOT NULL, registration TEXT NOT NULL, registered_until REAL,"
+            " reason TEXT NOT NULL, options_interval REAL, updated_at REAL NOT NULL)",
+        ),
+    ),
+    Migration(
+        10,
+        "audit log hash chain",
+        (
+            # appliance/audit.py: hash = SHA-256(prev_hash, id, at, actor, action, detail).
+            "ALTER TABLE audit_log ADD COLUMN prev_hash TEXT",
+            "ALTER TABLE audit_log ADD COLUMN hash TEXT",
+            # Two rows naming the same predecessor would be a fork: refused outright.
+            "CREATE UNIQUE INDEX audit_log_prev_hash ON audit_log (prev_hash)",
+            # The head (written with every row, so a cut-off tail is found) and the last row
+            # older than the chain; SQL cannot hash, so appliance.audit.append chains those
+            # rows, in id order, in the transaction of the first row appended after this.
+            "CREATE TABLE audit_chain (id INTEGER PRIMARY KEY CHECK (id = 1),"
+            " legacy_last_id INTEGER NOT NULL, head_id INTEGER, head_hash TEXT)",
+            "INSERT INTO audit_chain (id, legacy_last_id)"
+            " SELECT 1, COALESCE(MAX(id), 0) FROM audit_log",
+            # Append-only: a chained row is never changed or removed by the appliance.
+            "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log"
+            " WHEN OLD.hash IS NOT NULL"
+            " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+            "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log"
+            " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+        ),
+    ),
 )
 
 _BUSY_TIMEOUT_S = 10.0
@@ -251,16 +391,40 @@ def schema_version(db: sqlite_utils.Database) -> int:
 
 
 def audit(db: sqlite_utils.Database, actor: str, action: str, detail: str = "") -> int:
-    """Append one row to the audit log and return its id."""
-    with db.conn:
-        cursor = db.conn.execute(
-            "INSERT INTO audit_log (at, actor, action, detail) VALUES (?, ?, ?, ?)",
-            (time.time(), actor, action, detail),
-        )
-    return int(cursor.lastrowid or 0)
+    """Append one row to the hash-chained audit log (``appliance.audit``), commit, return its id.
+
+    Inside a transaction the caller opened, the row joins it and commits it (as it always did);
+    otherwise it gets its own ``BEGIN IMMEDIATE`` transaction.
+    """
+    from appliance.audit import append
+
+    conn = db.conn
+    own = not conn.in_transaction
+    if own:
+        # IMMEDIATE: the chain head is read under the write lock, so writers never fork it.
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        row_id = append(conn, time.time(), actor, action, detail)
+    except BaseException:
+        # As ``with conn:`` always did here: a failed audit row rolls the transaction back.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return row_id
 
 
 def _check_sequence(migrations: Sequence[Migration]) -> None:
     numbers = sorted(m.number for m in migrations)
     if numbers != list(range(1, len(numbers) + 1)):
         raise ValueError(f"migrations must be numbered 1..N without gaps, got {numbers}")
+
+
+def running_config_version(db: sqlite_utils.Database | sqlite3.Connection) -> int:
+    """The newest config version pushed by the cloud and installed by the edge agent (table
+    ``edge_config``, docs/backups.md); 0 when none was, or before that table exists."""
+    try:
+        row = db.execute("SELECT MAX(version) FROM edge_config WHERE ok = 1").fetchone()
+    except sqlite3.OperationalError:
+        return 0
+    return int(row[0] or 0)

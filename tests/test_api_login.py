@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,18 +10,33 @@ from pathlib import Path
 import pytest
 from test_api_server import PASSWORD, ApiServer
 
-from appliance.api import LoginPolicy, Role, totp
+from appliance.api import LoginPolicy, Role, UserStore, totp
 from appliance.api.passwords import verify_password
-from appliance.api.users import UserError
+from appliance.api.users import LoginOutcome, UserError
+from appliance.recording.crypto import SiteKeyError
 
 POLICY = LoginPolicy(token_ttl=600, max_failures=3, failure_window=60, lockout=120,
                      max_tokens_per_user=3)
 INVALID = "wrong name, password or code"
 
 
+def write_site_key(directory: Path, key: bytes | None = None) -> bytes:
+    key = key if key is not None else os.urandom(32)
+    path = directory / "site.key"
+    path.write_bytes(key)
+    path.chmod(0o600)
+    return key
+
+
+def database_bytes(path: Path) -> bytes:
+    """The database file and its WAL, as a copy of the site would hold them."""
+    return b"".join(p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
 @pytest.fixture
 def api(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ApiServer]:
     policy = getattr(request, "param", POLICY)
+    write_site_key(tmp_path)  # as in a site made by edgecc init: TOTP secrets are sealed
     server = ApiServer(tmp_path, policy=policy)
     try:
         server.add("ada", Role.ADMIN)
@@ -167,3 +183,109 @@ def test_bad_users_are_refused_naming_the_field(api: ApiServer) -> None:
         api.users.add_user("new bie", Role.AGENT, PASSWORD)
     assert name.value.field == "name"
     assert [u.name for u in api.users.users()] == ["ada", "alex", "sam"]  # nothing added
+
+
+# --------------------------------------------------------------------------- TOTP secrets at rest
+
+
+def test_totp_secrets_are_sealed_with_the_site_key(api: ApiServer) -> None:
+    assert api.users.seals_secrets
+    with sqlite3.connect(api.db_path) as conn:
+        stored = dict(conn.execute("SELECT name, totp_secret FROM api_users"))
+    assert stored["alex"] is None
+    for name in ("ada", "sam"):
+        secret = api.accounts[name].secret
+        assert stored[name].startswith(totp.SEALED_PREFIX)
+        assert totp.secret_to_base32(secret) not in stored[name]
+    raw = database_bytes(api.db_path)
+    for name in ("ada", "sam"):
+        secret = api.accounts[name].secret
+        assert secret not in raw and totp.secret_to_base32(secret).encode() not in raw
+    assert login(api, "ada", code=api.code("ada")).status == 200
+
+
+def test_a_database_copied_without_the_site_key_yields_no_secret(api: ApiServer,
+                                                                 tmp_path: Path) -> None:
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    with sqlite3.connect(api.db_path) as source, sqlite3.connect(elsewhere / "edgecc.db") as dest:
+        source.backup(dest)
+    raw = database_bytes(elsewhere / "edgecc.db")
+    assert totp.secret_to_base32(api.accounts["ada"].secret).encode() not in raw
+    now = api.clock()
+    for key in (None, os.urandom(32)):  # no key at all, or another site's key
+        store = UserStore.open(elsewhere / "edgecc.db", site_key=key, clock=lambda: now)
+        try:
+            result = store.login("ada", PASSWORD, api.code("ada"), "test")
+            assert (result.outcome, result.reason) == (LoginOutcome.INVALID,
+                                                       "totp secret unreadable here")
+            # Not a guess: nothing counted against the user.
+            assert store._conn.execute("SELECT failures FROM api_users WHERE name = 'ada'"
+                                       ).fetchone()[0] == 0
+        finally:
+            store.close()
+
+
+def test_plain_secrets_from_before_are_sealed_when_a_store_with_the_key_opens(
+        tmp_path: Path) -> None:
+    path = tmp_path / "edgecc.db"
+    now = 1_700_000_000.0
+    plain = UserStore.open(path, site_key=None, clock=lambda: now)
+    try:
+        _user, secret = plain.add_user("ada", Role.ADMIN, PASSWORD)
+    finally:
+        plain.close()
+    base32 = totp.secret_to_base32(secret)
+    assert base32.encode() in database_bytes(path)  # what older versions left behind
+    key = write_site_key(tmp_path)
+    store = UserStore.open(path, clock=lambda: now)  # finds site.key beside the database
+    try:
+        assert store.seals_secrets and store.seal_plain_secrets() == 0  # done at open
+        stored = store._conn.execute("SELECT totp_secret FROM api_users").fetchone()[0]
+        assert totp.is_sealed(stored)
+        assert totp.open_secret(totp.secret_key(key), 1, stored) == secret
+        assert base32.encode() not in database_bytes(path)
+        result = store.login("ada", PASSWORD, totp.totp(secret, now), "test")
+        assert result.outcome is LoginOutcome.OK
+    finally:
+        store.close()
+
+
+def test_a_damaged_plain_secret_does_not_stop_the_others_being_sealed(tmp_path: Path) -> None:
+    path = tmp_path / "edgecc.db"
+    now = 1_700_000_000.0
+    plain = UserStore.open(path, site_key=None, clock=lambda: now)
+    try:
+        _user, secret = plain.add_user("ada", Role.ADMIN, PASSWORD)
+        plain.add_user("sam", Role.SUPERVISOR, PASSWORD)
+        with plain._conn:
+            plain._conn.execute("UPDATE api_users SET totp_secret = 'not base32!' "
+                                "WHERE name = 'sam'")
+    finally:
+        plain.close()
+    write_site_key(tmp_path)
+    store = UserStore.open(path, clock=lambda: now)
+    try:
+        stored = dict(store._conn.execute("SELECT name, totp_secret FROM api_users"))
+        assert totp.is_sealed(stored["ada"]) and stored["sam"] == "not base32!"
+        assert store.login("ada", PASSWORD, totp.totp(secret, now), "t").outcome is \
+            LoginOutcome.OK
+        assert store.login("sam", PASSWORD, "123456", "t").outcome is LoginOutcome.INVALID
+    finally:
+        store.close()
+
+
+def test_a_site_key_others_can_read_is_refused(tmp_path: Path) -> None:
+    write_site_key(tmp_path)
+    (tmp_path / "site.key").chmod(0o644)
+    with pytest.raises(SiteKeyError, match="chmod 600"):
+        UserStore.open(tmp_path / "edgecc.db")
+
+
+def test_a_sealed_secret_moved_to_another_user_does_not_open(api: ApiServer) -> None:
+    with sqlite3.connect(api.db_path) as conn:
+        conn.execute("UPDATE api_users SET totp_secret = (SELECT totp_secret FROM api_users "
+                     "WHERE name = 'ada') WHERE name = 'sam'")
+    assert login(api, "sam", code=api.code("ada")).status == 401
+    assert login(api, "sam", code=api.code("sam")).status == 401
+    assert login(api, "ada", code=api.code("ada")).status == 200

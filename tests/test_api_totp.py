@@ -75,3 +75,28 @@ def test_bad_parameters_are_api_misuse() -> None:
         totp.hotp(HOTP_SECRET, -1)
     with pytest.raises(ValueError):
         totp.hotp(HOTP_SECRET, 0, digits=5)
+
+
+# --------------------------------------------------------------------------- sealing at rest
+
+
+def test_sealed_secrets_open_only_with_the_same_key_and_user() -> None:
+    site_key = bytes(range(32))
+    key = totp.secret_key(site_key)
+    assert key != site_key and len(key) == 32
+    assert totp.secret_key(site_key) == key  # derived, not random
+    secret = totp.new_secret()
+    sealed = totp.seal_secret(key, 7, secret)
+    assert totp.is_sealed(sealed) and not totp.is_sealed(totp.secret_to_base32(secret))
+    assert totp.seal_secret(key, 7, secret) != sealed  # a fresh nonce each time
+    assert totp.open_secret(key, 7, sealed) == secret
+    with pytest.raises(totp.SecretSealError):
+        totp.open_secret(key, 8, sealed)  # moved to another user's row
+    with pytest.raises(totp.SecretSealError):
+        totp.open_secret(totp.secret_key(bytes(32)), 7, sealed)  # another site's key
+    flipped = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    for bad in (flipped, sealed[:10], totp.SEALED_PREFIX + "!!!", "JBSWY3DPEHPK3PXP"):
+        with pytest.raises(totp.SecretSealError):
+            totp.open_secret(key, 7, bad)
+    with pytest.raises(ValueError, match="32 bytes"):
+        totp.secret_key(b"short")

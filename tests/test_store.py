@@ -39,7 +39,8 @@ def test_fresh_database_has_schema_wal_and_full_sync(tmp_path: Path) -> None:
             "instance", "user_agent",
         ]
         assert db["sip_bindings"].pks == ["aor", "contact"]
-        assert [c.name for c in db["audit_log"].columns] == ["id", "at", "actor", "action", "detail"]
+        assert [c.name for c in db["audit_log"].columns] == [
+            "id", "at", "actor", "action", "detail", "prev_hash", "hash"]
     finally:
         db.close()
     assert {"sip_bindings", "audit_log", "schema_migrations"} <= _tables(path)

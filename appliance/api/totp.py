@@ -2,6 +2,11 @@
 
 Authenticator apps read the shared secret from an ``otpauth://totp/...`` URI (shown as a QR
 code or typed in as base32). The defaults are those every app supports: SHA-1, 6 digits, 30 s.
+
+At rest the secret is sealed (:func:`seal_secret`): AES-256-GCM under a key derived from the
+site key with HKDF-SHA-256 (RFC 5869), with the user id as associated data, so a sealed secret
+copied to another user's row does not open, and a database copied without ``site.key`` yields
+no secret.
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ import math
 import secrets
 import struct
 from urllib.parse import quote, urlencode
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SECRET_BYTES = 20
 """RFC 4226 §4 R6: at least 128 bits, 160 recommended (the HMAC-SHA-1 output length)."""
@@ -95,3 +105,59 @@ def otpauth_uri(secret: bytes, account: str, issuer: str = "edgecc") -> str:
     query = urlencode({"secret": secret_to_base32(secret), "issuer": issuer,
                        "algorithm": "SHA1", "digits": DIGITS, "period": STEP_S})
     return f"otpauth://totp/{label}?{query}"
+
+
+# --------------------------------------------------------------------------- secrets at rest
+
+SEALED_PREFIX = "v1$"
+"""Marks a sealed secret; base32 (a plain secret) never contains ``$``."""
+_SEAL_INFO = b"edgecc totp secret v1"
+_NONCE_BYTES = 12
+SITE_KEY_BYTES = 32
+
+
+class SecretSealError(ValueError):
+    """A sealed secret that does not open with this key and user id (tampered, moved, or a
+    different site key)."""
+
+
+def secret_key(site_key: bytes) -> bytes:
+    """The AES-256 key for TOTP secrets: HKDF-SHA-256 of the site key (RFC 5869 §2), so the
+    site key itself never encrypts anything but recording keys."""
+    if len(site_key) != SITE_KEY_BYTES:
+        raise ValueError(f"site key must be {SITE_KEY_BYTES} bytes, got {len(site_key)}")
+    return HKDF(algorithm=SHA256(), length=32, salt=None, info=_SEAL_INFO).derive(site_key)
+
+
+def _seal_ad(user_id: int) -> bytes:
+    return _SEAL_INFO + b"\x00" + str(int(user_id)).encode("ascii")
+
+
+def is_sealed(stored: str) -> bool:
+    """Whether a stored secret is sealed (else it is plain base32 from before sealing)."""
+    return stored.startswith(SEALED_PREFIX)
+
+
+def seal_secret(key: bytes, user_id: int, secret: bytes) -> str:
+    """``secret`` encrypted for storage in user ``user_id``'s row (``key`` from
+    :func:`secret_key`): ``v1$`` + base64url(nonce ‖ ciphertext ‖ tag)."""
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    sealed = AESGCM(key).encrypt(nonce, secret, _seal_ad(user_id))
+    return SEALED_PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode("ascii")
+
+
+def open_secret(key: bytes, user_id: int, stored: str) -> bytes:
+    """Inverse of :func:`seal_secret`; SecretSealError when it does not open."""
+    if not is_sealed(stored):
+        raise SecretSealError("not a sealed TOTP secret")
+    try:
+        raw = base64.urlsafe_b64decode(stored[len(SEALED_PREFIX):].encode("ascii"))
+    except ValueError as exc:
+        raise SecretSealError("sealed TOTP secret is not base64") from exc
+    if len(raw) < _NONCE_BYTES + 16:
+        raise SecretSealError("sealed TOTP secret is too short")
+    try:
+        return AESGCM(key).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], _seal_ad(user_id))
+    except InvalidTag:
+        raise SecretSealError(f"the TOTP secret of user {user_id} does not open with this "
+                              "site key") from None

@@ -7,18 +7,25 @@ role is fixed in the token when it is issued. Repeated failures lock the user fo
 
 The store owns its own connection to the site database and serialises its use with a lock, so
 it can be called from worker threads while the event loop keeps its own connection.
+
+TOTP secrets are stored sealed with a key derived from the site key (``totp.seal_secret``).
+Secrets stored plain (before sealing existed) are sealed when a store with the site key opens
+the database: migrations are SQL and never hold the key, and sealing them all at once, rather
+than at each user's next login, leaves none plain for a user who rarely logs in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
+import logging
 import re
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,10 @@ import sqlite_utils
 
 from appliance.api import passwords, totp
 from appliance.log import kv
+from appliance.recording.crypto import SiteKeyError, load_site_key
 from appliance.store import audit, open_site_db
+
+log = logging.getLogger("edgecc.api.users")
 
 NAME_PATTERN = r"^[A-Za-z0-9._@-]{1,64}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -149,22 +159,127 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+_BESIDE_DATABASE: Any = object()
+
+
 class UserStore:
     """API users, tokens and the audit log rows the API writes."""
 
     def __init__(self, db: sqlite_utils.Database, *, policy: LoginPolicy | None = None,
-                 clock: Callable[[], float] = time.time, owns_db: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, owns_db: bool = False,
+                 site_key: bytes | None = None) -> None:
+        """``site_key`` seals TOTP secrets; without it they are stored plain (and sealed ones
+        cannot be read: those users cannot log in until the store has the key)."""
         self.policy = policy or LoginPolicy()
         self.clock = clock
         self._db = db
         self._conn: sqlite3.Connection = db.conn
         self._lock = threading.Lock()
         self._owns_db = owns_db
+        self._secret_key = None if site_key is None else totp.secret_key(site_key)
+        if self._secret_key is None:
+            log.warning(kv(event="totp_secrets_plain", reason="no_site_key"))
+        else:
+            self.seal_plain_secrets()
 
     @classmethod
-    def open(cls, path: Path | str, **kwargs: Any) -> UserStore:
-        """A store on its own connection to the site database at ``path`` (migrated)."""
-        return cls(open_site_db(path), owns_db=True, **kwargs)
+    def open(cls, path: Path | str, *, site_key: bytes | None = _BESIDE_DATABASE,
+             **kwargs: Any) -> UserStore:
+        """A store on its own connection to the site database at ``path`` (migrated).
+
+        By default the site key is ``site.key`` in the database's directory (the site layout
+        ``edgecc init`` makes), when it exists; pass ``site_key`` to give it (or None for none).
+        Raises SiteKeyError for a key file that exists but is unusable (wrong size, readable by
+        others)."""
+        if site_key is _BESIDE_DATABASE:
+            site_key = _key_beside(Path(path))
+        db = open_site_db(path)
+        try:
+            return cls(db, owns_db=True, site_key=site_key, **kwargs)
+        except BaseException:
+            db.conn.close()
+            raise
+
+    @property
+    def seals_secrets(self) -> bool:
+        """Whether TOTP secrets are sealed with the site key (the store has it)."""
+        return self._secret_key is not None
+
+    def seal_plain_secrets(self) -> int:
+        """Seal every TOTP secret still stored plain, in one transaction; return how many.
+
+        The old plain text is overwritten in the database file (``secure_delete``, then a WAL
+        checkpoint), though copies made before (backups) keep it."""
+        key = self._secret_key
+        if key is None:
+            raise SiteKeyError("no site key: TOTP secrets cannot be sealed")
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, totp_secret FROM api_users WHERE totp_secret IS NOT NULL "
+                "AND totp_secret NOT LIKE ?", (totp.SEALED_PREFIX + "%",)).fetchall()
+            if not rows:
+                return 0
+            sealed = 0
+            previous = self._conn.execute("PRAGMA secure_delete").fetchone()[0]
+            self._conn.execute("PRAGMA secure_delete = ON")
+            try:
+                with self._write():
+                    for user_id, plain in rows:
+                        try:
+                            totp.secret_from_base32(plain)
+                        except ValueError:
+                            # Unusable anyway (that user cannot log in); never block the rest.
+                            log.error(kv(event="totp_secret_unreadable", user_id=user_id,
+                                         reason="not_base32"))
+                            continue
+                        # Conditional: another store may have sealed it since the read.
+                        sealed += self._conn.execute(
+                            "UPDATE api_users SET totp_secret = ? WHERE id = ? AND "
+                            "totp_secret = ?",
+                            (totp.seal_secret(key, user_id, totp.secret_from_base32(plain)),
+                             user_id, plain)).rowcount
+                # The WAL keeps the old pages until a checkpoint copies the new ones back;
+                # with readers busy it may not finish, and the next checkpoint does it.
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._conn.execute(f"PRAGMA secure_delete = {int(previous)}")
+        log.info(kv(event="totp_secrets_sealed", count=sealed))
+        return sealed
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        # A write transaction that takes the lock at once (called with self._lock held).
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _secret(self, user_id: int, stored: str) -> bytes | None:
+        # The plain secret of a user, or None when it cannot be read here (logged).
+        if not totp.is_sealed(stored):
+            try:
+                return totp.secret_from_base32(stored)
+            except ValueError:
+                log.error(kv(event="totp_secret_unreadable", user_id=user_id,
+                             reason="not_base32"))
+                return None
+        if self._secret_key is None:
+            log.error(kv(event="totp_secret_unreadable", user_id=user_id, reason="no_site_key"))
+            return None
+        try:
+            return totp.open_secret(self._secret_key, user_id, stored)
+        except totp.SecretSealError:
+            log.error(kv(event="totp_secret_unreadable", user_id=user_id, reason="does_not_open"))
+            return None
+
+    def _stored_secret(self, user_id: int, secret: bytes) -> str:
+        if self._secret_key is None:
+            return totp.secret_to_base32(secret)
+        return totp.seal_secret(self._secret_key, user_id, secret)
 
     def close(self) -> None:
         """Close the connection when the store opened it."""
@@ -199,16 +314,19 @@ class UserStore:
         now = self.clock()
         with self._lock:
             try:
-                with self._conn:
-                    cursor = self._conn.execute(
-                        "INSERT INTO api_users (name, display_name, role, password_hash, "
-                        "totp_secret, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (name, display_name, role.value, stored,
-                         totp.secret_to_base32(secret) if secret else None, now))
+                with self._write():
+                    # The id is the sealed secret's associated data, so it is chosen first
+                    # (what SQLite would pick: one more than the largest), under the lock.
+                    user_id = int(self._conn.execute(
+                        "SELECT COALESCE(MAX(id), 0) + 1 FROM api_users").fetchone()[0])
+                    self._conn.execute(
+                        "INSERT INTO api_users (id, name, display_name, role, password_hash, "
+                        "totp_secret, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (user_id, name, display_name, role.value, stored,
+                         self._stored_secret(user_id, secret) if secret else None, now))
             except sqlite3.IntegrityError:
                 raise UserError(f"a user named {name!r} already exists", "name") from None
-        user = ApiUser(int(cursor.lastrowid or 0), name, display_name, role, secret is not None,
-                       None, now)
+        user = ApiUser(user_id, name, display_name, role, secret is not None, None, now)
         return user, secret
 
     def users(self) -> list[ApiUser]:
@@ -247,8 +365,11 @@ class UserStore:
         if role.needs_two_factor or secret_text is not None:
             if secret_text is None or code is None:
                 return self._failed(user_id, now, "code missing")
-            step = totp.match_step(totp.secret_from_base32(secret_text), code, now,
-                                   after_step=last_step)
+            secret = self._secret(user_id, secret_text)
+            if secret is None:
+                # Not the user's fault and no guess: no failure counted, no lockout.
+                return LoginResult(LoginOutcome.INVALID, "totp secret unreadable here")
+            step = totp.match_step(secret, code, now, after_step=last_step)
             if step is None:
                 return self._failed(user_id, now, "bad or reused code")
         token = secrets.token_urlsafe(TOKEN_BYTES)
@@ -342,6 +463,34 @@ class UserStore:
                                         (token_hash,))
         return cursor.rowcount == 1
 
+    # ------------------------------------------------------------------ agent link
+
+    def link_agent(self, name: str, agent: str | None) -> None:
+        """Link the API user ``name`` to the agent extension (SIP account user) they act for,
+        or unlink with None. Raises UserError for an unknown user or an extension already
+        linked to another user."""
+        if agent is not None and (not isinstance(agent, str)
+                                  or not re.fullmatch(r"[A-Za-z0-9._+-]{1,64}", agent)):
+            raise UserError("agent must be a SIP account user (1 to 64 letters, digits or "
+                            "._+-)", "agent")
+        with self._lock:
+            try:
+                with self._conn:
+                    cursor = self._conn.execute("UPDATE api_users SET agent = ? WHERE name = ?",
+                                                (agent, name))
+            except sqlite3.IntegrityError:
+                raise UserError(f"agent {agent!r} is already linked to another user",
+                                "agent") from None
+        if cursor.rowcount != 1:
+            raise UserError(f"no user named {name!r}", "name")
+
+    def agent_of(self, user_id: int) -> str | None:
+        """The agent extension user ``user_id`` is linked to, or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT agent FROM api_users WHERE id = ?",
+                                     (user_id,)).fetchone()
+        return None if row is None else row[0]
+
     # ------------------------------------------------------------------ audit
 
     def audit(self, actor: str, action: str, **detail: Any) -> int:
@@ -358,3 +507,13 @@ class UserStore:
             ).fetchall()
         return [{"id": r[0], "at": r[1], "actor": r[2], "action": r[3], "detail": r[4] or ""}
                 for r in rows]
+
+
+def _key_beside(database: Path) -> bytes | None:
+    # The site key in the database's directory, or None when there is none there.
+    try:
+        return load_site_key(database.parent)
+    except SiteKeyError:
+        if (database.parent / "site.key").exists():
+            raise
+        return None

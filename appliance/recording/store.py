@@ -27,6 +27,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from appliance import audit as audit_chain
 from appliance.recording.crypto import (
     DEFAULT_SEGMENT_BYTES,
     IncompleteRecording,
@@ -52,7 +53,7 @@ __all__ = [
     "wav_header",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edgecc.recording")
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS recordings (
@@ -521,11 +522,7 @@ def _info(row: tuple[object, ...]) -> RecordingInfo:
 
 def _audit(db: sqlite_utils.Database, now: float, actor: str, action: str, detail: str) -> int:
     # Inside the caller's transaction: the effect and its audit row commit together.
-    cursor = db.conn.execute(
-        "INSERT INTO audit_log (at, actor, action, detail) VALUES (?, ?, ?, ?)",
-        (now, actor, action, detail),
-    )
-    return int(cursor.lastrowid or 0)
+    return audit_chain.record(db.conn, now, actor, action, detail)
 
 
 def _digest(caller: str) -> str:
