@@ -59,7 +59,7 @@ EXAMPLE = textwrap.dedent("""\
             timeout: 2
             map:
               priority: customer.priority
-              customer_tier: customer.tier
+              tier: customer.tier
               customer_name: customer.name
             next: main_menu
             on_failure: main_menu
@@ -91,7 +91,7 @@ EXAMPLE = textwrap.dedent("""\
             on_failure: sales
           vip:
             type: set
-            variables: {priority: 7, customer_tier: gold}
+            variables: {priority: 7, tier: gold}
             next: support
           sales:
             type: queue
@@ -128,6 +128,7 @@ EXAMPLE = textwrap.dedent("""\
             type: voicemail
             mailbox: sales
             prompt: leave_message
+        variables: [customer_name]
 """)
 PROMPTS = {"welcome", "main_menu", "invalid_choice", "no_input", "enter_account",
            "invalid_account", "offer_callback", "goodbye", "closed", "holiday", "leave_message"}
@@ -154,7 +155,9 @@ def run_to_menu(flows, now: float = OPEN, body: object = None) -> FlowRun:  # ty
     assert run.take_actions() == [Play("welcome", False)]
     actions = run.handle(PromptFinished("welcome"), now)
     lookup = actions[0]
-    assert isinstance(lookup, HttpLookup) and lookup.payload == {"caller": "+4915112345"}
+    assert isinstance(lookup, HttpLookup) and lookup.payload == {
+        "caller": "+4915112345", "dialled": "", "variables": {"caller": "+4915112345",
+                                                             "dialled": ""}}
     result = HttpResult(lookup.request_id, 200, body if body is not None else {"customer": {}})
     actions = run.handle(result, now + 0.1)
     assert actions == [StartCollect(1), Play("main_menu", True)]
@@ -392,7 +395,7 @@ def test_yaml_errors_name_the_line(tmp_path: Path) -> None:
 def test_play_http_menu_to_queue_with_priority_and_tier(flows) -> None:  # type: ignore[no-untyped-def]
     body = {"customer": {"priority": 9, "tier": "platinum", "name": "Ada", "extra": [1]}}
     run = run_to_menu(flows, body=body)
-    assert run.variables["customer_tier"] == "platinum"
+    assert run.variables["tier"] == "platinum"
     assert run.handle(PromptFinished("main_menu"), OPEN + 3) == [StartTimer(OPEN + 8)]
     assert run.next_timer() == OPEN + 8
     (route,) = run.handle(DigitPressed("1"), OPEN + 4)
@@ -575,7 +578,8 @@ def test_closed_goes_to_voicemail(flows) -> None:  # type: ignore[no-untyped-def
     night = at(2026, 11, 25, 22)
     run = FlowRun(flows["main"], night, "+4915112345")
     assert run.take_actions() == [Play("closed", False)]
-    assert run.handle(PromptFinished(), night + 4) == [Voicemail("sales", "leave_message")]
+    assert run.handle(PromptFinished(), night + 4) == [Voicemail(
+        "sales", "leave_message", variables={"caller": "+4915112345", "dialled": ""})]
     assert run.finished
 
 

@@ -299,6 +299,10 @@ class HttpNode(Node):
     timeout: float = 2.0
     map: Mapping[str, str] = field(default_factory=dict)
     """Variable -> dotted path in the JSON answer (``priority: customer.priority``)."""
+    method: str = "POST"
+    """``POST`` (a JSON body) or ``GET`` (the caller and dialled number in the query)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra request headers (an API key, for instance)."""
     kind = "http"
 
     def exits(self) -> list[tuple[str, str]]:
@@ -321,6 +325,11 @@ class VoicemailNode(Node):
 
     mailbox: str = ""
     prompt: str | None = None
+    """Greeting played before the beep."""
+    max_seconds: int = 120
+    """Longest message recorded."""
+    queue: str | None = None
+    """Queue the mailbox belongs to (its agents handle the messages), if any."""
     kind = "voicemail"
 
     def prompts(self) -> list[tuple[str, str]]:
@@ -338,21 +347,44 @@ class CallbackNode(Node):
     on_decline: str = ""
     next: str | None = None
     """After accepting (default: hang up)."""
+    confirm_prompt: str | None = None
+    """Asks the caller to confirm the number to call back (``confirm_digit``) or to enter
+    another one (``change_digit``); None: the caller's own number is taken as it is."""
+    confirm_digit: str = "1"
+    change_digit: str = "2"
+    number_prompt: str | None = None
+    """Asks for the number to call back; needed to change it, or when the caller's number is
+    withheld. Without ``confirm_prompt`` every caller is asked."""
+    number_min_digits: int = 3
+    number_max_digits: int = 15
+    """E.164 numbers have at most 15 digits (ITU-T E.164 §6)."""
     kind = "callback"
 
     def exits(self) -> list[tuple[str, str]]:
         return _opt(("on_decline", self.on_decline), ("next", self.next))
 
     def prompts(self) -> list[tuple[str, str]]:
-        return [("prompt", self.prompt)]
+        return _opt(("prompt", self.prompt), ("confirm_prompt", self.confirm_prompt),
+                    ("number_prompt", self.number_prompt))
 
 
 @dataclass(frozen=True)
 class TransferNode(Node):
-    """Transfer the call to a number (ends the flow)."""
+    """Transfer the call to an agent's extension or a number through the trunk; the flow ends
+    when it is answered, and goes on at ``on_failure`` when it is not."""
 
     number: str = ""
+    role: str = "agent"
+    """Dial rules (``dialling.roles``) a number through the trunk is checked against."""
+    timeout: float = 30.0
+    """Seconds the target may ring before it counts as no answer."""
+    on_failure: str | None = None
+    """Node after busy / no answer / refused (the variable ``transfer_result`` says which);
+    None: the call ends."""
     kind = "transfer"
+
+    def exits(self) -> list[tuple[str, str]]:
+        return _opt(("on_failure", self.on_failure))
 
 
 @dataclass(frozen=True)
@@ -381,6 +413,9 @@ class Flow:
     nodes: Mapping[str, Node]
     file: str = "<mapping>"
     line: int | None = None
+    variables: frozenset[str] = frozenset()
+    """Variables the flow declares (``variables:``), besides the built-in ones."""
+    variable_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def node(self, node_id: str) -> Node:
         return self.nodes[node_id]
@@ -497,6 +532,31 @@ _DIGIT = re.compile(r"[0-9*#A-D]")
 _RANGE = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 
 
+_VARIABLE = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # RFC 9110 §5.6.2 token
+_HEADERS_SET_BY_THE_CLIENT = frozenset(
+    {"host", "content-length", "content-type", "connection", "transfer-encoding", "accept"})
+
+
+def _declared_variables(f: _Fields) -> dict[str, int]:
+    """The flow's ``variables:`` list: name -> line."""
+    f.used.add("variables")
+    raw = f.raw.get("variables")
+    if raw is None:
+        return {}
+    line = _line_of(f.raw, "variables") or 0
+    if not isinstance(raw, list):
+        f.problem("variables", "variables must be a list of variable names")
+        return {}
+    out: dict[str, int] = {}
+    for name in raw:
+        if not isinstance(name, str) or not _VARIABLE.fullmatch(name):
+            f.problem("variables", f"{name!r} is not a variable name (a-z, 0-9, _)")
+        else:
+            out[name] = line
+    return out
+
+
 def _digit(f: _Fields, key: str, value: str | None) -> str | None:
     if value is not None and not _DIGIT.fullmatch(value):
         f.problem(key, f"{key} must be one DTMF digit (0-9 * # A-D), got {value!r}")
@@ -524,6 +584,7 @@ def _build(document: Any, file: str, problems: list[FlowProblem]) -> dict[str, F
         f = _Fields(raw_flow, file, flow_name, None, problems)
         start = f.text("start", required=True)
         raw_nodes = f.mapping("nodes", required=True)
+        declared = _declared_variables(f)
         f.finish(())
         if len(raw_nodes) > MAX_NODES:
             f.problem("nodes", f"more than {MAX_NODES} nodes")
@@ -534,7 +595,8 @@ def _build(document: Any, file: str, problems: list[FlowProblem]) -> dict[str, F
                                _line_of(raw_nodes, node_id), problems)
             if node is not None:
                 nodes[str(node_id)] = node
-        flows[flow_name] = Flow(flow_name, start or "", nodes, file, line)
+        flows[flow_name] = Flow(flow_name, start or "", nodes, file, line,
+                                variables=frozenset(declared), variable_lines=declared)
     return flows
 
 
@@ -603,36 +665,72 @@ def _build_node(node_id: str, raw: Any, file: str, flow: str, line: int | None,
         node = SetNode(**common, variables=variables, next=f.text("next", required=True) or "")
     elif kind == "http":
         url = f.text("url", required=True) or ""
-        if url and not re.match(r"https?://[^/\s]+", url):
+        if url and not re.fullmatch(r"https?://[^/\s?#@]+(?:[/?#]\S*)?", url):
             f.problem("url", f"url must be http:// or https://, got {url!r}")
         mapping = {}
-        for var, path in f.mapping("map").items():
+        raw_map = f.mapping("map")
+        for var, path in raw_map.items():
+            # Point problems about one entry at its own line.
+            common["key_lines"][f"map.{var}"] = _line_of(raw_map, var) or _line_of(raw, "map")
             if not isinstance(path, str) or not path:
                 f.problem("map", f"map.{var} must be a dotted field path such as customer.tier")
             else:
                 mapping[str(var)] = path
+        method = (f.text("method", default="POST") or "POST").upper()
+        if method not in ("GET", "POST"):
+            f.problem("method", f"method must be GET or POST, got {method!r}")
+        headers = {}
+        for name, value in f.mapping("headers").items():
+            if not _HEADER_NAME.fullmatch(str(name)) or (
+                    str(name).lower() in _HEADERS_SET_BY_THE_CLIENT):
+                f.problem("headers", f"{name!r} is not a header name the lookup may set")
+            elif not isinstance(value, str | int) or isinstance(value, bool) or any(
+                    c in str(value) for c in "\r\n\0"):
+                f.problem("headers", f"header {name} must be one line of text")
+            else:
+                headers[str(name)] = str(value)
         node = HttpNode(**common, url=url, next=f.text("next", required=True) or "",
                         on_failure=f.text("on_failure", required=True) or "",
-                        timeout=f.number("timeout", 2.0, low=0.1, high=30), map=mapping)
+                        timeout=f.number("timeout", 2.0, low=0.1, high=30), map=mapping,
+                        method=method if method in ("GET", "POST") else "POST", headers=headers)
     elif kind == "queue":
         node = QueueNode(**common, queue=f.text("queue", required=True) or "",
                          priority=f.integer("priority", 0, low=0, high=100))
     elif kind == "voicemail":
         node = VoicemailNode(**common, mailbox=f.text("mailbox", required=True) or "",
-                             prompt=f.text("prompt"))
+                             prompt=f.text("prompt"),
+                             max_seconds=f.integer("max_seconds", 120, low=5, high=3600),
+                             queue=f.text("queue"))
     elif kind == "callback":
-        node = CallbackNode(
+        callback = CallbackNode(
             **common, queue=f.text("queue", required=True) or "",
             prompt=f.text("prompt", required=True) or "",
             accept_digit=_digit(f, "accept_digit", f.text("accept_digit", default="1")) or "1",
             timeout=f.number("timeout", 5.0, low=0.5, high=120),
             on_decline=f.text("on_decline", required=True) or "", next=f.text("next"),
+            confirm_prompt=f.text("confirm_prompt"),
+            confirm_digit=_digit(f, "confirm_digit", f.text("confirm_digit", default="1")) or "1",
+            change_digit=_digit(f, "change_digit", f.text("change_digit", default="2")) or "2",
+            number_prompt=f.text("number_prompt"),
+            number_min_digits=f.integer("number_min_digits", 3, low=1, high=32),
+            number_max_digits=f.integer("number_max_digits", 15, low=1, high=32),
         )
+        if callback.confirm_digit == callback.change_digit:
+            f.problem("change_digit", "change_digit must differ from confirm_digit")
+        if callback.number_min_digits > callback.number_max_digits:
+            f.problem("number_min_digits", f"number_min_digits {callback.number_min_digits} is "
+                      f"above number_max_digits {callback.number_max_digits}")
+        node = callback
     elif kind == "transfer":
         number = f.text("number", required=True) or ""
         if number and not re.fullmatch(r"\+?[0-9*#]{1,32}|sips?:\S+", number):
             f.problem("number", f"number must be digits (E.164 +...) or a sip: URI, got {number!r}")
-        node = TransferNode(**common, number=number)
+        role = f.text("role", default="agent") or "agent"
+        if role not in ("agent", "supervisor"):
+            f.problem("role", f"role must be agent or supervisor, got {role!r}")
+        node = TransferNode(**common, number=number, role=role,
+                            timeout=f.number("timeout", 30.0, low=2, high=300),
+                            on_failure=f.text("on_failure"))
     else:
         node = HangupNode(**common)
     f.finish(("type",))

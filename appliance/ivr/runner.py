@@ -15,6 +15,7 @@ API misuse (LocalProtocolError).
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,7 @@ __all__ = [
     "StopPlayback",
     "TimerFired",
     "Transfer",
+    "TransferResult",
     "Voicemail",
 ]
 
@@ -61,6 +63,11 @@ MAX_STEPS_PER_EVENT = 256
 """Nodes entered without waiting for anything; beyond it the call is hung up (a loop that
 validation should have refused)."""
 MAX_TRACE = 1000
+MAX_VARIABLE_CHARS = 256
+"""A mapped value longer than this is cut (it ends up in events and the call record)."""
+MIN_PRIORITY = 0
+MAX_PRIORITY = 100
+"""Queue priorities a flow may give (the same range as a queue node's ``priority``)."""
 
 
 class LocalProtocolError(Exception):
@@ -110,7 +117,19 @@ class CallerHungUp:
     """The caller is gone."""
 
 
-Event = DigitPressed | PromptFinished | TimerFired | HttpResult | CallerHungUp
+@dataclass(frozen=True)
+class TransferResult:
+    """The outcome of a ``Transfer``: answered, or why not."""
+
+    outcome: str
+    """``answered``, ``busy``, ``no-answer`` or ``refused``."""
+    status: int = 0
+    """The SIP status of a failure (0 when answered)."""
+
+
+TRANSFER_OUTCOMES = ("answered", "busy", "no-answer", "refused")
+
+Event = DigitPressed | PromptFinished | TimerFired | HttpResult | CallerHungUp | TransferResult
 
 
 # --------------------------------------------------------------------------- actions
@@ -155,10 +174,14 @@ class HttpLookup:
 
     request_id: int
     url: str
-    payload: Mapping[str, str]
-    """JSON body to POST: the caller and the flow's variables."""
+    payload: Mapping[str, Any]
+    """What to send: ``{"caller", "dialled", "variables": {name: value}}``."""
     timeout: float
     """Seconds; the runner gives up after this and takes the fallback."""
+    method: str = "POST"
+    """``POST`` (payload as a JSON body) or ``GET`` (caller and dialled in the query)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra request headers from the node."""
 
 
 @dataclass(frozen=True)
@@ -167,18 +190,22 @@ class RouteToQueue:
 
     queue: str
     priority: int
-    """Higher is served first; from the variable ``priority`` or the node's default."""
+    """Higher is served first (0-100): the variable ``priority`` (set by a lookup, the site's
+    customer list or a ``set`` node), else the node's default. Goes to CallerJoin.priority."""
     tier: str | None
-    """Customer tier from the variable ``customer_tier``."""
+    """Customer tier from the variable ``tier`` (e.g. ``gold``), for the call record."""
     variables: Mapping[str, str]
     """Everything the flow learned (for skills, screen pop and the call record)."""
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """Transfer the call to a number; the flow is over."""
+    """Ring ``number`` (an agent's extension, or a number through the trunk under the dial
+    rules of ``role``) for at most ``timeout`` seconds; answer with ``TransferResult``."""
 
     number: str
+    role: str = "agent"
+    timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +221,13 @@ class Voicemail:
 
     mailbox: str
     prompt: str | None = None
+    """Greeting played before the beep."""
+    max_seconds: int = 120
+    """Longest message to record."""
+    queue: str | None = None
+    """Queue the mailbox belongs to, if any."""
+    variables: Mapping[str, str] = field(default_factory=dict)
+    """Everything the flow learned (stored with the message)."""
 
 
 @dataclass(frozen=True)
@@ -215,12 +249,31 @@ Action = (
 # --------------------------------------------------------------------------- the runner
 
 
+INTER_DIGIT_TIMEOUT = 3.0
+"""Seconds between the digits of a call-back number before it counts as entered."""
+_CALLABLE = re.compile(r"\+?[0-9]{3,32}")
+
+
+def _callable(number: str) -> bool:
+    """A number we could call back (not withheld, not a SIP name)."""
+    return bool(_CALLABLE.fullmatch(number))
+
+
+class _CallbackStep(enum.Enum):
+    """Where a callback node is: the offer, the number's confirmation, entering a number."""
+
+    OFFER = "offer"
+    CONFIRM = "confirm"
+    NUMBER = "number"
+
+
 class Waiting(enum.Enum):
     """What the run waits for."""
 
     PROMPT = "prompt"    # prompts to finish (input nodes accept barge-in digits)
     INPUT = "input"      # digits, or the input timer
     HTTP = "http"        # an HttpResult, or its timeout
+    TRANSFER = "transfer"  # a TransferResult
     DONE = "done"        # the flow ended
 
 
@@ -232,10 +285,20 @@ class FlowRun:
     now: float
     caller: str
     variables: dict[str, str] = field(default_factory=dict)
-    """Flow variables; ``caller`` is set from the start."""
+    """Flow variables; ``caller`` and ``dialled`` are set from the start."""
+    dialled: str = ""
+    """The number the caller dialled."""
+    customer: Mapping[str, Any] | None = None
+    """The caller's entry in the site's customer list (``priority``, ``tier``), if listed:
+    its values are set from the start and ``http`` nodes are passed without a lookup."""
 
     def __post_init__(self) -> None:
-        self.variables = {"caller": self.caller, **self.variables}
+        self.variables = {"caller": self.caller, "dialled": self.dialled, **self.variables}
+        if self.customer is not None:
+            for key in ("priority", "tier"):
+                if self.customer.get(key) is not None:
+                    self.variables[key] = str(self.customer[key])
+            self.variables["customer_source"] = "list"
         self.waiting = Waiting.PROMPT
         self.node: Node = self.flow.nodes[self.flow.start]
         self.trace: list[str] = []
@@ -248,6 +311,7 @@ class FlowRun:
         self._attempt = 1
         self._digits = ""
         self._request_id = 0
+        self._callback_step = _CallbackStep.OFFER
         self._enter(self.flow.start, self.now)
 
     # -- adapter interface ---------------------------------------------------------------------
@@ -315,22 +379,31 @@ class FlowRun:
             return None
         if isinstance(node, MenuNode | CollectNode | CallbackNode):
             self._attempt = 1
+            self._callback_step = _CallbackStep.OFFER
             self._start_input(node, [p for p in [node.prompt] if p])
             return None
         if isinstance(node, HttpNode):
+            if self.customer is not None:
+                return node.next  # the customer list answered already
             self._request_id += 1
-            payload = dict(self.variables)
-            self._out.append(HttpLookup(self._request_id, node.url, payload, node.timeout))
+            payload = {"caller": self.caller, "dialled": self.dialled,
+                       "variables": dict(self.variables)}
+            self._out.append(HttpLookup(self._request_id, node.url, payload, node.timeout,
+                                        node.method, dict(node.headers)))
             self.waiting = Waiting.HTTP
             self._arm(now + node.timeout)
             return None
         if isinstance(node, QueueNode):
-            self._finish(RouteToQueue(node.queue, self._priority(node), self.variables.get(
-                "customer_tier"), dict(self.variables)))
+            self._finish(RouteToQueue(node.queue, self._priority(node),
+                                      self.variables.get("tier") or None, dict(self.variables)))
         elif isinstance(node, TransferNode):
-            self._finish(Transfer(node.number))
+            # The flow waits for the outcome; ``result`` says what is ending it meanwhile.
+            self.result = Transfer(node.number, node.role, node.timeout)
+            self._out.append(self.result)
+            self.waiting = Waiting.TRANSFER
         elif isinstance(node, VoicemailNode):
-            self._finish(Voicemail(node.mailbox, node.prompt))
+            self._finish(Voicemail(node.mailbox, node.prompt, node.max_seconds, node.queue,
+                                   dict(self.variables)))
         elif isinstance(node, HangupNode):
             self._finish(Hangup())
         else:  # pragma: no cover - NODE_KINDS and this dispatch are kept in step
@@ -338,10 +411,16 @@ class FlowRun:
         return None
 
     def _priority(self, node: QueueNode) -> int:
-        try:
-            return int(self.variables.get("priority", node.priority))
-        except ValueError:
+        text = self.variables.get("priority")
+        if text is None:
             return node.priority
+        try:
+            value = float(text)
+        except ValueError:
+            return node.priority  # a CRM answering "high" does not break the call
+        if value != value:  # NaN
+            return node.priority
+        return max(MIN_PRIORITY, min(MAX_PRIORITY, int(value)))
 
     def _finish(self, action: Action) -> None:
         self._deadline = None
@@ -430,14 +509,68 @@ class FlowRun:
             else:
                 self._arm(now + node.inter_digit_timeout)
         elif isinstance(node, CallbackNode):
-            if digit == node.accept_digit:
-                self._out.append(OfferCallback(node.queue, self.caller, dict(self.variables)))
-                if node.next:
-                    self._enter(node.next, now)
-                else:
-                    self._finish(Hangup("callback"))
-            else:
+            self._on_callback_digit(node, digit, now)
+
+    # -- call back: offer, then confirm the number or enter another --------------------------
+
+    def _on_callback_digit(self, node: CallbackNode, digit: str, now: float) -> None:
+        step = self._callback_step
+        if step is _CallbackStep.OFFER:
+            if digit != node.accept_digit:
                 self._enter(node.on_decline, now)
+            elif node.confirm_prompt is not None and _callable(self.caller):
+                self._callback_ask(node, _CallbackStep.CONFIRM, node.confirm_prompt)
+            elif node.number_prompt is not None:
+                self._callback_ask(node, _CallbackStep.NUMBER, node.number_prompt)
+            elif _callable(self.caller):
+                self._callback_accepted(node, self.caller, now)
+            else:
+                self._callback_declined(node, "no-number", now)
+        elif step is _CallbackStep.CONFIRM:
+            if digit == node.confirm_digit:
+                self._callback_accepted(node, self.caller, now)
+            elif digit == node.change_digit and node.number_prompt is not None:
+                self._callback_ask(node, _CallbackStep.NUMBER, node.number_prompt)
+            else:
+                self._callback_declined(node, "invalid", now)
+        elif digit == "#":
+            self._callback_number_done(node, now)
+        elif digit.isdigit():
+            self._digits += digit
+            if len(self._digits) >= node.number_max_digits:
+                self._callback_number_done(node, now)
+            else:
+                self._arm(now + INTER_DIGIT_TIMEOUT)
+        # other keys (* A-D) are not part of a phone number: ignored
+
+    def _callback_ask(self, node: CallbackNode, step: _CallbackStep, prompt: str) -> None:
+        self._deadline = None
+        self._callback_step = step
+        self._digits = ""
+        if step is _CallbackStep.NUMBER:
+            self._out.append(StartCollect(node.number_max_digits, "#"))
+        else:
+            self._out.append(StartCollect(1))
+        self._play([prompt], barge_in=True)
+
+    def _callback_number_done(self, node: CallbackNode, now: float) -> None:
+        self._deadline = None
+        if len(self._digits) < node.number_min_digits:
+            self._callback_declined(node, "invalid", now)
+        else:
+            self._callback_accepted(node, self._digits, now)
+
+    def _callback_accepted(self, node: CallbackNode, number: str, now: float) -> None:
+        self.variables["callback_number"] = number
+        self._out.append(OfferCallback(node.queue, number, dict(self.variables)))
+        if node.next:
+            self._enter(node.next, now)
+        else:
+            self._finish(Hangup("callback"))
+
+    def _callback_declined(self, node: CallbackNode, reason: str, now: float) -> None:
+        self.variables["ivr_failure"] = reason
+        self._enter(node.on_decline, now)
 
     def _end_collect(self, node: CollectNode) -> None:
         self._deadline = None
@@ -457,7 +590,12 @@ class FlowRun:
         elif isinstance(node, MenuNode | CollectNode):
             self._failed_attempt(node, "timeout")
         elif isinstance(node, CallbackNode):
-            self._enter(node.on_decline, now)
+            if self._callback_step is _CallbackStep.NUMBER and self._digits:
+                self._callback_number_done(node, now)
+            elif self._callback_step is _CallbackStep.OFFER:
+                self._enter(node.on_decline, now)
+            else:
+                self._callback_declined(node, "timeout", now)
 
     def _on_http_result(self, event: HttpResult, now: float) -> None:
         node = self.node
@@ -473,8 +611,22 @@ class FlowRun:
         for variable, path in node.map.items():
             value = _lookup(event.body, path)
             if value is not None:
-                self.variables[variable] = str(value)
+                self.variables[variable] = str(value)[:MAX_VARIABLE_CHARS]
+        self.variables["customer_source"] = "crm"
         self._enter(node.next, now)
+
+    def _on_transfer_result(self, event: TransferResult, now: float) -> None:
+        node = self.node
+        assert isinstance(node, TransferNode)
+        if event.outcome == "answered":
+            self.waiting = Waiting.DONE
+            return
+        self.result = None
+        self.variables["transfer_result"] = event.outcome
+        if node.on_failure is None:
+            self._finish(Hangup("transfer-failed"))
+            return
+        self._enter(node.on_failure, now)
 
     def _on_hangup(self, event: CallerHungUp, now: float) -> None:
         self._deadline = None
@@ -512,6 +664,16 @@ _TRANSITIONS: dict[tuple[Waiting, type], _Handler] = {
     (Waiting.HTTP, DigitPressed): FlowRun._ignore,
     (Waiting.HTTP, PromptFinished): FlowRun._ignore,
     (Waiting.HTTP, CallerHungUp): FlowRun._on_hangup,
+    (Waiting.TRANSFER, TransferResult): FlowRun._on_transfer_result,
+    (Waiting.TRANSFER, DigitPressed): FlowRun._ignore,
+    (Waiting.TRANSFER, PromptFinished): FlowRun._ignore,
+    (Waiting.TRANSFER, TimerFired): FlowRun._ignore,
+    (Waiting.TRANSFER, HttpResult): FlowRun._ignore,
+    (Waiting.TRANSFER, CallerHungUp): FlowRun._on_hangup,
+    (Waiting.DONE, TransferResult): FlowRun._ignore,
+    (Waiting.PROMPT, TransferResult): FlowRun._ignore,
+    (Waiting.INPUT, TransferResult): FlowRun._ignore,
+    (Waiting.HTTP, TransferResult): FlowRun._ignore,
     (Waiting.DONE, DigitPressed): FlowRun._ignore,
     (Waiting.DONE, PromptFinished): FlowRun._ignore,
     (Waiting.DONE, TimerFired): FlowRun._ignore,

@@ -5,7 +5,11 @@
 - every cycle passes through a node that waits for the caller (menu, collect, callback): a
   cycle without one would spin without end;
 - every prompt exists (when the prompt directory or the set of prompt names is given);
-- every queue exists (when the set of queue names is given).
+- every queue exists (when the set of queue names is given);
+- every variable an ``http`` node maps its answer to is known: a built-in one the call path
+  acts on (``priority``, ``tier``), one the flow declares in ``variables:``, or one a ``set`` or
+  ``collect`` node of the flow writes. The variables the call itself sets (``caller``,
+  ``dialled``, ...) cannot be overwritten.
 Each problem names the file and the line of the offending node (or of its key).
 """
 
@@ -14,9 +18,27 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-from appliance.ivr.flow import INPUT_KINDS, CallbackNode, Flow, FlowProblem, Node, QueueNode
+from appliance.ivr.flow import (
+    INPUT_KINDS,
+    CallbackNode,
+    CollectNode,
+    Flow,
+    FlowProblem,
+    HttpNode,
+    Node,
+    QueueNode,
+    SetNode,
+    VoicemailNode,
+)
 
-__all__ = ["available_prompts", "validate_flows"]
+__all__ = ["MAPPABLE_VARIABLES", "RESERVED_VARIABLES", "available_prompts", "validate_flows"]
+
+MAPPABLE_VARIABLES = frozenset({"priority", "tier"})
+"""Built-in variables a lookup may set: the queue priority and the customer tier."""
+RESERVED_VARIABLES = frozenset(
+    {"caller", "dialled", "menu_choice", "ivr_failure", "http_error", "customer_source",
+     "transfer_result"})
+"""Variables the runner sets itself; a lookup may not overwrite them."""
 
 PROMPT_SUFFIXES = (".wav", ".ul", ".ulaw", ".al", ".alaw", ".sln", ".raw")
 
@@ -67,6 +89,13 @@ def _check_flow(
         return FlowProblem(flow.file, line, flow.name, node.id if node else None, message)
 
     nodes = flow.nodes
+    known = set(MAPPABLE_VARIABLES) | set(flow.variables)
+    for node in nodes.values():
+        if isinstance(node, SetNode):
+            known.update(node.variables)
+        elif isinstance(node, CollectNode):
+            known.add(node.variable)
+    known -= RESERVED_VARIABLES
     if flow.start not in nodes:
         yield problem(None, None, f"start node {flow.start!r} does not exist")
     for node in nodes.values():
@@ -77,12 +106,21 @@ def _check_flow(
             for key, name in node.prompts():
                 if name not in prompts:
                     yield problem(node, key, f"{key} {name!r} is not a prompt{prompt_where}")
+        if isinstance(node, HttpNode):
+            for variable in node.map:
+                if variable in RESERVED_VARIABLES:
+                    yield problem(node, f"map.{variable}",
+                                  f"map.{variable}: {variable!r} is set by the call itself")
+                elif variable not in known:
+                    yield problem(node, f"map.{variable}",
+                                  f"map.{variable}: unknown variable {variable!r} (declare it "
+                                  "in the flow's variables:, or use priority or tier)")
         if (
-            queues is not None and isinstance(node, QueueNode | CallbackNode)
-            and node.queue not in queues
+            queues is not None and isinstance(node, QueueNode | CallbackNode | VoicemailNode)
+            and node.queue is not None and node.queue not in queues
         ):
-            known = ", ".join(sorted(queues)) or "none"
-            yield problem(node, "queue", f"unknown queue {node.queue!r} (known: {known})")
+            names = ", ".join(sorted(queues)) or "none"
+            yield problem(node, "queue", f"unknown queue {node.queue!r} (known: {names})")
     if flow.start in nodes:
         reached = _reachable(flow)
         for node in nodes.values():
