@@ -11,35 +11,38 @@ decrypted recording. Every wait is bounded and waits on an event, never on a fix
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
-import socket
-import sqlite3
 import subprocess
-import sys
-import textwrap
-import time
 import wave
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import (
+    CALLER,
+    DID,
+    agent_phone,
+    call_record,
+    channel_rms,
+    decrypt_recording,
+    events_of,
+    log_lines,
+    make_site,
+    sipp,
+    sipp_failed,
+)
 from test_register_peers import (
     EDGECC,
     Running,
     Site,
-    read_line,
     stop,
 )
 from test_register_peers import start as start_appliance
 
 ROOT = Path(__file__).resolve().parent.parent
-SIPP_DIR = ROOT / "tests" / "sipp"
-DID = "+15550100"
-CALLER = "+15557654321"
 pytestmark = [
     pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (sip-tester) missing"),
     pytest.mark.timeout(120),
@@ -51,15 +54,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Site:
-    directory = tmp_path_factory.mktemp("calls-site")
-    subprocess.run(
-        [str(EDGECC), "init", "--demo", "--site-dir", str(directory), "--agents", "2",
-         "--sip-port", "0", "--no-tls", "--http-port", "0"],
-        check=True, capture_output=True, timeout=60,
-    )
-    creds = json.loads((directory / "demo-credentials.json").read_text())
-    passwords = {a["user"]: a["password"] for a in creds["accounts"]}
-    return Site(directory, creds["realm"], passwords, directory / "edgecc.db")
+    return make_site(tmp_path_factory.mktemp("calls-site"))
 
 
 @pytest.fixture(scope="module")
@@ -69,299 +64,6 @@ def appliance(site: Site) -> Iterator[Running]:
         yield running
     finally:
         stop(running.proc)
-
-
-def query(site: Site, sql: str, args: tuple = ()) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{site.database}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
-
-
-def wait_for(condition, timeout: float, what: str, running: Running | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = running.log_text()[-3000:] if running is not None else ""
-            pytest.fail(f"timed out waiting for {what}\n{tail}")
-        time.sleep(0.05)
-
-
-def log_lines(running: Running, event: str, since: int = 0) -> list[dict[str, str]]:
-    """The appliance's log lines with ``event=EVENT`` (after byte offset ``since``)."""
-    out = []
-    for line in running.log_text()[since:].splitlines():
-        if f" event={event} " in line + " ":
-            out.append(dict(re.findall(r'(\w+)=("[^"]*"|\S+)', line)))
-    return out
-
-
-def free_port(kind: int = socket.SOCK_DGRAM, even: bool = False) -> int:
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not even or port % 2 == 0 and port < 65534:
-            return port
-    raise RuntimeError("no free port")
-
-
-# --------------------------------------------------------------------------- the agent's phone
-
-AGENT_SCRIPT = textwrap.dedent(
-    r"""
-    import json, queue, sys, time
-    import pjsua2 as pj
-
-    user, password, realm, port, logfile, mode, talk, record = sys.argv[1:9]
-    events = queue.Queue()
-
-    def say(**kw):
-        print(json.dumps(kw), flush=True)
-
-    class Call(pj.Call):
-        def onCallState(self, prm):
-            info = self.getInfo()
-            events.put(("state", info.state, info.lastStatusCode))
-
-        def onCallMediaState(self, prm):
-            info = self.getInfo()
-            for i, media in enumerate(info.media):
-                if (media.type == pj.PJMEDIA_TYPE_AUDIO
-                        and media.status == pj.PJSUA_CALL_MEDIA_ACTIVE):
-                    audio = self.getAudioMedia(i)
-                    tone.startTransmit(audio)
-                    audio.startTransmit(recorder)
-                    events.put(("media",))
-
-    class Account(pj.Account):
-        def onRegState(self, prm):
-            events.put(("reg", prm.code))
-
-        def onIncomingCall(self, prm):
-            call = Call(self, prm.callId)
-            calls.append(call)
-            op = pj.CallOpParam()
-            op.statusCode = 180
-            call.answer(op)
-            events.put(("incoming", call.getInfo().remoteUri))
-            if mode == "answer":
-                op = pj.CallOpParam()
-                op.statusCode = 200
-                call.answer(op)
-
-    calls = []
-    ep = pj.Endpoint()
-    ep.libCreate()
-    cfg = pj.EpConfig()
-    cfg.logConfig.level = 4
-    cfg.logConfig.consoleLevel = 0
-    cfg.logConfig.filename = logfile
-    cfg.uaConfig.userAgent = "pjsua2-edgecc-agent"
-    ep.libInit(cfg)
-    ep.audDevManager().setNullDev()
-    tcfg = pj.TransportConfig()
-    tcfg.boundAddress = "127.0.0.1"
-    tcfg.port = 0
-    ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
-    ep.libStart()
-    tone = pj.ToneGenerator()
-    tone.createToneGenerator()
-    desc = pj.ToneDesc()
-    desc.freq1, desc.freq2, desc.on_msec, desc.off_msec, desc.volume = 440, 0, 1000, 0, 0
-    tones = pj.ToneDescVector()
-    tones.append(desc)
-    tone.play(tones, True)
-    recorder = pj.AudioMediaRecorder()
-    recorder.createRecorder(record)
-
-    acfg = pj.AccountConfig()
-    acfg.idUri = f"sip:{user}@{realm}"
-    acfg.regConfig.registrarUri = f"sip:127.0.0.1:{port}"
-    acfg.regConfig.timeoutSec = 300
-    acfg.regConfig.retryIntervalSec = 0
-    acfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", realm, user, 0, password))
-    acc = Account()
-    acc.create(acfg)
-
-    deadline = time.monotonic() + 90
-    hangup_at = None
-    try:
-        while True:
-            wait = deadline - time.monotonic()
-            if hangup_at is not None:
-                wait = min(wait, hangup_at - time.monotonic())
-            try:
-                event = events.get(timeout=max(0.0, wait))
-            except queue.Empty:
-                if hangup_at is not None and time.monotonic() >= hangup_at:
-                    hangup_at = None
-                    say(event="hanging_up")
-                    calls[-1].hangup(pj.CallOpParam())
-                    continue
-                say(event="timeout")
-                break
-            if event[0] == "reg":
-                say(event="registered", code=event[1])
-            elif event[0] == "incoming":
-                say(event="incoming", remote=event[1])
-            elif event[0] == "media":
-                say(event="media")
-                if mode == "answer" and float(talk) > 0 and hangup_at is None:
-                    # The agent talks this long, then hangs up (the peer's behaviour).
-                    hangup_at = time.monotonic() + float(talk)
-            elif event[0] == "state":
-                say(event="state", state=int(event[1]), code=int(event[2]))
-                if event[1] == pj.PJSIP_INV_STATE_CONFIRMED:
-                    say(event="answered")
-                if event[1] == pj.PJSIP_INV_STATE_DISCONNECTED:
-                    say(event="disconnected", code=int(event[2]))
-                    break
-    finally:
-        del recorder
-        acc.shutdown()
-        ep.libDestroy()
-        say(event="closed")
-    """
-)
-
-
-class Agent:
-    """pjsua2 as an agent's SIP phone, in a process of its own (one Endpoint per process)."""
-
-    def __init__(self, tmp: Path, site: Site, port: int, user: str, mode: str,
-                 talk: float = 0.0) -> None:
-        self.log = tmp / f"pjsua-{user}.log"
-        self.recording = tmp / f"agent-{user}.wav"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", AGENT_SCRIPT, user, site.passwords[user], site.realm,
-             str(port), str(self.log), mode, str(talk), str(self.recording)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        self.seen: list[dict] = []
-
-    def wait(self, event: str, timeout: float = 30.0) -> dict:
-        """The next line of the script that is ``event`` (earlier ones are kept in ``seen``)."""
-        for item in self.seen:
-            if item["event"] == event:
-                return item
-        deadline = time.monotonic() + timeout
-        while True:
-            line = read_line(self.proc, max(0.0, deadline - time.monotonic()))
-            if line.startswith("{"):
-                item = json.loads(line)
-                self.seen.append(item)
-                if item["event"] == event:
-                    return item
-            elif not line:
-                self.close()
-                pytest.fail(f"agent phone never said {event!r}; said {self.seen}; "
-                            f"{self.proc.stderr.read().decode()[-2000:]}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-@contextlib.contextmanager
-def agent_phone(tmp: Path, site: Site, running: Running, mode: str, talk: float = 0.0,
-                user: str = "1001") -> Iterator[Agent]:
-    pytest.importorskip("pjsua2")
-    mark = len(running.log_text())
-    agent = Agent(tmp, site, running.port, user, mode, talk)
-    try:
-        assert agent.wait("registered")["code"] == 200
-        # Registered agents are logged in to the queues (presence follows the binding).
-        wait_for(lambda: [e for e in log_lines(running, "agent_login", mark)
-                          if e["agent"] == user], 15, f"agent {user} logged in", running)
-        yield agent
-    finally:
-        agent.close()
-        if agent.proc.returncode is None:
-            agent.proc.kill()
-
-
-# --------------------------------------------------------------------------- the carrier
-
-
-def sipp(tmp: Path, running: Running, scenario: str, *, keys: dict[str, str] | None = None,
-         service: str = DID, timeout: float = 60) -> subprocess.CompletedProcess:
-    messages = tmp / f"{scenario}-{time.monotonic_ns()}.messages"
-    command = [
-        "sipp", f"127.0.0.1:{running.port}", "-sf", str(SIPP_DIR / f"{scenario}.xml"),
-        "-s", service, "-m", "1", "-l", "1", "-i", "127.0.0.1", "-p", str(free_port()),
-        "-mi", "127.0.0.1", "-mp", str(free_port(even=True)), "-nostdin",
-        "-timeout", f"{int(timeout)}s", "-timeout_error", "-trace_msg",
-        "-message_file", str(messages), "-trace_err", "-error_file", str(tmp / "sipp.err"),
-    ]
-    for name, value in (keys or {}).items():
-        command += ["-key", name, value]
-    result = subprocess.run(command, capture_output=True, timeout=timeout + 15, cwd=tmp)
-    result.messages = messages.read_text(errors="replace") if messages.exists() else ""  # type: ignore[attr-defined]
-    return result
-
-
-def sipp_failed(result: subprocess.CompletedProcess, running: Running) -> str:
-    return (f"sipp exit {result.returncode}\n{result.stdout.decode(errors='replace')[-1500:]}\n"
-            f"{result.stderr.decode(errors='replace')[-1500:]}\n"
-            f"{getattr(result, 'messages', '')[-4000:]}\n--- appliance ---\n"
-            f"{running.log_text()[-4000:]}")
-
-
-def call_record(site: Site, running: Running, since: int) -> dict:
-    """The call record of the call that ended after log offset ``since``."""
-    line = wait_for(lambda: log_lines(running, "call_ended", since), 30, "the call record",
-                    running)[0]
-    rows = query(site, "SELECT * FROM call_records WHERE call_id = ?", (line["call"],))
-    assert len(rows) == 1
-    names = [r[1] for r in query(site, "PRAGMA table_info(call_records)")]
-    record = dict(zip(names, rows[0], strict=True))
-    record["legs"] = json.loads(record["legs"])
-    record["ivr_trace"] = json.loads(record["ivr_trace"])
-    record["log"] = line
-    return record
-
-
-def events_of(site: Site, call_id: str) -> list[tuple[int, str, float, dict]]:
-    rows = query(site, "SELECT e.seq, e.kind, e.occurred_at, e.payload, o.seq FROM events e "
-                       "LEFT JOIN outbox o ON o.seq = e.seq ORDER BY e.seq")
-    out = []
-    for seq, kind, at, payload, outbox in rows:
-        data = json.loads(payload)
-        if data.get("call_id") == call_id:
-            assert outbox == seq, f"event {seq} {kind} has no outbox row"
-            out.append((seq, kind, at, data))
-    return out
-
-
-def channel_rms(pcm: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) if pcm.size else 0.0
-
-
-def decrypt_recording(site: Site, recording_id: str) -> np.ndarray:
-    """The recording's stereo samples (frames x 2), decrypted with the site key."""
-    from appliance.recording import RecordingStore, load_site_key
-    from appliance.store import open_site_db
-
-    db = open_site_db(site.database)
-    try:
-        store = RecordingStore(db, site.directory / "recordings", load_site_key(site.directory))
-        wav = store.read_wav(recording_id)
-    finally:
-        db.close()
-    assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE"
-    channels, rate, bits = int.from_bytes(wav[22:24], "little"), int.from_bytes(
-        wav[24:28], "little"), int.from_bytes(wav[34:36], "little")
-    assert (channels, rate, bits) == (2, 8000, 16)
-    return np.frombuffer(wav[44:], dtype="<i2").reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------- tests
@@ -394,6 +96,13 @@ def test_call_reaches_agent_is_recorded_and_written_down(site, appliance, tmp_pa
         "agent", "outbound", "1001")
     assert agent_leg["end_reason"] == "agent-hung-up"
     assert agent_leg["answered_at"] is not None and caller_leg["answered_at"] is not None
+    # Each leg's media as the engine counted it: the caller's speech and digits came in, the
+    # agent's tone came in, and each was sent on to the other side; MOS from the E-model.
+    for leg in (caller_leg, agent_leg):
+        media = leg["media"]
+        assert media["rx_packets"] > 20 and media["tx_packets"] > 20, leg
+        assert media["lost"] == 0 and media["loss_pct"] == 0.0
+        assert 4.0 <= media["mos"] <= 4.5
     # Queue events and the call record, in order, each with its outbox row.
     events = events_of(site, record["call_id"])
     assert [e[1] for e in events] == ["queue.enter", "queue.connect", "queue.complete",
@@ -486,21 +195,11 @@ def test_refused_calls(site, appliance, tmp_path, service, codec_pt, codec_map, 
 @pytest.fixture(scope="module")
 def short_ring_appliance(tmp_path_factory) -> Iterator[tuple[Site, Running]]:
     """A second site whose queue rings each agent for 1.5 s, in member order (linear)."""
-    import yaml
 
-    directory = tmp_path_factory.mktemp("calls-ring-site")
-    subprocess.run(
-        [str(EDGECC), "init", "--demo", "--site-dir", str(directory), "--agents", "2",
-         "--sip-port", "0", "--no-tls", "--http-port", "0"],
-        check=True, capture_output=True, timeout=60,
-    )
-    site_file = directory / "site.yaml"
-    data = yaml.safe_load(site_file.read_text())
-    data["queues"][0].update(strategy="linear", ring_timeout=1.5, record=False)
-    site_file.write_text(yaml.safe_dump(data, sort_keys=False))
-    creds = json.loads((directory / "demo-credentials.json").read_text())
-    passwords = {a["user"]: a["password"] for a in creds["accounts"]}
-    site = Site(directory, creds["realm"], passwords, directory / "edgecc.db")
+    def edit(data: dict) -> None:
+        data["queues"][0].update(strategy="linear", ring_timeout=1.5, record=False)
+
+    site = make_site(tmp_path_factory.mktemp("calls-ring-site"), edit=edit)
     running = start_appliance(site, "calls.log")
     try:
         yield site, running

@@ -39,9 +39,24 @@ from appliance.sip.transaction import (
 )
 from media_core.sip import RemoteProtocolError, SipMessage
 
-__all__ = ["Admission", "DialogSignalling"]
+__all__ = ["Admission", "CallControlError", "DialogSignalling"]
 
 log = logging.getLogger("edgecc.calls")
+
+
+class CallControlError(Exception):
+    """An API request call control cannot carry out; nothing was changed.
+
+    ``status`` follows HTTP: 404 unknown call or agent, 409 not possible in the call's current
+    state, 403 refused by a dial rule, 400 a bad argument.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+        """The HTTP-style status."""
+        self.message = message
+        """What went wrong, for the person who asked."""
 
 Admission = Callable[[SipMessage, Source, float], SipMessage | None]
 """Checks a new INVITE before it becomes a call: a response (401 challenge, 403) refuses it."""
