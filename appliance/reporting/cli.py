@@ -177,8 +177,15 @@ def _fill_wfm_parser(wfm: argparse.ArgumentParser) -> None:
 
 
 def _add_log_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--queue-log", type=Path, required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--queue-log", type=Path,
                         help="queue_log file (epoch|call|queue|agent|VERB|data...)")
+    source.add_argument("--site-dir", type=Path,
+                        help="the event log of this site's database instead of a queue_log")
+    parser.add_argument("--since", type=_moment,
+                        help="with --site-dir: first moment (epoch seconds or ISO 8601)")
+    parser.add_argument("--until", type=_moment,
+                        help="with --site-dir: end, excluded (epoch seconds or ISO 8601)")
     parser.add_argument("--site", default="", help="site id given to the events")
     parser.add_argument("--interval", type=_interval, default=1800,
                         help="interval length: 900, 1800 or 3600 s (default 1800)")
@@ -309,6 +316,31 @@ def _read_log(path: Path, site: str) -> list[QueueEvent]:
         return list(read_queue_log(handle, site=site))
 
 
+class _SiteError(Exception):
+    """The site's configuration or database cannot be read."""
+
+
+def _site_events(site_dir: Path, since: float | None,
+                 until: float | None) -> list[QueueEvent]:
+    from appliance.config import ConfigError, load_site
+    from appliance.reporting.from_log import queue_events_from_db
+    from appliance.store import open_site_db
+
+    try:
+        config = load_site(site_dir)
+    except ConfigError as exc:
+        raise _SiteError(f"--site-dir: invalid site configuration\n{exc}") from None
+    if not Path(config.storage.database).exists():
+        raise _SiteError(f"--site-dir: no site database at {config.storage.database}")
+    db = open_site_db(config.storage.database)
+    try:
+        return list(queue_events_from_db(db, since, until))
+    except EventError as exc:
+        raise _SiteError(f"--site-dir {site_dir}: {exc}") from None
+    finally:
+        db.conn.close()
+
+
 def _cmd_kpi(args: argparse.Namespace) -> int:
     try:
         config = KpiConfig(interval=args.interval, service_level_threshold=args.threshold,
@@ -317,8 +349,14 @@ def _cmd_kpi(args: argparse.Namespace) -> int:
                            utc_offset=int(args.utc_offset))
     except ValueError as exc:
         return _fail("kpi", str(exc), EXIT_USAGE)
+    if args.queue_log is not None and (args.since is not None or args.until is not None):
+        return _fail("kpi", "--since and --until go with --site-dir (a queue_log is read "
+                     "whole)", EXIT_USAGE)
     try:
-        events = _read_log(args.queue_log, args.site)
+        events = (_site_events(args.site_dir, args.since, args.until) if args.site_dir
+                  else _read_log(args.queue_log, args.site))
+    except _SiteError as exc:
+        return _fail("kpi", str(exc), EXIT_PROBLEM)
     except OSError as exc:
         return _fail("kpi", f"--queue-log: cannot read {args.queue_log}: {exc.strerror}",
                      EXIT_PROBLEM)
@@ -480,6 +518,103 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
+
+
+# --------------------------------------------------------------------------------------------
+# export queue-log: the site's event log as Asterisk queue_log lines
+
+
+def _moment(text: str) -> float:
+    """Epoch seconds, or an ISO 8601 date/time (UTC unless it names an offset)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected epoch seconds or an ISO 8601 time such as 2026-11-25T09:00, got "
+            f"{text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``export`` (with ``queue-log``) to the ``edgecc`` subcommands."""
+    export = subparsers.add_parser(
+        "export", help="export the site's event log (queue_log)",
+        description="Export the site's history in formats other tools read.")
+    commands = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    queue_log = commands.add_parser(
+        "queue-log", help="the queue and agent events as Asterisk queue_log lines",
+        description="Write the queue and agent events of the site's event log as Asterisk "
+        "queue_log lines (epoch|call|queue|agent|VERB|data...), in time order; `edgecc wfm "
+        "kpi --queue-log` and other queue_log tools read them.")
+    queue_log.add_argument("--site-dir", type=Path, required=True, help="directory of the site")
+    queue_log.add_argument("--since", type=_moment,
+                           help="first moment (epoch seconds or ISO 8601, UTC by default)")
+    queue_log.add_argument("--until", type=_moment, help="end, excluded (same forms)")
+    queue_log.add_argument("--out", type=Path,
+                           help="file to create (default: standard output); must not exist")
+    queue_log.set_defaults(handler=_cmd_export_queue_log)
+    return export
+
+
+def _cmd_export_queue_log(args: argparse.Namespace) -> int:
+    import contextlib
+    import os
+    import tempfile
+
+    from appliance.config import ConfigError, load_site
+    from appliance.reporting.events import format_queue_log_line
+    from appliance.reporting.from_log import queue_events_from_db
+    from appliance.store import open_site_db
+
+    def fail(message: str, status: int) -> int:
+        print(f"edgecc export queue-log: {message}", file=sys.stderr)
+        return status
+
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        return fail("--until must be after --since", EXIT_USAGE)
+    if args.out is not None and args.out.exists():
+        return fail(f"--out {args.out} exists; give a new file name", EXIT_USAGE)
+    try:
+        config = load_site(args.site_dir)
+    except ConfigError as exc:
+        return fail(f"invalid site configuration, nothing was read\n{exc}", EXIT_USAGE)
+    if not Path(config.storage.database).exists():
+        return fail(f"no site database at {config.storage.database}", EXIT_PROBLEM)
+    db = open_site_db(config.storage.database)
+    temp: Path | None = None
+    lines = 0
+    try:
+        if args.out is None:
+            sink = sys.stdout
+        else:
+            # Written beside the target and renamed at the end: never a half file.
+            fd, name = tempfile.mkstemp(prefix=".queue_log-", dir=args.out.parent or ".")
+            temp = Path(name)
+            sink = os.fdopen(fd, "w", encoding="utf-8")
+        with sink if args.out is not None else contextlib.nullcontext(sink):
+            for event in queue_events_from_db(db, args.since, args.until):
+                sink.write(format_queue_log_line(event) + "\n")
+                lines += 1
+        if temp is not None:
+            os.link(temp, args.out)  # fails if --out appeared meanwhile: nothing replaced
+    except EventError as exc:
+        return fail(f"{exc}; export stopped" + ("" if args.out is None else
+                                                ", nothing was written"), EXIT_PROBLEM)
+    except OSError as exc:
+        return fail(f"cannot write {args.out}: {exc.strerror}", EXIT_PROBLEM)
+    finally:
+        db.conn.close()
+        if temp is not None:
+            temp.unlink(missing_ok=True)
+    if args.out is not None:
+        print(f"wrote {lines} queue_log lines to {args.out}", file=sys.stderr)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

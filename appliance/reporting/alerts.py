@@ -1,0 +1,357 @@
+"""Alerts: conditions a supervisor must see now, raised and cleared from the site's events.
+
+``AlertEngine`` is sans-IO: the composition root feeds it every event (``feed(kind, payload,
+at)``, the same kinds and payloads as the event log and the live topics) and calls
+``tick(now)`` — at least every second, or at ``next_timer()`` — which returns the alerts raised
+and cleared since the previous tick. It reads no clock and does no I/O; turning an alert into
+an event-log row (``alert.raised`` / ``alert.cleared``), a hub publish, a webhook post and the
+wallboard banner is the caller's job (docs/alerts.md).
+
+Rules, each optional, each keyed so one alert exists per queue, agent, call or host:
+
+| rule | key | raised when | cleared when |
+| --- | --- | --- | --- |
+| ``service_level`` | queue | SL of the callers who left the queue in the last ``window_s`` < ``target`` (with ≥ ``min_calls`` of them) | SL ≥ target, or too few calls |
+| ``calls_waiting`` | queue | callers waiting > ``above`` | ≤ ``above`` |
+| ``longest_wait`` | queue | the longest-waiting caller has waited > ``above_s`` | ≤ ``above_s`` |
+| ``agent_paused`` | agent | paused for > ``above_s`` | unpaused or logged out |
+| ``long_call`` | call | a call has lasted > ``above_s`` | it ended |
+| ``link_down`` | "cloud" | the cloud link is ``offline`` for > ``after_s`` | online or degraded again |
+| ``security`` | "site" | ≥ ``count`` bans or failed logins in the last ``window_s`` | fewer |
+
+Queue facts come through ``appliance.reporting.from_log.to_queue_events`` and the wallboard's
+``LiveBoard``, so the alerts and the wallboard count waiting callers the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from appliance.reporting.events import EventError, QueueVerb
+from appliance.reporting.from_log import to_queue_events
+from appliance.reporting.kpi import KpiConfig, LiveBoard
+
+#: Event kinds the security rule counts: SIP guard bans and refused API logins.
+SECURITY_KINDS = frozenset({"security.ban", "security.login_failed"})
+#: Event kinds that end a call for the long-call rule.
+CALL_END_KINDS = frozenset({"call.ended", "call.record"})
+#: Most events the sliding windows hold; beyond it the oldest are forgotten (counted).
+MAX_WINDOW_EVENTS = 100_000
+
+
+class Severity(enum.Enum):
+    """How urgent an alert is."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert: raised once, cleared once."""
+
+    rule: str
+    """The rule that raised it (``service_level``, ``calls_waiting``, ...)."""
+    key: str
+    """What it is about: a queue, an agent, a call id, "cloud" or "site"."""
+    severity: Severity
+    """How urgent."""
+    message: str
+    """One line for people, with the figure and the threshold."""
+    raised_at: float
+    """When the condition was first seen true (seconds since the epoch)."""
+    cleared_at: float | None = None
+    """When it was seen false again; None while active."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The alert as plain JSON values (event-log payload, webhook body, hub message)."""
+        return {"rule": self.rule, "key": self.key, "severity": self.severity.value,
+                "message": self.message, "raised_at": self.raised_at,
+                "cleared_at": self.cleared_at}
+
+
+@dataclass(frozen=True)
+class ServiceLevelRule:
+    """Service level over a sliding window below target."""
+
+    target: float = 0.8
+    """Fraction of callers answered within ``threshold_s``."""
+    threshold_s: float = 20.0
+    """Answered within this many seconds counts as in time."""
+    window_s: float = 1800.0
+    """Callers who left the queue within this many seconds before now are counted."""
+    min_calls: int = 10
+    """Fewer callers than this in the window say nothing."""
+    severity: Severity = Severity.WARNING
+
+
+@dataclass(frozen=True)
+class CallsWaitingRule:
+    """Too many callers waiting in one queue."""
+
+    above: int = 10
+    severity: Severity = Severity.WARNING
+
+
+@dataclass(frozen=True)
+class LongestWaitRule:
+    """A caller waiting too long."""
+
+    above_s: float = 120.0
+    severity: Severity = Severity.WARNING
+
+
+@dataclass(frozen=True)
+class AgentPausedRule:
+    """An agent paused for too long."""
+
+    above_s: float = 900.0
+    severity: Severity = Severity.INFO
+
+
+@dataclass(frozen=True)
+class LongCallRule:
+    """A call lasting too long (stuck, or an agent needing help)."""
+
+    above_s: float = 3600.0
+    severity: Severity = Severity.INFO
+
+
+@dataclass(frozen=True)
+class LinkDownRule:
+    """The cloud link offline for too long."""
+
+    after_s: float = 60.0
+    severity: Severity = Severity.CRITICAL
+
+
+@dataclass(frozen=True)
+class SecurityRule:
+    """Bans and failed logins in a burst."""
+
+    count: int = 5
+    window_s: float = 300.0
+    severity: Severity = Severity.CRITICAL
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    """Which rules run and their thresholds; ``None`` turns a rule off."""
+
+    service_level: ServiceLevelRule | None = field(default_factory=ServiceLevelRule)
+    calls_waiting: CallsWaitingRule | None = field(default_factory=CallsWaitingRule)
+    longest_wait: LongestWaitRule | None = field(default_factory=LongestWaitRule)
+    agent_paused: AgentPausedRule | None = field(default_factory=AgentPausedRule)
+    long_call: LongCallRule | None = field(default_factory=LongCallRule)
+    link_down: LinkDownRule | None = field(default_factory=LinkDownRule)
+    security: SecurityRule | None = field(default_factory=SecurityRule)
+
+
+@dataclass
+class _Condition:
+    severity: Severity
+    message: str
+
+
+class AlertEngine:
+    """Raises and clears alerts from fed events; see the module docstring."""
+
+    def __init__(self, rules: AlertRules | None = None, *, max_tracked: int = 100_000) -> None:
+        self.rules = rules or AlertRules()
+        self.max_tracked = max_tracked
+        threshold = (self.rules.service_level.threshold_s if self.rules.service_level
+                     else 20.0)
+        self._board = LiveBoard(KpiConfig(service_level_threshold=threshold))
+        self._queues: set[str] = set()
+        # queue -> (left_at, answered within threshold) of callers who left, oldest first
+        self._outcomes: dict[str, deque[tuple[float, bool]]] = {}
+        self._entered: dict[str, float] = {}  # waiting call -> when it entered
+        self._paused: dict[str, float] = {}  # agent -> paused since
+        self._calls: dict[str, float] = {}  # live call -> started at
+        self._link: tuple[str, float] | None = None  # (state, since)
+        self._security: deque[float] = deque()
+        self._active: dict[tuple[str, str], Alert] = {}
+        self.ignored = 0
+        """Events that could not be read (malformed payloads); counted, never raised."""
+
+    # ---------------------------------------------------------------------------- input
+
+    def feed(self, kind: str, payload: Mapping[str, Any], at: float) -> None:
+        """Take one event (event-log row or live topic). Never raises for a bad payload."""
+        try:
+            self._feed(kind, payload, at)
+        except (EventError, LookupError, TypeError, ValueError, AttributeError):
+            self.ignored += 1
+
+    def _feed(self, kind: str, payload: Mapping[str, Any], at: float) -> None:
+        if kind in SECURITY_KINDS:
+            self._security.append(at)
+            if len(self._security) > MAX_WINDOW_EVENTS:
+                self._security.popleft()
+            return
+        if kind.startswith("link."):
+            state = str(payload["state"])
+            since = float(payload.get("since", at))
+            if self._link is None or self._link[0] != state:
+                self._link = (state, since)
+            return
+        call_id = str(payload.get("call_id") or "")
+        if kind == "call.offered" and call_id:
+            self._track_call(call_id, at)
+        elif kind in CALL_END_KINDS:
+            self._calls.pop(call_id, None)
+        for event in to_queue_events(kind, payload, at):
+            self._queue_event(event.verb, event.call_id, event.queue, event.agent, event.at)
+            self._board.apply(event)
+
+    def _track_call(self, call_id: str, at: float) -> None:
+        if call_id not in self._calls and len(self._calls) >= self.max_tracked:
+            self.ignored += 1
+            return
+        self._calls.setdefault(call_id, at)
+
+    def _queue_event(self, verb: QueueVerb, call_id: str, queue: str, agent: str,
+                     at: float) -> None:
+        if verb is QueueVerb.ENTERQUEUE:
+            if call_id not in self._entered and len(self._entered) >= self.max_tracked:
+                raise EventError(f"more than {self.max_tracked} callers waiting")
+            self._queues.add(queue)
+            self._entered[call_id] = at
+            self._track_call(call_id, at)
+        elif verb in (QueueVerb.CONNECT, QueueVerb.ABANDON, QueueVerb.EXITWITHTIMEOUT,
+                      QueueVerb.EXITEMPTY, QueueVerb.EXITWITHKEY):
+            entered = self._entered.pop(call_id, None)
+            rule = self.rules.service_level
+            if entered is not None and rule is not None:
+                wait = at - entered
+                short = verb is QueueVerb.ABANDON and wait < self._board.config.short_abandon
+                if not short:  # short abandons count nowhere (docs/kpis.md)
+                    window = self._outcomes.setdefault(queue, deque())
+                    window.append((at, verb is QueueVerb.CONNECT and wait <= rule.threshold_s))
+                    if len(window) > MAX_WINDOW_EVENTS:
+                        window.popleft()
+            if verb is not QueueVerb.CONNECT:
+                self._calls.pop(call_id, None)
+        elif verb in (QueueVerb.COMPLETECALLER, QueueVerb.COMPLETEAGENT, QueueVerb.TRANSFER):
+            self._calls.pop(call_id, None)
+        elif verb is QueueVerb.PAUSE:
+            self._paused.setdefault(agent, at)
+        elif verb in (QueueVerb.UNPAUSE, QueueVerb.AGENTLOGOFF):
+            self._paused.pop(agent, None)
+
+    # ---------------------------------------------------------------------------- output
+
+    def _conditions(self, now: float) -> dict[tuple[str, str], _Condition]:
+        rules, found = self.rules, {}
+        if rules.service_level is not None:
+            rule = rules.service_level
+            for queue, window in self._outcomes.items():
+                while window and window[0][0] <= now - rule.window_s:
+                    window.popleft()
+                if len(window) >= rule.min_calls:
+                    level = sum(ok for _, ok in window) / len(window)
+                    if level < rule.target:
+                        found[("service_level", queue)] = _Condition(
+                            rule.severity, f"queue {queue}: service level {level:.0%} over "
+                            f"the last {rule.window_s:g} s, target {rule.target:.0%}")
+        for queue in self._queues:
+            waiting = self._board.waiting(queue)
+            if rules.calls_waiting is not None and waiting > rules.calls_waiting.above:
+                found[("calls_waiting", queue)] = _Condition(
+                    rules.calls_waiting.severity,
+                    f"queue {queue}: {waiting} callers waiting, limit {rules.calls_waiting.above}")
+            longest = self._board.longest_wait(queue, now)
+            if rules.longest_wait is not None and longest > rules.longest_wait.above_s:
+                found[("longest_wait", queue)] = _Condition(
+                    rules.longest_wait.severity, f"queue {queue}: a caller has waited "
+                    f"{longest:.0f} s, limit {rules.longest_wait.above_s:g} s")
+        if rules.agent_paused is not None:
+            for agent, since in self._paused.items():
+                if now - since > rules.agent_paused.above_s:
+                    found[("agent_paused", agent)] = _Condition(
+                        rules.agent_paused.severity, f"agent {agent} paused for "
+                        f"{now - since:.0f} s, limit {rules.agent_paused.above_s:g} s")
+        if rules.long_call is not None:
+            for call_id, started in self._calls.items():
+                if now - started > rules.long_call.above_s:
+                    found[("long_call", call_id)] = _Condition(
+                        rules.long_call.severity, f"call {call_id} has lasted "
+                        f"{now - started:.0f} s, limit {rules.long_call.above_s:g} s")
+        if rules.link_down is not None and self._link is not None:
+            state, since = self._link
+            if state == "offline" and now - since > rules.link_down.after_s:
+                found[("link_down", "cloud")] = _Condition(
+                    rules.link_down.severity, f"cloud link offline for {now - since:.0f} s")
+        if rules.security is not None:
+            burst = rules.security
+            while self._security and self._security[0] <= now - burst.window_s:
+                self._security.popleft()
+            if len(self._security) >= burst.count:
+                found[("security", "site")] = _Condition(
+                    burst.severity, f"{len(self._security)} bans or failed logins in the last "
+                    f"{burst.window_s:g} s, limit {burst.count}")
+        return found
+
+    def tick(self, now: float) -> list[Alert]:
+        """Evaluate every rule at ``now``; return the alerts raised (``cleared_at`` None) and
+        cleared (``cleared_at`` set) since the previous tick, cleared first."""
+        found = self._conditions(now)
+        changes = []
+        for key in [k for k in self._active if k not in found]:
+            changes.append(replace(self._active.pop(key), cleared_at=now))
+        for key, condition in sorted(found.items()):
+            if key not in self._active:
+                alert = Alert(key[0], key[1], condition.severity, condition.message, now)
+                self._active[key] = alert
+                changes.append(alert)
+        return changes
+
+    def active(self) -> list[Alert]:
+        """Alerts raised and not cleared, by rule and key (messages as when raised)."""
+        return [self._active[k] for k in sorted(self._active)]
+
+    def next_timer(self) -> float | None:
+        """The earliest time a rule may change without a new event (a wait, pause, call or
+        outage crossing its limit, or a window forgetting an event); None when nothing is
+        pending. Ticking more often is harmless."""
+        rules, times = self.rules, []
+        if rules.longest_wait is not None and self._entered:
+            times.append(min(self._entered.values()) + rules.longest_wait.above_s)
+        if rules.agent_paused is not None and self._paused:
+            times.append(min(self._paused.values()) + rules.agent_paused.above_s)
+        if rules.long_call is not None and self._calls:
+            times.append(min(self._calls.values()) + rules.long_call.above_s)
+        if rules.link_down is not None and self._link and self._link[0] == "offline":
+            times.append(self._link[1] + rules.link_down.after_s)
+        if rules.security is not None and self._security:
+            times.append(self._security[0] + rules.security.window_s)
+        if rules.service_level is not None:
+            times.extend(w[0][0] + rules.service_level.window_s
+                         for w in self._outcomes.values() if w)
+        # A limit is crossed strictly after it is reached.
+        return math.nextafter(min(times), math.inf) if times else None
+
+
+def rules_from_config(config: Any) -> AlertRules:
+    """The rules of ``site.yaml``'s ``alerts:`` section (``appliance.config.AlertsConfig``)."""
+    def maybe(section: Any, make: Any) -> Any:
+        return None if section is None else make(section)
+
+    return AlertRules(
+        service_level=maybe(config.service_level, lambda c: ServiceLevelRule(
+            target=c.target, threshold_s=c.threshold, window_s=c.window,
+            min_calls=c.min_calls)),
+        calls_waiting=maybe(config.calls_waiting, lambda c: CallsWaitingRule(above=c.above)),
+        longest_wait=maybe(config.longest_wait, lambda c: LongestWaitRule(above_s=c.above)),
+        agent_paused=maybe(config.agent_paused, lambda c: AgentPausedRule(above_s=c.above)),
+        long_call=maybe(config.long_call, lambda c: LongCallRule(above_s=c.above)),
+        link_down=maybe(config.link_down, lambda c: LinkDownRule(after_s=c.after)),
+        security=maybe(config.security, lambda c: SecurityRule(count=c.count,
+                                                               window_s=c.window)),
+    )
