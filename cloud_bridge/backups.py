@@ -6,7 +6,9 @@ and fsynced, then its end becomes the committed offset. On resume the partial fi
 to the committed offset, so bytes written but never committed (a crash between the two steps)
 are overwritten, never trusted.
 
-The content is opaque: sites encrypt their backups before upload.
+The content is opaque: sites encrypt their backups before upload. The one thing the cloud
+reads is a bundle's header, for ``issue_restore_token``: the site key sealed for the cloud CA
+(docs/backups.md, "Trust model").
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cloud_bridge.store import BackupRecord, CloudStore
+from cloud_bridge.store import BackupRecord, CloudStore, make_token
+
+if TYPE_CHECKING:
+    from cloud_bridge.ca import CertificateAuthority
 
 CHUNK_LIMIT = 1024 * 1024
 """Largest piece of data one chunk may carry (1 MiB)."""
@@ -260,3 +266,62 @@ class BackupStore:
                     raise BackupError(BackupError.NOT_FOUND, f"{path.name} is shorter than recorded")
                 yield offset, data
                 offset += len(data)
+
+
+# ---------------------------------------------------------------- restore tokens
+
+RESTORE_TOKEN_TTL_S = 24 * 3600
+
+
+def issue_restore_token(
+    backups: BackupStore, ca: CertificateAuthority, site_id: str, *,
+    ttl: float = RESTORE_TOKEN_TTL_S, backup_id: str | None = None, now: float | None = None,
+) -> str:
+    """A restore token for ``edgecc restore --from-cloud``: enrolment token + site key + CA.
+
+    Takes the site key from the escrow of ``backup_id`` (default: the newest complete backup),
+    opened with the CA's private key, and stores a one-time enrolment token for the site
+    valid ``ttl`` seconds. Raises BackupError(NOT_FOUND) when there is no such backup, and
+    ``edge_agent.bundle.TamperedBundle`` when its escrow does not open.
+    """
+    from edge_agent.bundle import RestoreToken, escrow_of  # the bundle format's one home
+
+    now = time.time() if now is None else now
+    complete = [b for b in backups.store.backups(site_id) if b.complete]
+    if backup_id is not None:
+        complete = [b for b in complete if b.backup_id == check_backup_id(backup_id)]
+    if not complete:
+        which = f"backup {backup_id}" if backup_id else "complete backup"
+        raise BackupError(BackupError.NOT_FOUND, f"site {site_id} has no {which} to restore")
+    record = complete[0]  # newest first
+    header = escrow_of(backups.final_path(site_id, record.backup_id))
+    if header.site_id != site_id:
+        raise BackupError(
+            BackupError.INVALID,
+            f"backup {record.backup_id} is a bundle of site {header.site_id!r}, not {site_id!r}",
+        )
+    site_key = ca.open_escrow(header.escrow, site_id)
+    token = make_token()
+    backups.store.add_token(site_id, token, now + ttl, now)
+    return RestoreToken(token, site_id, site_key, ca.certificate_pem,
+                        backup_id if backup_id else "").encode()
+
+
+def restore_token_command(
+    data_dir: Path | str, site_id: str, *, ttl: float = RESTORE_TOKEN_TTL_S,
+    backup_id: str | None = None, db_url: str | None = None,
+) -> str:
+    """``edgecc cloud restore-token SITE``: open the data directory, issue, close."""
+    from cloud_bridge.ca import CertificateAuthority
+    from cloud_bridge.store import open_store
+
+    directory = Path(data_dir)
+    if not (directory / "ca" / "ca.key").exists():
+        raise BackupError(BackupError.NOT_FOUND, f"{directory}: no cloud CA here (ca/ca.key)")
+    ca = CertificateAuthority.load_or_create(directory / "ca")
+    store = open_store(db_url or str(directory / "cloud.db"), data_dir=directory)
+    try:
+        backups = BackupStore(directory / "backups", store)
+        return issue_restore_token(backups, ca, site_id, ttl=ttl, backup_id=backup_id)
+    finally:
+        store.close()

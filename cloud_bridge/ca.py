@@ -168,6 +168,15 @@ class CertificateAuthority:
         """The CA certificate, PEM."""
         return _pem(self.certificate)
 
+    def open_escrow(self, escrow: bytes, site_id: str) -> bytes:
+        """The site key a site sealed for this CA in its backup bundles (docs/backups.md).
+
+        Raises ``edge_agent.bundle.TamperedBundle`` when the escrow is not for this CA and site.
+        """
+        from edge_agent.bundle import open_escrow  # the format lives with the bundle
+
+        return open_escrow(self._key, escrow, site_id)
+
     # ------------------------------------------------------------ issuing
 
     def issue_server_certificate(

@@ -7,6 +7,8 @@
     edgecc cloud --data-dir DIR token --site ID [--ttl SECONDS]
     edgecc cloud --data-dir DIR revoke --serial HEX
     edgecc cloud --data-dir DIR push-config --site ID --file site.yaml
+    edgecc cloud --data-dir DIR kpis [--since WHEN] [--until WHEN] [--interval 1800]
+                 [--site ID] [--threshold 20] [--json]
 
 ``push-config`` signs the file with the CA of the data directory and stores it as the site's next
 config version; a running server sends it down the site's live link within
@@ -31,6 +33,7 @@ from typing import Any
 
 import yaml as yaml_parser
 
+from cloud_bridge.backups import RESTORE_TOKEN_TTL_S
 from cloud_bridge.ca import CertificateAuthority, CertificateError, check_site_id
 from cloud_bridge.store import CloudStore, StoreError, make_token, open_store
 
@@ -65,6 +68,22 @@ def _ttl(text: str) -> int:
     if not 60 <= value <= 30 * 24 * 3600:
         raise argparse.ArgumentTypeError(f"expected 60 to 2592000 seconds, got {value}")
     return value
+
+
+def _moment(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO date/time (2026-11-25T09:00) or Unix seconds, got {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
 
 
 def _serial(text: str) -> int:
@@ -130,6 +149,18 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                        help="seconds the token stays valid (default 86400)")
     token.set_defaults(handler=_cmd_token)
 
+    restore = sub.add_parser(
+        "restore-token", help="issue a token that restores a site's backup on a new machine",
+        description="Print a token for `edgecc restore --from-cloud`: it enrols the new machine "
+        "as the site and opens the site's latest backup (or --backup ID). It carries the site "
+        "key: hand it over like a password.")
+    _common(restore, suppress=True)
+    restore.add_argument("--site", type=_site_id, required=True, help="site id, e.g. paris-1")
+    restore.add_argument("--backup", metavar="ID", help="a stored backup (default: the latest)")
+    restore.add_argument("--ttl", type=_ttl, default=RESTORE_TOKEN_TTL_S,
+                         help=f"seconds the token stays valid (default {RESTORE_TOKEN_TTL_S:.0f})")
+    restore.set_defaults(handler=_cmd_restore_token)
+
     revoke = sub.add_parser("revoke", help="revoke a site certificate by serial")
     _common(revoke, suppress=True)
     revoke.add_argument("--serial", type=_serial, required=True, help="serial, hexadecimal")
@@ -145,6 +176,25 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     push.add_argument("--site", type=_site_id, required=True, help="site id, e.g. paris-1")
     push.add_argument("--file", type=Path, required=True, help="the whole site.yaml to push")
     push.set_defaults(handler=_cmd_push_config)
+
+    kpis = sub.add_parser(
+        "kpis", help="queue KPIs per site and for all sites, per interval",
+        description="Offered, answered, abandoned, service level and ASA of the calls that "
+        "entered a queue in the period, counted from the queue events the sites sent up.",
+    )
+    _common(kpis, suppress=True)
+    kpis.add_argument("--since", type=_moment, default=None, metavar="WHEN",
+                      help="start: ISO date/time (UTC unless it has an offset) or Unix seconds "
+                      "(default: 24 h before --until)")
+    kpis.add_argument("--until", type=_moment, default=None, metavar="WHEN",
+                      help="end, exclusive (default: now)")
+    kpis.add_argument("--interval", type=int, choices=(900, 1800, 3600), default=1800,
+                      help="interval length in seconds (default 1800)")
+    kpis.add_argument("--site", type=_site_id, default=None, help="only this site")
+    kpis.add_argument("--threshold", type=float, default=20.0,
+                      help="service-level threshold in seconds (default 20)")
+    kpis.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    kpis.set_defaults(handler=_cmd_kpis)
     return cloud
 
 
@@ -288,6 +338,25 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_restore_token(args: argparse.Namespace) -> int:
+    from cloud_bridge.backups import BackupError, restore_token_command
+    from edge_agent.bundle import BundleError
+
+    data_dir = _data_dir(args)
+    if data_dir is None:
+        return 2
+    try:
+        token = restore_token_command(data_dir, args.site, ttl=args.ttl, backup_id=args.backup,
+                                      db_url=args.db)
+    except (BackupError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(token)
+    print(f"site={args.site} expires={_when(time.time() + args.ttl)} (carries the site key)",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_revoke(args: argparse.Namespace) -> int:
     store = _open(args)
     if store is None:
@@ -359,6 +428,60 @@ def _cmd_push_config(args: argparse.Namespace) -> int:
         store.close()
     print(f"site={record.site_id} version={record.version} bytes={len(yaml)} "
           f"sha256={hashlib.sha256(yaml).hexdigest()}")
+    return 0
+
+
+
+# ------------------------------------------------------------------- KPIs
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _cmd_kpis(args: argparse.Namespace) -> int:
+    import json
+
+    from cloud_bridge.analytics import KpiSettings, cross_site_kpis
+
+    until = args.until if args.until is not None else time.time()
+    since = args.since if args.since is not None else until - 24 * 3600
+    if until <= since:
+        print(f"error: --until ({_when(until)}) must be after --since ({_when(since)})",
+              file=sys.stderr)
+        return 2
+    try:
+        settings = KpiSettings(interval=args.interval, service_level_threshold=args.threshold)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    store = _open(args)
+    if store is None:
+        return 2
+    try:
+        report = cross_site_kpis(store, since, until, settings, site_id=args.site)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({
+            "since": since, "until": until, "interval": settings.interval,
+            "service_level_threshold": settings.service_level_threshold,
+            "skipped_events": report.skipped, "rows": [r.as_dict() for r in report.rows],
+        }))
+        return 0
+    print(f"since={_when(since)} until={_when(until)} interval={settings.interval}s "
+          f"threshold={settings.service_level_threshold:g}s skipped_events={report.skipped}")
+    print(f"{'SITE':<24} {'INTERVAL':<20} {'OFFERED':>8} {'ANSWERED':>9} {'ABANDONED':>10} "
+          f"{'TIMED OUT':>10} {'WAITING':>8} {'SL':>7} {'ASA S':>7}")
+    for r in report.rows:
+        start = "total" if r.interval_start is None else _when(r.interval_start)
+        print(f"{r.site_id:<24} {start:<20} {r.offered:>8} {r.answered:>9} {r.abandoned:>10} "
+              f"{r.timed_out:>10} {r.waiting:>8} {_percent(r.service_level):>7} "
+              f"{_seconds(r.asa):>7}")
     return 0
 
 

@@ -2,8 +2,10 @@
 
 - ``GET /`` — every site: link state and since when, ack, lag in events and seconds, events
   held behind a gap, last backup, events stored per kind, certificate; an alerts section when
-  there is anything to say.
-- ``GET /api/sites`` — the same as JSON.
+  there is anything to say; queue KPIs of the last 24 h per site and for all sites
+  (``cloud_bridge.analytics``).
+- ``GET /api/sites`` — the same as JSON, with each site's queue KPIs of the last 24 h and
+  ``all_sites_kpis``.
 
 The page is rendered on the server with escaped f-strings (no script, no external resource),
 refreshes itself every 10 s, and is sent with a Content-Security-Policy that forbids anything
@@ -35,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from cloud_bridge.analytics import cross_site_kpis
 from cloud_bridge.store import CloudStore
 
 log = logging.getLogger("edgecc.cloud.console")
@@ -42,6 +45,8 @@ log = logging.getLogger("edgecc.cloud.console")
 CERTIFICATE_WARNING_S = 30 * 24 * 3600
 """A certificate this close to its end raises an alert."""
 REFRESH_S = 10
+KPI_WINDOW_S = 24 * 3600
+"""The console's KPIs count the calls that entered a queue this long ago at most."""
 _SHUTDOWN_GRACE_S = 1.0
 _HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
@@ -106,10 +111,21 @@ class SiteView:
     """Its end of validity."""
     alerts: tuple[str, ...]
     """What central IT should look at."""
+    config_version: int | None = None
+    """The config version the site runs (its last Hello), None before any Hello."""
+    config_refused: str | None = None
+    """The last pushed version the site refused, with its validation error, if the last
+    outcome was a refusal."""
+    kpis: Mapping[str, Any] | None = None
+    """Queue KPIs of the calls that entered a queue in the last ``KPI_WINDOW_S`` (offered,
+    answered, abandoned, short_abandoned, timed_out, waiting, answered_within,
+    service_level, asa; see ``cloud_bridge.analytics``); None when the store has none."""
 
 
-def site_views(store: CloudStore, links: Mapping[str, LinkState], now: float) -> list[SiteView]:
-    """Every site's row, from the store and the live links (blocking: run on the worker)."""
+def site_views(store: CloudStore, links: Mapping[str, LinkState], now: float,
+               reports: Mapping[str, Mapping[str, Any]] | None = None) -> list[SiteView]:
+    """Every site's row, from the store, the live links and what each site last said (its
+    Hello and ConfigApplied, ``server.read_site_reports``); blocking: run on the worker."""
     activity = {a.site_id: a for a in store.activity()}
     last_backups: dict[str, LastBackup] = {}
     for record in store.backups():  # newest first
@@ -117,6 +133,12 @@ def site_views(store: CloudStore, links: Mapping[str, LinkState], now: float) ->
             last_backups[record.site_id] = LastBackup(
                 record.backup_id, record.committed, record.completed_at
             )
+    try:
+        report = cross_site_kpis(store, now - KPI_WINDOW_S, now)
+        kpis = {r.site_id: r.as_dict() for r in report.rows if r.interval_start is None}
+    except Exception as exc:  # the page must show even when the KPIs cannot be counted
+        log.warning("event=console_kpis_failed error=%r", exc)
+        kpis = {}
     views = []
     for site in store.sites():
         if site.site_id == "_unknown":  # holder of revoked serials never issued here
@@ -132,6 +154,12 @@ def site_views(store: CloudStore, links: Mapping[str, LinkState], now: float) ->
         if site.held_events:
             alerts.append(f"{site.held_events} events held behind a gap after seq "
                           f"{site.acked_seq}")
+        said = (reports or {}).get(site.site_id, {})
+        hello, applied = said.get("hello") or {}, said.get("config_applied") or {}
+        refused = None
+        if applied and not applied.get("ok", True):
+            refused = f"version {applied.get('version')}: {applied.get('error') or 'refused'}"
+            alerts.append(f"config {refused}")
         if site.certificate_not_after is not None:
             left = site.certificate_not_after - now
             if left <= 0:
@@ -155,8 +183,31 @@ def site_views(store: CloudStore, links: Mapping[str, LinkState], now: float) ->
                                 if site.certificate_serial is not None else None),
             certificate_not_after=site.certificate_not_after,
             alerts=tuple(alerts),
+            config_version=hello.get("config_version"),
+            config_refused=refused,
+            kpis=kpis.get(site.site_id),
         ))
     return views
+
+
+def all_sites_kpis(views: list[SiteView]) -> dict[str, Any]:
+    """The KPIs of every site together, from the per-site figures."""
+    total: dict[str, Any] = dict.fromkeys(_KPI_COUNTS, 0)
+    answered_wait = 0.0
+    for view in views:
+        if view.kpis is None:
+            continue
+        for key in _KPI_COUNTS:
+            total[key] += int(view.kpis.get(key) or 0)
+        answered_wait += float(view.kpis.get("asa") or 0.0) * int(view.kpis.get("answered") or 0)
+    left = total["answered"] + total["abandoned"] + total["timed_out"]
+    total["service_level"] = total["answered_within"] / left if left else None
+    total["asa"] = answered_wait / total["answered"] if total["answered"] else None
+    return total
+
+
+_KPI_COUNTS = ("offered", "answered", "abandoned", "short_abandoned", "timed_out", "waiting",
+               "answered_within")
 
 
 # ------------------------------------------------------------------- rendering
@@ -206,10 +257,10 @@ def render_page(views: list[SiteView], now: float) -> str:
     parts.append(
         '<table id="sites"><thead><tr><th>Site</th><th>Link</th><th>Since</th><th>Ack</th>'
         "<th>Lag (events)</th><th>Lag (s)</th><th>Held</th><th>Last backup</th>"
-        "<th>Events by kind</th><th>Certificate</th></tr></thead><tbody>"
+        "<th>Events by kind</th><th>Config</th><th>Certificate</th></tr></thead><tbody>"
     )
     if not views:
-        parts.append('<tr><td colspan="10">No site yet: issue an enrolment token with '
+        parts.append('<tr><td colspan="11">No site yet: issue an enrolment token with '
                      "<code>edgecc cloud token --site ID</code>.</td></tr>")
     for v in views:
         if v.connected:
@@ -244,7 +295,30 @@ def render_page(views: list[SiteView], now: float) -> str:
             f'<td class="num held">{v.held_events}</td>'
             f'<td class="backup">{backup}</td>'
             f'<td class="kinds">{kinds}</td>'
+            f'<td class="config">{_e(str(v.config_version) if v.config_version is not None else "-")}</td>'
             f'<td class="certificate">{certificate}</td></tr>'
+        )
+    parts.append("</tbody></table>")
+    parts.append(
+        f"<h2>Queue KPIs, last {KPI_WINDOW_S // 3600} h</h2>"
+        '<table id="kpis"><thead><tr><th>Site</th><th>Offered</th><th>Answered</th>'
+        "<th>Abandoned</th><th>Timed out</th><th>Waiting</th><th>Service level</th>"
+        "<th>ASA (s)</th></tr></thead><tbody>"
+    )
+    rows = [(v.site_id, v.kpis) for v in views if v.kpis is not None]
+    rows.append(("All sites", all_sites_kpis(views)))
+    for site_id, k in rows:
+        level = "-" if k["service_level"] is None else f"{k['service_level'] * 100:.1f}%"
+        asa = "-" if k["asa"] is None else f"{k['asa']:.1f}"
+        parts.append(
+            f'<tr class="kpi" data-kpi-site="{_e(site_id)}"><td class="site-id">{_e(site_id)}</td>'
+            f'<td class="num offered">{k["offered"]}</td>'
+            f'<td class="num answered">{k["answered"]}</td>'
+            f'<td class="num abandoned">{k["abandoned"]}</td>'
+            f'<td class="num timed-out">{k["timed_out"]}</td>'
+            f'<td class="num waiting">{k["waiting"]}</td>'
+            f'<td class="num service-level">{level}</td>'
+            f'<td class="num asa">{asa}</td></tr>'
         )
     parts.append("</tbody></table></body></html>")
     return "".join(parts)
@@ -261,7 +335,8 @@ def build_console_app(
 
     async def api_sites(request: Request) -> Response:
         rows = await views()
-        body = {"generated_at": clock(), "sites": [dataclasses.asdict(v) for v in rows]}
+        body = {"generated_at": clock(), "sites": [dataclasses.asdict(v) for v in rows],
+                "all_sites_kpis": all_sites_kpis(rows)}
         return JSONResponse(body, headers=_HEADERS)
 
     return Starlette(routes=[

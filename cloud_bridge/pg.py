@@ -416,7 +416,13 @@ class PostgresCloudStore:
                     " DO UPDATE SET count = event_counts.count + EXCLUDED.count",
                     (site_id, kind, count),
                 )
-            new_ack = self._advance(site_id, acked)
+            # The usual batch continues the log without a gap: the ack moves to its end at
+            # once (each of its seqs is stored now, inserted or held before), then walks on.
+            seqs = {e.seq for e in fresh}
+            start = acked
+            if seqs and min(seqs) == acked + 1 and max(seqs) - acked == len(seqs):
+                start = max(seqs)
+            new_ack = self._advance(site_id, start)
             self._execute(
                 "UPDATE sites SET acked_seq = %s, last_seen_at = %s WHERE site_id = %s",
                 (new_ack, now, site_id),
@@ -453,6 +459,19 @@ class PostgresCloudStore:
             (site_id, after, limit),
         ).fetchall()
         return [EventRecord(site_id, int(r[0]), r[1], bytes(r[2]), r[3]) for r in rows]
+
+    def queue_events(
+        self, since: float, until: float, site_id: str | None = None
+    ) -> list[EventRecord]:
+        """Queue events (``queue.*``) that occurred in ``[since, until)``, by time, for KPIs."""
+        where, args = ("AND site_id = %s", (site_id,)) if site_id else ("", ())
+        rows = self._execute(
+            "SELECT site_id, seq, kind, payload, occurred_at FROM events"
+            " WHERE kind LIKE 'queue.%%' AND occurred_at >= %s"
+            f" AND occurred_at < %s {where} ORDER BY occurred_at, site_id, seq",
+            (since, until, *args),
+        ).fetchall()
+        return [EventRecord(r[0], int(r[1]), r[2], bytes(r[3]), r[4]) for r in rows]
 
     # ---------------------------------------------------------- backups
 

@@ -23,7 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +74,9 @@ MAX_EVENT_PAYLOAD = 256 * 1024
 MAX_KIND_CHARS = 64
 MAX_TOKEN_CHARS = 256
 MAX_CSR_BYTES = 16 * 1024
+INGEST_QUEUE_BYTES = 16 * 1024 * 1024
+"""Event bytes of one link read ahead of the store at most; past it the link is not read (the
+site's HTTP/2 flow control then holds its sending)."""
 
 _END = object()
 
@@ -107,6 +113,46 @@ class CloudConfig:
     """Console port; None serves no console, 0 picks a free port."""
     config_poll_s: float = 2.0
     """How often the store is checked for config versions pushed by another process."""
+    heartbeat_s: float = 5.0
+    """A link quiet this long gets its current Ack again, so that the site knows the cloud still
+    hears it (the edge agent ends a stream that stays silent, docs/edge-agent.md)."""
+
+
+REPORTS_DIR = "site-reports"
+"""Under the data directory: one JSON file per site with its last Hello and ConfigApplied."""
+
+
+def record_site_report(data_dir: Path, site_id: str, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into the site's report file (atomic rename) and return the report."""
+    directory = Path(data_dir) / REPORTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{site_id}.json"
+    report: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(loaded, dict):
+            report = loaded
+    report.update(fields)
+    report["site_id"] = site_id
+    temporary = directory / f".{site_id}.json.tmp"
+    temporary.write_text(json.dumps(report, sort_keys=True), encoding="utf-8")
+    os.replace(temporary, path)
+    return report
+
+
+def read_site_reports(data_dir: Path | str) -> dict[str, dict[str, Any]]:
+    """Every site's report: ``hello`` {at, agent_version, last_seq, config_version,
+    last_backup_id, last_backup_at} and ``config_applied`` {at, version, ok, error}."""
+    directory = Path(data_dir) / REPORTS_DIR
+    reports: dict[str, dict[str, Any]] = {}
+    if not directory.is_dir():
+        return reports
+    for path in sorted(directory.glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            report = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(report, dict):
+                reports[path.stem] = report
+    return reports
 
 
 @dataclass
@@ -117,6 +163,12 @@ class _Link:
     outbound: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(maxsize=256))
     config_version: int = 0
     """Newest config version the site has (its Hello) or was sent, or that existed at link-up."""
+    acked: int = 0
+    """The last Ack sent (repeated as the heartbeat)."""
+    queued_bytes: int = 0
+    """Bytes of EventBatch records read but not yet stored (bounded by ``INGEST_QUEUE_BYTES``)."""
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when ingest took records off the queue."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +378,11 @@ class CloudServer:
                 self._offer(link, _Abort(grpc.StatusCode.UNAUTHENTICATED, "certificate revoked"))
         return revoked
 
+    async def site_reports(self) -> dict[str, dict[str, Any]]:
+        """What each site said last: its Hello and its last ConfigApplied (see
+        ``read_site_reports``)."""
+        return await self.run(read_site_reports, self.config.data_dir)
+
     def linked_sites(self) -> list[str]:
         """Sites with a live SiteLink stream."""
         return sorted(self._links)
@@ -336,7 +393,9 @@ class CloudServer:
 
     async def site_views(self) -> list[SiteView]:
         """The console's rows: the store's view of every site plus the live link states."""
-        return await self.run(site_views, self.store, self.link_states(), self.clock())
+        links, now = self.link_states(), self.clock()
+        return await self.run(lambda: site_views(self.store, links, now,
+                                                 read_site_reports(self.config.data_dir)))
 
     async def _watch_configs(self) -> None:
         """Send linked sites the config versions stored by another process (push-config)."""
@@ -374,6 +433,11 @@ class CloudServer:
             log.warning("event=link_congested site=%s dropped=command", link.site.site_id)
             return False
         return True
+
+
+def _ack(seq: int) -> Any:
+    # Every Ack says that this cloud takes EventBatch messages.
+    return pb.CloudMessage(ack=pb.Ack(seq=seq, batches=True))
 
 
 def _config_message(record: ConfigRecord) -> Any:
@@ -452,11 +516,18 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
             existing = await cloud.run(cloud.store.latest_config, site.site_id)
             link.config_version = max(link.config_version, existing.version if existing else 0)
             # Tell the site at once where to resume, before it sends anything.
-            await context.write(pb.CloudMessage(ack=pb.Ack(seq=acked)))
+            link.acked = acked
+            await context.write(_ack(acked))
             tasks.append(asyncio.create_task(self._read(request_iterator, inbound, link)))
             tasks.append(asyncio.create_task(self._ingest(inbound, link)))
+            heartbeat = cloud.config.heartbeat_s
             while True:
-                item = await link.outbound.get()
+                try:
+                    item = await asyncio.wait_for(link.outbound.get(), heartbeat)
+                except TimeoutError:
+                    # Quiet link: repeat the Ack so that the site can tell a live cloud from a
+                    # silent path (sockets open, nothing forwarded).
+                    item = _ack(link.acked)
                 if item is _END:
                     return
                 if isinstance(item, _Abort):
@@ -477,7 +548,20 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
         try:
             async for message in request_iterator:
                 body = message.WhichOneof("body")
-                if body == "event":
+                if body == "events":
+                    records, problem = _event_records(message.events.events, site_id)
+                    if records:
+                        size = sum(len(r.payload) + 64 for r in records)
+                        while link.queued_bytes and link.queued_bytes + size > INGEST_QUEUE_BYTES:
+                            link.drained.clear()
+                            await link.drained.wait()
+                        link.queued_bytes += size
+                        await inbound.put(records)
+                    if problem is not None:
+                        # What came before the bad event is stored and acknowledged first.
+                        await inbound.put(problem)
+                        return
+                elif body == "event":
                     problem = _check_event(message.event, site_id)
                     if problem is not None:
                         await inbound.put(problem)
@@ -495,6 +579,20 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
                             f"hello for site {hello.site_id!r} on a certificate of {site_id!r}",
                         ))
                         return
+                    await cloud.run(functools.partial(
+                        record_site_report, cloud.config.data_dir, site_id,
+                        hello={
+                            "at": cloud.clock(), "agent_version": hello.agent_version,
+                            "last_seq": hello.last_seq, "config_version": hello.config_version,
+                            "last_backup_id": hello.last_backup_id or None,
+                            "last_backup_at": _seconds(hello.last_backup_at)
+                            if hello.HasField("last_backup_at") else None,
+                        },
+                    ))
+                    log.info("event=hello site=%s last_seq=%d config_version=%d "
+                             "last_backup=%s agent=%r", site_id, hello.last_seq,
+                             hello.config_version, hello.last_backup_id or "-",
+                             hello.agent_version)
                     latest = await cloud.run(cloud.store.latest_config, site_id)
                     if latest is not None and latest.version > hello.config_version:
                         link.config_version = max(link.config_version, latest.version)
@@ -505,18 +603,31 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
                     applied = message.config_applied
                     log.info("event=config_applied site=%s version=%d ok=%s error=%r", site_id,
                              applied.version, applied.ok, applied.error)
+                    await cloud.run(functools.partial(
+                        record_site_report, cloud.config.data_dir, site_id,
+                        config_applied={"at": cloud.clock(), "version": applied.version,
+                                        "ok": applied.ok, "error": applied.error[:2000]},
+                    ))
                 else:
                     await inbound.put(_Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty message"))
                     return
         except asyncio.CancelledError:
             raise
-        except grpc.RpcError:
-            # The site went away; the link ends.
+        except (grpc.RpcError, grpc.aio.AbortError):
+            # The site went away, or the link was ended here; either way it ends.
             pass
+        except Exception as exc:  # a bug or a full disk must end the link loudly, not hang it
+            log.error("event=link_read_failed site=%s error=%r", site_id, exc)
+            await inbound.put(_Abort(grpc.StatusCode.INTERNAL, "cloud error reading the link"))
+            return
         await inbound.put(_END)
 
     async def _ingest(self, inbound: asyncio.Queue[Any], link: _Link) -> None:
-        """Store events in batches, each followed by an Ack; pass a stop on to the writer."""
+        """Store events in batches, each followed by an Ack; pass a stop on to the writer.
+
+        One transaction takes what is queued, up to ``ingest_batch`` events (an EventBatch
+        message is never split).
+        """
         cloud = self.cloud
         limit = cloud.config.ingest_batch
         while True:
@@ -526,6 +637,10 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
             while True:
                 if isinstance(item, EventRecord):
                     batch.append(item)
+                elif isinstance(item, list):
+                    batch.extend(item)
+                    link.queued_bytes -= sum(len(r.payload) + 64 for r in item)
+                    link.drained.set()
                 else:
                     stop = item
                     break
@@ -547,7 +662,8 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
                         _Abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate revoked")
                     )
                     return
-                await link.outbound.put(pb.CloudMessage(ack=pb.Ack(seq=acked)))
+                link.acked = acked
+                await link.outbound.put(_ack(acked))
             if stop is not None:
                 await link.outbound.put(stop)
                 return
@@ -688,6 +804,21 @@ async def _abort_backup(context: grpc.aio.ServicerContext, exc: BackupError) -> 
         # Lets a client resume without a BackupStatus round trip.
         context.set_trailing_metadata((("committed-offset", str(exc.committed)),))
     await context.abort(_BACKUP_STATUS[exc.kind], str(exc))
+
+
+def _event_records(events: Any, site_id: str) -> tuple[list[EventRecord], _Abort | None]:
+    """The records of an EventBatch up to its first bad event, and why that one is bad."""
+    records: list[EventRecord] = []
+    for event in events:
+        problem = _check_event(event, site_id)
+        if problem is not None:
+            return records, problem
+        stamp = event.occurred_at
+        records.append(EventRecord(site_id, event.seq, event.kind, event.payload,
+                                   stamp.seconds + stamp.nanos / 1e9))
+    if not records:
+        return records, _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty event batch")
+    return records, None
 
 
 def _check_event(event: Any, site_id: str) -> _Abort | None:

@@ -19,6 +19,7 @@ import hashlib
 import secrets
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,12 @@ class CloudStore(Protocol):
 
     def events(self, site_id: str, *, after: int = 0, limit: int = 1000) -> list[EventRecord]:
         """Stored events of a site in seq order, from ``after + 1``."""
+        ...
+
+    def queue_events(
+        self, since: float, until: float, site_id: str | None = None
+    ) -> list[EventRecord]:
+        """Queue events (``queue.*``) that occurred in ``[since, until)``, by time, for KPIs."""
         ...
 
     def touch_site(self, site_id: str, now: float) -> None:
@@ -548,38 +555,51 @@ class SqliteCloudStore:
         site_id = events[0].site_id
         if any(e.site_id != site_id for e in events):
             raise StoreError("a batch holds the events of one site")
-        stored = duplicates = refused = 0
-        kinds: dict[str, int] = {}
         with self._write():
             self._ensure_site(site_id, now)
             acked = self._conn.execute(
                 "SELECT acked_seq FROM sites WHERE site_id = ?", (site_id,)
             ).fetchone()[0]
+            # The first copy of a seq wins, within the batch and against what is stored.
+            fresh: dict[int, EventRecord] = {}
+            refused = 0
             for event in events:
                 if event.seq <= acked:
-                    duplicates += 1
                     continue
                 if event.seq > acked + window:
                     refused += 1
                     continue
-                cursor = self._conn.execute(
-                    "INSERT OR IGNORE INTO events"
-                    " (site_id, seq, kind, payload, occurred_at, received_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (site_id, event.seq, event.kind, event.payload, event.occurred_at, now),
-                )
-                if cursor.rowcount == 1:
-                    stored += 1
-                    kinds[event.kind] = kinds.get(event.kind, 0) + 1
-                else:
-                    duplicates += 1
+                fresh.setdefault(event.seq, event)
+            # The usual batch continues the log without a gap: after it every seq up to its
+            # end is stored (inserted now or held before), so the ack moves there at once.
+            start = acked
+            if fresh:
+                low, high = min(fresh), max(fresh)
+                if low == acked + 1 and high - acked == len(fresh):
+                    start = high
+                # Held events (beyond a gap) are the only ones above the ack already stored:
+                # one range read finds them, so the insert is one statement for the batch.
+                for (seq,) in self._conn.execute(
+                    "SELECT seq FROM events WHERE site_id = ? AND seq BETWEEN ? AND ?",
+                    (site_id, low, high),
+                ):
+                    fresh.pop(seq, None)
+            self._conn.executemany(
+                "INSERT INTO events (site_id, seq, kind, payload, occurred_at, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (site_id, seq) DO NOTHING",
+                [(site_id, e.seq, e.kind, e.payload, e.occurred_at, now)
+                 for e in fresh.values()],
+            )
+            stored = len(fresh)
+            duplicates = len(events) - stored - refused
+            kinds = Counter(e.kind for e in fresh.values())
             for kind, count in kinds.items():
                 self._conn.execute(
                     "INSERT INTO event_counts (site_id, kind, count) VALUES (?, ?, ?)"
                     " ON CONFLICT (site_id, kind) DO UPDATE SET count = count + excluded.count",
                     (site_id, kind, count),
                 )
-            new_ack = self._advance(site_id, acked)
+            new_ack = self._advance(site_id, start)
             self._conn.execute(
                 "UPDATE sites SET acked_seq = ?, last_seen_at = ? WHERE site_id = ?",
                 (new_ack, now, site_id),
@@ -615,6 +635,20 @@ class SqliteCloudStore:
             (site_id, after, limit),
         ).fetchall()
         return [EventRecord(site_id, r[0], r[1], bytes(r[2]), r[3]) for r in rows]
+
+    def queue_events(
+        self, since: float, until: float, site_id: str | None = None
+    ) -> list[EventRecord]:
+        """Queue events (``queue.*``) that occurred in ``[since, until)``, by time, for KPIs."""
+        where, args = ("AND site_id = ?", (site_id,)) if site_id else ("", ())
+        # Range on kind: 'queue.' <= kind < 'queue/' ('/' follows '.') is every queue.* kind.
+        rows = self._conn.execute(
+            "SELECT site_id, seq, kind, payload, occurred_at FROM events"
+            " WHERE kind >= 'queue.' AND kind < 'queue/' AND occurred_at >= ?"
+            f" AND occurred_at < ? {where} ORDER BY occurred_at, site_id, seq",
+            (since, until, *args),
+        ).fetchall()
+        return [EventRecord(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
     # ---------------------------------------------------------- backups
 

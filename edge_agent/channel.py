@@ -27,8 +27,12 @@ MAX_MESSAGE_BYTES = 1024 * 1024 + 64 * 1024
 WITHHELD_KIND = "edgecc.withheld"
 """Kind of the placeholder sent for a seq whose payload is not shipped."""
 
-__all__ = ["MAX_MESSAGE_BYTES", "WITHHELD_KIND", "channel_options", "event_message", "pb",
-           "pb_grpc", "secure_channel"]
+BATCH_MESSAGE_BYTES = 512 * 1024
+"""An EventBatch is closed once its payloads reach this: with one more event of the largest
+size (256 KiB) and the envelopes it stays under MAX_MESSAGE_BYTES."""
+
+__all__ = ["BATCH_MESSAGE_BYTES", "MAX_MESSAGE_BYTES", "WITHHELD_KIND", "EventBatcher",
+           "channel_options", "event_message", "pb", "pb_grpc", "secure_channel"]
 
 
 def channel_options(cloud: CloudSection) -> list[tuple[str, Any]]:
@@ -61,17 +65,58 @@ def secure_channel(
     return grpc.secure_channel(address, credentials, options=channel_options(cloud))
 
 
-def event_message(event: PendingEvent, *, withheld: bool, site_id: str) -> Any:
-    """The SiteMessage carrying one event, or its placeholder when ``withheld``."""
-    message = pb.Event(site_id=site_id, seq=event.seq)
+def _fill(message: Any, event: PendingEvent, withheld: bool) -> int:
+    """Set kind, payload and time of an Event message; return the payload's size."""
     if withheld:
         message.kind = WITHHELD_KIND
         # The cloud learns what it is missing, never the content.
-        message.payload = json.dumps(
+        payload = json.dumps(
             {"kind": event.kind[:64], "withheld": True}, separators=(",", ":")
         ).encode()
     else:
         message.kind = event.kind
-        message.payload = event.payload
-    message.occurred_at.FromNanoseconds(int(event.occurred_at * 1e9))
+        payload = event.payload
+    message.payload = payload
+    # google.protobuf.Timestamp: whole seconds and 0..999,999,999 nanos, also before 1970.
+    seconds, nanos = divmod(int(event.occurred_at * 1e9), 1_000_000_000)
+    stamp = message.occurred_at
+    stamp.seconds = seconds
+    stamp.nanos = nanos
+    return len(payload)
+
+
+def event_message(event: PendingEvent, *, withheld: bool, site_id: str) -> Any:
+    """The SiteMessage carrying one event, or its placeholder when ``withheld``."""
+    message = pb.Event(site_id=site_id, seq=event.seq)
+    _fill(message, event, withheld)
     return pb.SiteMessage(event=message)
+
+
+class EventBatcher:
+    """Builds EventBatch messages of consecutive events, each under the message limit."""
+
+    def __init__(self, site_id: str, limit_bytes: int = BATCH_MESSAGE_BYTES) -> None:
+        self.site_id = site_id
+        self.limit_bytes = limit_bytes
+        self._message: Any = None
+        self.bytes = 0
+        """Payload bytes in the open batch."""
+        self.last_seq = 0
+        """Seq of the newest event added."""
+
+    def add(self, event: PendingEvent, *, withheld: bool) -> Any | None:
+        """Add one event; return the finished SiteMessage when the batch is full, else None."""
+        if self._message is None:
+            self._message = pb.SiteMessage()
+            self.bytes = 0
+        item = self._message.events.events.add(site_id=self.site_id, seq=event.seq)
+        self.bytes += _fill(item, event, withheld)
+        self.last_seq = event.seq
+        if self.bytes >= self.limit_bytes:
+            return self.flush()
+        return None
+
+    def flush(self) -> Any | None:
+        """The open batch as a SiteMessage (None when empty); a new batch starts."""
+        message, self._message = self._message, None
+        return message

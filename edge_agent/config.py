@@ -9,6 +9,8 @@ does not change)::
       certificate: cloud/site.crt
       key: cloud/site.key
       outbox_quota_bytes: 268435456
+    backup:                              # optional (docs/backups.md)
+      interval_s: 86400                  # 0: only when the cloud asks
 
 Only ``address`` is required; every other key has a default (see ``CloudSection``). The site's
 id and database path are read from ``site.yaml`` (``site.id``, ``storage.database``) without
@@ -78,14 +80,36 @@ class CloudSection(BaseModel):
     """Link lost for this long: offline (degraded before)."""
     reconnect: Reconnect = Reconnect()
     keepalive: Keepalive = Keepalive()
-    batch: int = Field(default=200, ge=1, le=5000)
-    """Events read from the database at a time."""
-    max_in_flight: int = Field(default=2000, ge=1, le=100_000)
+    batch: int = Field(default=500, ge=1, le=5000)
+    """Events read from the database at a time, and sent in one message at most."""
+    max_in_flight: int = Field(default=50_000, ge=1, le=100_000)
     """Events sent but not acknowledged at most (well inside the cloud's reorder window)."""
+    window_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
+    """Payload bytes sent but not acknowledged at most (the cloud reads 16 MiB ahead)."""
+    silence_s: float = Field(default=15.0, ge=1, le=600)
+    """No message from the cloud for this long while it owes one (events in flight, or the
+    Hello unanswered): the stream is ended, the link counted lost since the cloud was last
+    heard, and a new stream opened with backoff. The cloud repeats its Ack every few seconds."""
     poll_interval_s: float = Field(default=0.25, gt=0, le=10)
     """How often the outbox is looked at for new events."""
     state_interval_s: float = Field(default=1.0, gt=0, le=60)
     """How often link_state is written (and on every change of state)."""
+
+
+class BackupSection(BaseModel):
+    """The ``backup`` section of ``cloud.yaml`` (docs/backups.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    interval_s: float = Field(default=86_400.0, ge=0)
+    """Time from one confirmed backup to the next; 0 backs up only when the cloud asks."""
+    chunk_bytes: int = Field(default=1024 * 1024, ge=4096, le=1024 * 1024)
+    """Data per upload chunk (the bridge's limit is 1 MiB): the most a cut upload re-sends."""
+    poll_s: float = Field(default=1.0, gt=0, le=60)
+    """How often the worker looks at the schedule when nothing is asked."""
+    first_after_s: float = Field(default=300.0, ge=0)
+    """A site without any confirmed backup makes its first this long after the agent starts."""
+    retry_after_s: float = Field(default=300.0, gt=0)
+    """A scheduled backup that failed is tried again after this (doubling, up to interval_s)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +123,7 @@ class EdgeConfig:
     ca_cert: Path
     certificate: Path
     key: Path
+    backup: BackupSection = BackupSection()
 
 
 def read_site(site_dir: Path) -> tuple[str, Path]:
@@ -128,14 +153,18 @@ def load_edge_config(site_dir: Path | str) -> EdgeConfig:
             f"{directory} --cloud HOST:PORT --token TOKEN --ca-cert FILE`"
         )
     data = _load_yaml(file)
-    unknown = set(data) - {"cloud"}
+    unknown = set(data) - {"cloud", "backup"}
     if unknown:
-        raise EdgeConfigError(f"{file}: unknown top-level keys {sorted(unknown)}; expected 'cloud'")
+        raise EdgeConfigError(
+            f"{file}: unknown top-level keys {sorted(unknown)}; expected 'cloud' and 'backup'"
+        )
     try:
         section = CloudSection.model_validate(data.get("cloud") or {})
+        backup = BackupSection.model_validate(data.get("backup") or {})
     except ValidationError as exc:
+        name = "cloud" if "CloudSection" in exc.title else "backup"
         problems = "; ".join(
-            f"cloud.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            f"{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise EdgeConfigError(f"{file}: {problems}") from None
     return EdgeConfig(
@@ -146,6 +175,7 @@ def load_edge_config(site_dir: Path | str) -> EdgeConfig:
         ca_cert=_resolve(directory, section.ca_cert),
         certificate=_resolve(directory, section.certificate),
         key=_resolve(directory, section.key),
+        backup=backup,
     )
 
 

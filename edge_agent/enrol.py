@@ -81,13 +81,31 @@ def enrol(
     except (OSError, ValueError) as exc:
         raise EnrolmentError(f"--ca-cert {ca_cert}: not a readable PEM certificate: {exc}") from None
 
+    key_pem, reply, certificate = request_certificate(
+        host, port, anchor, site_id=site_id, token=token, address=cloud, timeout=timeout
+    )
+    write_credentials(directory, key_pem, reply.certificate_pem, reply.ca_certificate_pem, cloud)
+    log.info(kv(event="enrolled", site=site_id, serial=f"{certificate.serial_number:x}",
+                not_after=certificate.not_valid_after_utc.isoformat()))
+    return Enrolled(site_id, cert_path, key_path, ca_path, certificate.not_valid_after_utc,
+                    certificate.serial_number)
+
+
+def request_certificate(
+    host: str, port: int, anchor: bytes, *, site_id: str, token: str, address: str,
+    timeout: float = 20.0,
+) -> tuple[bytes, Any, x509.Certificate]:
+    """Make a key, send its CSR and ``token`` to the enrol port; (key PEM, reply, certificate).
+
+    Raises EnrolmentError when the cloud refuses, names another site, or certifies another key.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site_id)]))
         .sign(key, hashes.SHA256())
     )
-    section = CloudSection(address=cloud)
+    section = CloudSection(address=address)
     with secure_channel(f"{host}:{port}", section, anchor) as channel:
         try:
             reply: Any = pb_grpc.EnrolmentStub(channel).Enrol(
@@ -111,15 +129,18 @@ def enrol(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    return key_pem, reply, certificate
+
+
+def write_credentials(
+    directory: Path, key_pem: bytes, cert_pem: bytes, ca_pem: bytes, address: str
+) -> None:
+    """Write the site's key, certificate, the cloud CA and cloud.yaml, each atomically."""
     (directory / CLOUD_DIR).mkdir(mode=0o700, exist_ok=True)
-    _write_atomic(key_path, key_pem, 0o600)
-    _write_atomic(cert_path, reply.certificate_pem, 0o600)
-    _write_atomic(ca_path, reply.ca_certificate_pem, 0o644)
-    _write_cloud_yaml(directory, cloud)
-    log.info(kv(event="enrolled", site=site_id, serial=f"{certificate.serial_number:x}",
-                not_after=certificate.not_valid_after_utc.isoformat()))
-    return Enrolled(site_id, cert_path, key_path, ca_path, certificate.not_valid_after_utc,
-                    certificate.serial_number)
+    write_atomic(directory / KEY_FILE, key_pem, 0o600)
+    write_atomic(directory / CERT_FILE, cert_pem, 0o600)
+    write_atomic(directory / CA_FILE, ca_pem, 0o644)
+    _write_cloud_yaml(directory, address)
 
 
 def _write_cloud_yaml(directory: Path, address: str) -> None:
@@ -135,10 +156,12 @@ def _write_cloud_yaml(directory: Path, address: str) -> None:
         section = {}
     section["address"] = address
     data["cloud"] = section
-    _write_atomic(file, yaml.safe_dump(data, sort_keys=False).encode(), 0o644)
+    write_atomic(file, yaml.safe_dump(data, sort_keys=False).encode(), 0o644)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` (mode ``mode``) whole or not at all: a temporary file,
+    fsync, rename, fsync of the directory."""
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.unlink(missing_ok=True)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

@@ -1,19 +1,33 @@
 """The outbox relay: the edge agent's main loop.
 
 One SiteLink stream at a time over one channel. On each new stream the agent waits for the
-cloud's first Ack and sends every event above it, in seq order, at most ``max_in_flight`` ahead
-of the acknowledgements; each Ack deletes the outbox rows up to it (and records it in
-``link_state``) in one short transaction. Nothing is deleted before the cloud acknowledged it,
-so a crash of either side loses nothing; what was sent but not acknowledged is sent again and
-the cloud absorbs the duplicate (docs/cloud.md, "Ingest semantics").
+cloud's first Ack and sends every event above it, in seq order, at most ``max_in_flight``
+events and ``window_bytes`` payload bytes ahead of the acknowledgements, a page of ``batch``
+events per EventBatch message when the cloud takes them; each Ack (the highest of those queued)
+deletes the outbox rows up to it and records it in ``link_state`` in one short transaction.
+Nothing is deleted before the cloud acknowledged it, so a crash of either side loses nothing;
+what was sent but not acknowledged is sent again and the cloud absorbs the duplicate
+(docs/cloud.md, "Ingest semantics").
 
-The agent's own connection to the site database writes only outbox deletions and the
-``link_state`` row, each in a short ``BEGIN IMMEDIATE`` transaction with a busy timeout, so the
-appliance never waits long on it.
+A stream that owes the agent an answer (events in flight, or the Hello unanswered) and brings
+nothing for ``silence_s`` is ended and counted lost since the cloud was last heard: a path that
+black-holes traffic never fails the stream by itself. The cloud repeats its Ack while a link is
+quiet, so a live cloud is never silent that long.
+
+Every stream opens with a Hello (the site's last seq, running config version and newest
+confirmed backup). Commands from the cloud: a ConfigVersion is verified and applied (or refused)
+by ``edge_agent.config_apply`` and answered with ConfigApplied; a BackupRequest wakes the
+backup worker (``edge_agent.backup``), which also backs up on its own schedule.
+
+The agent's own connection to the site database writes only outbox deletions, the
+``link_state`` row and its own ``edge_*`` tables, each in a short transaction with a busy
+timeout, so the appliance never waits long on it.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import queue
 import random
@@ -31,8 +45,10 @@ from cryptography import x509
 from appliance import eventlog
 from appliance.log import kv
 from appliance.store import schema_version
-from edge_agent.channel import event_message, pb, pb_grpc, secure_channel
+from edge_agent.backup import BackupWorker, last_backup
+from edge_agent.channel import EventBatcher, event_message, pb, pb_grpc, secure_channel
 from edge_agent.config import EdgeConfig
+from edge_agent.config_apply import apply_config, running_config_version
 from edge_agent.link_state import LinkMonitor, Observation, State
 
 log = logging.getLogger("edgecc.edge_agent")
@@ -135,6 +151,10 @@ class EdgeAgent:
         self._state_written: State | None = None
         self._acks_beyond_log = False
         self._last_seen: tuple[Any, ...] = ()
+        self._batches = False  # the cloud's first Ack of the stream says it takes EventBatch
+        self._sent: collections.deque[tuple[int, int]] = collections.deque()  # (seq, bytes)
+        self._sent_bytes = 0
+        self.backups: BackupWorker | None = None
 
     # ------------------------------------------------------------------ database
 
@@ -190,6 +210,8 @@ class EdgeAgent:
         channel = secure_channel(self.cloud.address, self.cloud, self._ca, self._key, self._cert)
         stub = pb_grpc.BridgeStub(channel)
         delay = self.cloud.reconnect.initial_ms / 1000.0
+        self.backups = BackupWorker(self.config, stub, self._ca, stop=self.stop, clock=self.clock)
+        self.backups.start()
         try:
             while not self.stop.is_set():
                 started = self.clock()
@@ -207,6 +229,8 @@ class EdgeAgent:
             self._reason = "edge agent stopped"
             self._lost_at = None
             self._tick(force=True)
+            self.stop.set()  # the backup worker stops with us
+            self.backups.join(10.0)
             channel.close()
             self.db.conn.close()
             log.info(kv(event="edge_agent_stopped", site=self.site_id))
@@ -226,29 +250,59 @@ class EdgeAgent:
         stream = _Stream(stub)
         sent_upto: int | None = None  # None until the first Ack says where to resume
         was_linked = False
+        self._sent.clear()
+        self._sent_bytes = 0
         try:
+            stream.send(self._hello())
+            heard_at = self.clock()  # the Hello is owed an Ack from here
             while not self.stop.is_set():
                 try:
                     kind, item = stream.inbox.get(timeout=self.cloud.poll_interval_s)
                 except queue.Empty:
                     kind, item = "idle", None
                 if kind == "message":
+                    heard_at = self.clock()
                     body = item.WhichOneof("body")
                     if body == "ack":
+                        # Acks queued right behind this one supersede it: one transaction
+                        # (and one fsync) records the highest.
+                        seq = max(item.ack.seq, _queued_acks(stream))
+                        first = sent_upto is None
                         if sent_upto is None:
-                            sent_upto = item.ack.seq
+                            sent_upto = seq
+                            self._batches = item.ack.batches
                             was_linked = self._linked = True
                             self._lost_at = None
                             self._reason = ""
-                            log.info(kv(event="link_up", site=self.site_id, ack=item.ack.seq))
-                        self._on_ack(item.ack.seq)
+                            log.info(kv(event="link_up", site=self.site_id, ack=seq,
+                                        batches=self._batches))
+                        if first or seq != self.counters.acked_seq:  # not a heartbeat
+                            self._on_ack(seq)
                         # Held events of ours the cloud already had: no need to send them again.
-                        sent_upto = max(sent_upto, item.ack.seq)
+                        sent_upto = max(sent_upto, seq)
+                    elif body == "config":
+                        stream.send(self._apply_config(item.config))
+                    elif body == "backup_request":
+                        request = item.backup_request
+                        log.info(kv(event="backup_requested", site=self.site_id,
+                                    request=request.request_id, reason=request.reason))
+                        if self.backups is not None:
+                            self.backups.request(f"cloud: {request.reason or request.request_id}")
                     else:
-                        # Config versions and backup requests are not handled by this agent yet.
                         log.info(kv(event="command_ignored", site=self.site_id, body=body))
                 elif kind in ("error", "end"):
                     self._link_lost(item)
+                    return was_linked
+                # Liveness: a path that swallows everything (sockets open, nothing forwarded)
+                # never fails the stream, and gRPC's keepalive may not see it either. The cloud
+                # answers every Hello and batch, and repeats its Ack while a link is quiet, so
+                # a stream that owes us an answer and stays silent is dead.
+                owed = sent_upto is None or sent_upto > self.counters.acked_seq
+                silent = self.clock() - heard_at
+                if owed and silent >= self.cloud.silence_s:
+                    self._link_lost(None, reason=(
+                        f"nothing from the cloud for {silent:.0f} s "
+                        f"(silence_s {self.cloud.silence_s:g})"), at=heard_at)
                     return was_linked
                 if sent_upto is not None:
                     sent_upto = self._feed(stream, sent_upto)
@@ -257,13 +311,42 @@ class EdgeAgent:
             stream.close()
         return was_linked
 
-    def _link_lost(self, error: grpc.RpcError | None) -> None:
-        if error is None:
-            reason = "the cloud ended the stream"
-        else:
-            reason = f"{error.code().name}: {error.details()}"
+    def _hello(self) -> Any:
+        """What the site has, for the cloud to record and to decide what to send."""
+        db = self._require_db()
+        hello = pb.Hello(site_id=self.site_id, agent_version=AGENT_VERSION)
+        try:
+            hello.last_seq = eventlog.last_seq(db)
+            hello.config_version = running_config_version(db)
+            backup = last_backup(db)
+        except sqlite3.OperationalError as exc:
+            log.warning(kv(event="hello_incomplete", site=self.site_id, error=exc))
+            return pb.SiteMessage(hello=hello)
+        if backup is not None and backup.completed_at is not None:
+            hello.last_backup_id = backup.backup_id
+            hello.last_backup_at.FromNanoseconds(int(backup.completed_at * 1e9))
+        return pb.SiteMessage(hello=hello)
+
+    def _apply_config(self, config: Any) -> Any:
+        """Apply a pushed ConfigVersion (or refuse it) and return the ConfigApplied answer."""
+        result = apply_config(
+            self.config.site_dir, self._require_db(), ca_pem=self._ca, site_id=self.site_id,
+            version=config.version, text=config.yaml, signature=config.signature,
+            now=self.clock(),
+        )
+        return pb.SiteMessage(config_applied=pb.ConfigApplied(
+            version=result.version, ok=result.ok, error=result.error
+        ))
+
+    def _link_lost(
+        self, error: grpc.RpcError | None, *, reason: str | None = None, at: float | None = None
+    ) -> None:
+        if reason is None:
+            reason = ("the cloud ended the stream" if error is None
+                      else f"{error.code().name}: {error.details()}")
         if self._linked:
-            self._lost_at = self.clock()
+            # A silent link was lost when the cloud was last heard, not when it was noticed.
+            self._lost_at = self.clock() if at is None else at
         self._linked = False
         self._reason = reason
         log.warning(kv(event="link_down", site=self.site_id, reason=reason))
@@ -283,12 +366,17 @@ class EdgeAgent:
         if seq < self.counters.acked_seq:
             log.error(kv(event="ack_went_back", site=self.site_id, ack=seq,
                          previous=self.counters.acked_seq))
+        while self._sent and self._sent[0][0] <= seq:
+            self._sent_bytes -= self._sent.popleft()[1]
         try:
             with eventlog.transaction(db):
+                # One range delete (the outbox's key is seq) and the ack's own fields of the
+                # state row: summing the whole outbox here made each Ack cost O(backlog);
+                # _tick rewrites the full row at the state interval.
                 deleted = eventlog.acknowledge(db, seq)
                 self.counters.acked_seq = seq
                 self._high_water = max(self._high_water, seq)
-                eventlog.write_link_state(db, self._snapshot(db))
+                eventlog.write_link_state(db, self._ack_snapshot(db, seq, last))
         except sqlite3.OperationalError as exc:
             # Busy beyond the timeout: the rows stay and the next ack deletes them.
             log.warning(kv(event="ack_not_recorded", site=self.site_id, ack=seq, error=exc))
@@ -297,34 +385,78 @@ class EdgeAgent:
             log.debug(kv(event="acked", site=self.site_id, ack=seq, deleted=deleted))
 
     def _feed(self, stream: _Stream, sent_upto: int) -> int:
-        """Send events above ``sent_upto`` while the window allows; return the new mark."""
+        """Send events above ``sent_upto`` while the window allows; return the new mark.
+
+        The window is bounded in events (``max_in_flight``) and in payload bytes
+        (``window_bytes``); the outbox is read in pages of ``batch`` events by seq range, and a
+        cloud that takes EventBatch messages gets each page as one or a few messages.
+        """
         db = self._require_db()
-        while sent_upto - self.counters.acked_seq < self.cloud.max_in_flight:
-            room = self.cloud.max_in_flight - (sent_upto - self.counters.acked_seq)
-            try:
-                batch = eventlog.read_pending(db, sent_upto, min(self.cloud.batch, room))
-            except sqlite3.OperationalError as exc:
-                log.warning(kv(event="outbox_unreadable", site=self.site_id, error=exc))
-                return sent_upto
-            if not batch:
-                return sent_upto
-            for event in batch:
-                if event.site_id != self.site_id:
-                    self._problem = (
-                        f"event {event.seq} belongs to site {event.site_id!r}, not "
-                        f"{self.site_id!r}; relay stopped there"
-                    )
+        cloud = self.cloud
+        batcher = EventBatcher(self.site_id) if self._batches else None
+        try:
+            while (sent_upto - self.counters.acked_seq < cloud.max_in_flight
+                   and self._sent_bytes < cloud.window_bytes):
+                room = cloud.max_in_flight - (sent_upto - self.counters.acked_seq)
+                try:
+                    page = eventlog.read_pending(db, sent_upto, min(cloud.batch, room))
+                except sqlite3.OperationalError as exc:
+                    log.warning(kv(event="outbox_unreadable", site=self.site_id, error=exc))
                     return sent_upto
-                # Rows at or below an ack ever received were shipped before; the cloud asks
-                # again only after losing them, so they go in full.
-                withheld = event.withheld and event.seq > self._high_water
-                if not withheld and not _sendable(event):
-                    withheld = True
-                    log.error(kv(event="event_withheld", site=self.site_id, seq=event.seq,
-                                 reason="over the bridge's limits"))
-                stream.send(event_message(event, withheld=withheld, site_id=self.site_id))
-                sent_upto = event.seq
+                if not page:
+                    return sent_upto
+                for event in page:
+                    if event.site_id != self.site_id:
+                        self._problem = (
+                            f"event {event.seq} belongs to site {event.site_id!r}, not "
+                            f"{self.site_id!r}; relay stopped there"
+                        )
+                        return sent_upto
+                    # Rows at or below an ack ever received were shipped before; the cloud
+                    # asks again only after losing them, so they go in full.
+                    withheld = event.withheld and event.seq > self._high_water
+                    if not withheld and not _sendable(event):
+                        withheld = True
+                        log.error(kv(event="event_withheld", site=self.site_id, seq=event.seq,
+                                     reason="over the bridge's limits"))
+                    if batcher is None:
+                        stream.send(event_message(event, withheld=withheld,
+                                                  site_id=self.site_id))
+                        self._note_sent(event.seq, len(event.payload))
+                    else:
+                        full = batcher.add(event, withheld=withheld)
+                        if full is not None:
+                            stream.send(full)
+                            self._note_sent(batcher.last_seq, batcher.bytes)
+                    sent_upto = event.seq
+                if batcher is not None:
+                    # A page is sent whole: the cloud commits and acknowledges per message.
+                    size, last = batcher.bytes, batcher.last_seq
+                    rest = batcher.flush()
+                    if rest is not None:
+                        stream.send(rest)
+                        self._note_sent(last, size)
+        finally:
+            if batcher is not None:
+                size, last = batcher.bytes, batcher.last_seq
+                rest = batcher.flush()
+                if rest is not None:  # a page cut short (foreign event): what was read goes
+                    stream.send(rest)
+                    self._note_sent(last, size)
         return sent_upto
+
+    def _note_sent(self, seq: int, size: int) -> None:
+        """Count ``size`` payload bytes in flight until ``seq`` is acknowledged."""
+        self._sent.append((seq, size))
+        self._sent_bytes += size
+
+    def _ack_snapshot(self, db: sqlite_utils.Database, seq: int, last: int) -> eventlog.LinkState:
+        """The state row with what an Ack changes (the rest as last written by _tick)."""
+        previous = eventlog.read_link_state(db)
+        if previous is None:
+            return self._snapshot(db)
+        return dataclasses.replace(previous, acked_seq=seq, lag_events=max(0, last - seq),
+                                   updated_at=self.clock())
 
     # ------------------------------------------------------------------ quota and state
 
@@ -420,6 +552,19 @@ class EdgeAgent:
     def _require_db(self) -> sqlite_utils.Database:
         assert self.db is not None
         return self.db
+
+
+def _queued_acks(stream: _Stream) -> int:
+    """Take the Acks waiting at the head of the stream's inbox; return the highest (0: none)."""
+    highest = 0
+    while True:
+        with stream.inbox.mutex:
+            pending = stream.inbox.queue
+            if not (pending and pending[0][0] == "message"
+                    and pending[0][1].WhichOneof("body") == "ack"):
+                return highest
+        kind, item = stream.inbox.get_nowait()  # only this thread takes from the inbox
+        highest = max(highest, item.ack.seq)
 
 
 def _sendable(event: eventlog.PendingEvent) -> bool:

@@ -147,6 +147,8 @@ def test_bad_input_gets_a_clear_error(tmp_path) -> None:
     assert postgres.returncode == 2 and "PostgreSQL" in postgres.stderr
     serve_pg = cloud_cli("--data-dir", str(tmp_path), "--db", "postgresql://db/x")
     assert serve_pg.returncode == 1 and "PostgreSQL" in serve_pg.stderr
+    no_ca = cloud_cli("--data-dir", str(tmp_path / "empty"), "restore-token", "--site", "paris")
+    assert no_ca.returncode == 1 and "no cloud CA" in no_ca.stderr and no_ca.stdout == ""
 
 
 def test_port_in_use_is_reported(running) -> None:

@@ -381,3 +381,101 @@ def test_console_port_in_use_is_an_error(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} (console)" in result.stderr
+
+
+class KpiRows(HTMLParser):
+    """The console's KPI table: site id (or "All sites") -> {cell class: text}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, dict[str, str]] = {}
+        self._site: str | None = None
+        self._cell: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "tr" and attributes.get("data-kpi-site"):
+            self._site = attributes["data-kpi-site"]
+            self.rows[self._site] = {}
+        elif tag == "td" and self._site is not None:
+            self._cell = (attributes.get("class") or "").split()[-1]
+            self.rows[self._site][self._cell] = ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tr":
+            self._site = None
+        elif tag == "td":
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._site is not None and self._cell is not None:
+            self.rows[self._site][self._cell] += data
+
+
+def test_console_shows_queue_kpis_per_site_and_for_all_sites(running: RunningCloud,
+                                                             tmp_path: Path) -> None:
+    now = time.time()
+    calls = {
+        # paris-1: answered in 10 s, answered in 40 s, abandoned after 30 s.
+        "paris-1": [("queue.connect", {"call_id": "p1", "wait_s": 10}),
+                    ("queue.connect", {"call_id": "p2", "wait_s": 40}),
+                    ("queue.abandon", {"call_id": "p3", "wait_s": 30})],
+        # lyon-2: answered in 4 s, one short abandon (2 s: not offered), one still waiting.
+        "lyon-2": [("queue.connect", {"call_id": "l1", "wait_s": 4}),
+                   ("queue.abandon", {"call_id": "l2", "wait_s": 2}),
+                   ("queue.enter", {"call_id": "l3"})],
+    }
+    for site_id, events in calls.items():
+        site = enrol(running, site_id)
+        with link_channel(running, site) as channel:
+            link = Link(channel)
+            assert link.wait_ack(0) == [0]
+            for seq, (kind, payload) in enumerate(events, start=1):
+                event = pb.Event(site_id=site_id, seq=seq, kind=kind,
+                                 payload=json.dumps(payload).encode())
+                event.occurred_at.FromNanoseconds(int((now - 60) * 1e9))
+                link.send(pb.SiteMessage(event=event))
+            assert link.wait_ack(len(events))[-1] == len(events)
+            link.finish()
+    body, _ = get(running.console + "api/sites")
+    answer = json.loads(body)
+    paris = next(s for s in answer["sites"] if s["site_id"] == "paris-1")["kpis"]
+    assert (paris["offered"], paris["answered"], paris["abandoned"]) == (3, 2, 1)
+    assert paris["service_level"] == pytest.approx(1 / 3)
+    assert paris["asa"] == pytest.approx(25.0)
+    everyone = answer["all_sites_kpis"]
+    assert (everyone["offered"], everyone["answered"], everyone["short_abandoned"],
+            everyone["waiting"]) == (5, 3, 1, 1)
+    assert everyone["service_level"] == pytest.approx(2 / 4)
+    assert everyone["asa"] == pytest.approx(54 / 3)
+
+    kpis = KpiRows()
+    kpis.feed(chromium(tmp_path, "--dump-dom", running.console).stdout)
+    assert set(kpis.rows) == {"paris-1", "lyon-2", "All sites"}
+    assert (kpis.rows["paris-1"]["offered"], kpis.rows["paris-1"]["service-level"],
+            kpis.rows["paris-1"]["asa"]) == ("3", "33.3%", "25.0")
+    assert (kpis.rows["lyon-2"]["offered"], kpis.rows["lyon-2"]["waiting"],
+            kpis.rows["lyon-2"]["service-level"]) == ("2", "1", "100.0%")
+    assert (kpis.rows["All sites"]["offered"], kpis.rows["All sites"]["asa"]) == ("5", "18.0")
+
+
+def test_console_shows_the_running_config_version_and_a_refused_push(running: RunningCloud
+                                                                      ) -> None:
+    site = enrol(running, "nice-3")
+    with link_channel(running, site) as channel:
+        link = Link(channel)
+        link.send(pb.SiteMessage(hello=pb.Hello(site_id="nice-3", config_version=4,
+                                                agent_version="edgecc test")))
+        link.send(pb.SiteMessage(config_applied=pb.ConfigApplied(
+            version=5, ok=False, error="site.yaml:3: sip.udp_port: expected a port")))
+        assert link.wait_ack(0) == [0]
+
+        deadline = time.monotonic() + WAIT
+        view = api_site(running, "nice-3")
+        while not view["config_refused"] and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling interval of a bounded wait for the server's write
+            view = api_site(running, "nice-3")
+        link.finish()
+    assert view["config_version"] == 4
+    assert view["config_refused"] == "version 5: site.yaml:3: sip.udp_port: expected a port"
+    assert any("config version 5" in alert for alert in view["alerts"])

@@ -661,3 +661,100 @@ def test_a_restarted_cloud_keeps_its_ca_acks_and_backups(
             assert b"".join(c.data for c in restored) == body
     finally:
         second.close()
+
+
+# ------------------------------------------------------------------- batches and heartbeats
+
+
+def _batch(seqs: list[int], site_id: str = "paris-1") -> Any:
+    message = pb.SiteMessage()
+    message.events.SetInParent()  # present even when empty
+    for seq in seqs:
+        event = message.events.events.add(site_id=site_id, seq=seq, kind="queue.enter",
+                                          payload=f"call {seq}".encode())
+        event.occurred_at.FromSeconds(1_700_000_000 + seq)
+    return message
+
+
+def test_event_batches_are_stored_like_single_events(cloud: Cloud, paris: Site) -> None:
+    channel, link = open_link(cloud, paris)
+    with channel:
+        first = link.recv()
+        assert first.ack.seq == 0 and first.ack.batches  # the cloud says it takes batches
+        link.send(_batch(list(range(1, 41)) + list(range(1, 11))))  # replays inside a batch
+        link.event(41)  # single events still work, interleaved
+        link.send(_batch(list(range(42, 61))))
+        assert link.wait_ack(60)[-1] == 60
+        link.finish()
+    events = cloud.store("events", "paris-1", limit=1000)
+    assert [e.seq for e in events] == list(range(1, 61))
+    assert all(e.payload == f"call {e.seq}".encode() for e in events)
+    assert all(e.occurred_at == 1_700_000_000 + e.seq for e in events)
+
+
+def test_a_bad_event_in_a_batch_ends_the_link_after_the_good_ones(
+    cloud: Cloud, paris: Site
+) -> None:
+    channel, link = open_link(cloud, paris)
+    with channel:
+        message = _batch([1, 2, 3])
+        message.events.events[2].kind = ""
+        link.send(message)
+        error = link.error()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "event 3: kind" in error.details()
+    assert stored_seqs(cloud, "paris-1") == [1, 2]  # the good ones before it are kept
+
+    channel, link = open_link(cloud, paris)
+    with channel:
+        link.send(_batch([]))
+        error = link.error()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "empty event batch" in error.details()
+
+    channel, link = open_link(cloud, paris)
+    with channel:
+        link.send(_batch([4], site_id="lyon-2"))
+        error = link.error()
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert stored_seqs(cloud, "paris-1") == [1, 2]
+
+
+def test_batch_ingest_counts_duplicates_and_walks_over_held_events(
+    cloud: Cloud, paris: Site
+) -> None:
+    from cloud_bridge.store import EventRecord
+
+    def records(seqs: list[int]) -> list[EventRecord]:
+        return [EventRecord("paris-1", s, "queue.enter", b"p%d" % s, 1.0) for s in seqs]
+
+    held = cloud.store("ingest", records([6, 7]), 10.0, window=100)
+    assert (held.acked_seq, held.stored, held.duplicates, held.refused) == (0, 2, 0, 0)
+    # Contiguous from the ack, then on over the held 6 and 7; 7 again and 3 twice absorbed.
+    result = cloud.store("ingest", records([1, 2, 3, 3, 4, 5, 7, 500]), 11.0, window=100)
+    assert (result.acked_seq, result.stored, result.duplicates, result.refused) == (7, 5, 2, 1)
+    again = cloud.store("ingest", records([2, 8]), 12.0, window=100)
+    assert (again.acked_seq, again.stored, again.duplicates) == (8, 1, 1)
+    # A gap-free batch whose end meets held events: the ack walks on over them.
+    cloud.store("ingest", records([11, 12]), 13.0, window=100)
+    joined = cloud.store("ingest", records([9, 10]), 14.0, window=100)
+    assert (joined.acked_seq, joined.stored, joined.duplicates) == (12, 2, 0)
+    assert stored_seqs(cloud, "paris-1") == list(range(1, 13))
+    assert [e.payload for e in cloud.store("events", "paris-1")] == [b"p%d" % s
+                                                                    for s in range(1, 13)]
+
+
+def test_a_quiet_link_hears_the_ack_again(tmp_path) -> None:
+    quiet = Cloud(tmp_path / "quiet", heartbeat_s=0.2)
+    try:
+        site = enrol(quiet, "paris-1")
+        channel, link = open_link(quiet, site)
+        with channel:
+            link.event(1)
+            assert link.wait_ack(1)[-1] == 1
+            # Nothing sent any more: the cloud repeats its Ack (the site's liveness signal).
+            repeats = [link.recv() for _ in range(3)]
+            assert [m.ack.seq for m in repeats] == [1, 1, 1]
+            link.finish()
+    finally:
+        quiet.close()
