@@ -51,7 +51,8 @@ setup(
     version="0.1.0",
     description="Hybrid contact center: on-site appliance, edge agent and cloud bridge",
     packages=find_packages(include=["media_core*", "appliance*", "edge_agent*", "cloud_bridge*", "proto*"]),
-    package_data={"": ["*.pxd", "*.pyi", "*.proto", "*.h"], "appliance": ["data/prompts/*.wav"]},
+    package_data={"": ["*.pxd", "*.pyi", "*.proto", "*.h"], "appliance": [
+        "data/prompts/*.wav", "data/sipp/*.xml", "web/*.html", "web/*.js", "web/*.css"]},
     python_requires=">=3.11",
     install_requires=[
         "numpy>=1.26",
@@ -67,6 +68,7 @@ setup(
         "protobuf>=7.35.1",
         "psycopg[binary]>=3.1",
         "websockets>=13",
+        "httptools>=0.6",
     ],
     extras_require={
         "test": [
@@ -76,7 +78,6 @@ setup(
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",
             "pjsua2-python>=2.14",
-            "httptools>=0.6",
             "ruff>=0.5",
         ],
     },

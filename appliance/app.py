@@ -1,10 +1,12 @@
 """The composition root of ``edgecc appliance``: builds every service, starts and stops them.
 
 Start order: config -> site database -> guard -> digest authenticator -> binding store ->
-registrar -> SIP service -> call control -> API (users, hub, live board) -> HTTP server. Stop
-order is the reverse. Services get what they need as constructor arguments; nothing here is
-global. One asyncio loop (uvloop when installed) runs everything; SIGTERM and SIGINT stop the
-appliance cleanly.
+registrar -> SIP service -> carrier trunk -> webhooks -> alerts -> live feed -> agent desk -> call control ->
+API (users, recordings) -> HTTP server (API and web pages). Stop order is the reverse.
+Services get what they need as constructor arguments; nothing here is global. Call control and
+the desk report each event to one ``LiveFeed`` as it happens: the hub (``/api/events``), the
+wallboard (``/api/kpi/live``), the alert rules and the screen-pop webhook. One asyncio loop
+(uvloop when installed) runs everything; SIGTERM and SIGINT stop the appliance cleanly.
 """
 
 from __future__ import annotations
@@ -14,28 +16,39 @@ import contextlib
 import gc
 import inspect
 import logging
+import math
 import os
 import signal
+import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import sqlite_utils
 
 from appliance import eventlog
-from appliance.api import ApiContext, Hub, UserStore
+from appliance.acd.desk import desk_from_config
+from appliance.api import ApiContext, Hub, Role, UserStore
+from appliance.api.calls import RecordingAccess
 from appliance.calls.control import start_call_control
-from appliance.config import SiteConfig
+from appliance.config import ConfigError, SiteConfig, load_site
 from appliance.http import HealthSource, HttpServer, build_http_app
 from appliance.log import kv
+from appliance.recording.crypto import load_site_key
+from appliance.reporting.alerts import Alert, AlertEngine, rules_from_config
+from appliance.reporting.from_log import to_queue_events
 from appliance.reporting.kpi import LiveBoard
 from appliance.sip.digest import DigestAuthenticator
 from appliance.sip.guard import Guard
 from appliance.sip.registrar import BindingStore, Registrar
 from appliance.sip.service import SipService
-from appliance.store import audit, open_site_db
+from appliance.sip.trunk import TrunkLink
+from appliance.store import audit, open_site_db, running_config_version
+from appliance.webhooks import Poster, ScreenPop, WebhookRouter
 
 log = logging.getLogger("edgecc.appliance")
 
@@ -43,6 +56,184 @@ STOP_BUDGET_S = 1.5
 """Total time the services get to stop; the process must be gone within 2 s of SIGTERM."""
 
 _TRANSPORT_ORDER = ("UDP", "TCP", "TLS")
+
+SUPERVISOR_TOPICS = ("queue.enter", "queue.abandon", "queue.ring_no_answer", "alert",
+                     "security", "call.record")
+"""Topics (prefixes) only supervisors and admins receive: callers waiting and leaving, alerts,
+security events,
+call records. An agent's desk sees the rest (its call being answered and completed)."""
+SCREEN_POP_KINDS = frozenset({"call.offered", "call.ringing"})
+"""Events posted as a ``screen.pop`` webhook."""
+
+
+class LiveFeed:
+    """Where every live event goes: the hub (topic = kind) and, as queue events, the wallboard.
+
+    Called on the event loop by call control and the agent desk (``on_event``) for each event
+    as it happens, so ``/api/kpi/live`` and ``/api/events`` are current at once. A bad event is
+    logged and counted; it never reaches back into the call that produced it."""
+
+    def __init__(self, hub: Hub, board: LiveBoard, *, site: str = "",
+                 alerts: AlertLoop | None = None, screen_pop: ScreenPop | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.hub = hub
+        self.board = board
+        self.site = site
+        self.alerts = alerts
+        self.screen_pop = screen_pop
+        self._clock = clock
+        self.delivered = 0
+        """Events published."""
+        self.rejected = 0
+        """Events that could not be published or applied (logged)."""
+
+    def __call__(self, kind: str, payload: Mapping[str, Any]) -> None:
+        """Publish ``kind`` with ``payload`` and feed the wallboard; never raises."""
+        data = dict(payload)
+        at = data.get("at")
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+            at = data["at"] = self._clock()
+        audience = (Role.SUPERVISOR if kind.startswith(SUPERVISOR_TOPICS) else Role.AGENT)
+        try:
+            self.hub.publish(kind, data, audience=audience)
+            self.delivered += 1
+        except (TypeError, ValueError) as exc:
+            self.rejected += 1
+            log.error(kv(event="live_event_rejected", kind=kind, error=str(exc)))
+        try:
+            for event in to_queue_events(kind, data, float(at), site=self.site):
+                self.board.apply(event)
+        except Exception as exc:  # an odd event must not stop the next ones
+            self.rejected += 1
+            log.error(kv(event="live_board_rejected", kind=kind, error=repr(exc)))
+        if self.screen_pop is not None and kind in SCREEN_POP_KINDS:
+            self.screen_pop.offered(data)  # never blocks, never raises
+        if self.alerts is not None:
+            self.alerts.feed(kind, data, float(at))
+
+
+class LinkWatch:
+    """Reads the edge agent's link-state row (``eventlog.read_link_state``) every
+    ``interval_s`` and, when the state changes, hands a ``link.state`` event {state, since,
+    lag_events, lag_seconds, detail} to the live feed: the wallboard shows it and the
+    ``link_down`` alert rule hears it. No row (no edge agent yet): nothing is said."""
+
+    def __init__(self, feed: Callable[[str, Mapping[str, Any]], None], database: os.PathLike[str] | str,
+                 *, interval_s: float = 1.0) -> None:
+        self.feed = feed
+        self.database = str(database)
+        self.interval_s = interval_s
+        self.current: eventlog.LinkState | None = None
+        """The last state read."""
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="link-watch")
+
+    async def _run(self) -> None:
+        said: tuple[str, float] | None = None
+        while True:
+            try:
+                state = await asyncio.to_thread(self._read)
+            except Exception as exc:  # the next read may work; the appliance goes on
+                log.warning(kv(event="link_state_unreadable", error=repr(exc)))
+                state = None
+            if state is not None:
+                self.current = state
+                if said != (state.state, state.since):
+                    said = (state.state, state.since)
+                    self.feed("link.state", {
+                        "state": state.state, "since": state.since,
+                        "lag_events": state.lag_events, "lag_seconds": state.lag_seconds,
+                        "detail": state.detail})
+            await asyncio.sleep(self.interval_s)
+
+    def _read(self) -> eventlog.LinkState | None:
+        conn = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=2.0)
+        try:
+            return eventlog.read_link_state(sqlite_utils.Database(conn))
+        finally:
+            conn.close()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class AlertLoop:
+    """Runs the sans-IO ``AlertEngine`` on the loop: fed every live event, ticked after each
+    one and at its ``next_timer()``. Each alert raised or cleared becomes an event-log row
+    (``alert.raised`` / ``alert.cleared``, written by a worker thread), a hub event (topic
+    ``alert``, supervisors), a webhook post and, through the hub, the wallboard's banner."""
+
+    def __init__(self, engine: AlertEngine, hub: Hub, db: sqlite_utils.Database, *,
+                 poster: Poster | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.hub = hub
+        self.poster = poster
+        self._db = db
+        self._clock = clock
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="alerts-db")
+        self._timer: asyncio.TimerHandle | None = None
+
+    def feed(self, kind: str, payload: Mapping[str, Any], at: float) -> None:
+        """Take one event, then evaluate the rules (never raises)."""
+        if kind.startswith("alert"):
+            return  # our own output
+        self.engine.feed(kind, payload, at)
+        self.tick()
+
+    def tick(self) -> None:
+        """Evaluate the rules now and re-arm the timer."""
+        self._timer = None
+        try:
+            for alert in self.engine.tick(self._clock()):
+                self._publish(alert)
+        except Exception:
+            log.exception(kv(event="alerts_failed"))
+        self._arm()
+
+    def active(self) -> list[dict[str, Any]]:
+        """The alerts raised and not cleared."""
+        return [a.as_dict() for a in self.engine.active()]
+
+    def _publish(self, alert: Alert) -> None:
+        kind = "alert.raised" if alert.cleared_at is None else "alert.cleared"
+        data = alert.as_dict()
+        log.info(kv(event=kind.replace(".", "_"), rule=alert.rule, key=alert.key,
+                    severity=alert.severity.value))
+        self.hub.publish("alert", {**data, "state": kind.split(".")[1]},
+                         audience=Role.SUPERVISOR)
+        if self.poster is not None:
+            self.poster.post(kind, data)
+        at = alert.raised_at if alert.cleared_at is None else alert.cleared_at
+        future = self._writer.submit(eventlog.append, self._db, kind, data, occurred_at=at)
+        future.add_done_callback(_log_failure)
+
+    def _arm(self) -> None:
+        when = self.engine.next_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if when is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, when - self._clock())
+        self._timer = loop.call_at(loop.time() + delay, self.tick)
+
+    def close(self) -> None:
+        """Stop the timer and let the last writes finish."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._writer.shutdown(wait=True)
+
+
+def _log_failure(future: Future[Any]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error(kv(event="alert_write_failed", error=repr(exc)))
 
 
 @dataclass
@@ -83,24 +274,68 @@ class Appliance:
             registrar = Registrar(config, bindings, auth, guard)
             sip = await SipService.start(config, registrar=registrar, guard=guard)
             stack.append(("sip", sip.close))
+            # Registration to the carrier and OPTIONS keep-alive (none without trunk.carrier).
+            trunk = await TrunkLink.start(config, sip, database=str(config.storage.database))
+            if trunk is not None:
+                stack.append(("trunk", trunk.stop))
+            hub, board = Hub(), LiveBoard()
+            # Webhooks (alerts, screen pops) and the alert rules; their own db connection.
+            webhooks = WebhookRouter(config.webhooks, site=config.site.id)
+            await webhooks.start()
+            stack.append(("webhooks", webhooks.close))
+            alerts_db = open_site_db(config.storage.database)
+            stack.append(("alerts-db", alerts_db.close))
+            alerts = AlertLoop(AlertEngine(rules_from_config(config.alerts)), hub, alerts_db,
+                               poster=webhooks)
+            stack.append(("alerts", alerts.close))
+            feed = LiveFeed(hub, board, site=config.site.id, alerts=alerts,
+                            screen_pop=ScreenPop(webhooks))
+            # Security events for the alerts' security rule and the live stream: SIP guard
+            # bans (on the loop) and refused API logins (from the API's worker threads).
+            guard.on_ban = lambda source, until, failures: feed("security.ban", {
+                "source": source.host, "transport": source.transport, "until": until,
+                "failures": failures})
+            loop = asyncio.get_running_loop()
+
+            def on_security(kind: str, data: dict[str, Any]) -> None:
+                loop.call_soon_threadsafe(feed, kind, data)
+
+            # The cloud link as the edge agent reports it: wallboard, /health, link_down alert.
+            link = LinkWatch(feed, config.storage.database)
+            link.start()
+            stack.append(("link-watch", link.stop))
+            # The agents' own choices (login, pause, logout), persisted and audited; on the
+            # loop, through a connection of its own (the binding store writes from a thread).
+            desk_db = open_site_db(config.storage.database)
+            stack.append(("desk", desk_db.close))
+            desk, _codes = desk_from_config(desk_db, config, on_event=feed)
             # Call control: media engine, IVR, ACD and the B2BUA on the SIP service.
             calls = await start_call_control(config, sip, registrar=registrar, auth=auth,
-                                             guard=guard)
+                                             guard=guard, on_event=feed, desk=desk)
             stack.append(("calls", calls.stop))
             started_at = time.monotonic()
             health = HealthSource(
                 site_id=config.site.id,
                 sip_addresses=lambda: dict(sip.addresses),
                 uptime_s=lambda: time.monotonic() - started_at,
+                trunk_state=None if trunk is None else (lambda link=trunk: link.state.value),
+                config_version=running_config_version(db),
+                config_installed=lambda: _installed_config(config.storage.database),
+                link_state=lambda: link.current.state if link.current is not None else None,
             )
             # The API keeps its own connection, used from worker threads, off the loop.
-            users = UserStore.open(config.storage.database)
+            site_key = config.storage.site_key
+            users = UserStore.open(config.storage.database,
+                                   site_key=load_site_key(site_key.parent, site_key.name))
             stack.append(("api", users.close))
+            recordings = RecordingAccess.open(config)
+            stack.append(("recordings", recordings.close))
             accounts = tuple((a.user, a.display_name) for a in config.sip.accounts)
-            api = ApiContext(users=users, hub=Hub(), board=LiveBoard(),
-                             sip_accounts=lambda: accounts)
-            http = await HttpServer.start(build_http_app(health, api), config.http.bind,
-                                          config.http.port)
+            api = ApiContext(users=users, hub=hub, board=board, sip_accounts=lambda: accounts,
+                             calls=calls, recordings=recordings, site=config,
+                             alerts=alerts.active, on_security=on_security)
+            http = await HttpServer.start(build_http_app(health, api, web=True),
+                                          config.http.bind, config.http.port)
             stack.append(("http", http.close))
         except BaseException:
             await _stop_all(stack)
@@ -150,8 +385,46 @@ async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
-async def serve(config: SiteConfig, out: TextIO) -> int:
-    """Run the appliance until SIGTERM/SIGINT; print the start-up line to ``out``."""
+RESTART = 75
+"""``serve``'s answer when a pushed config waits to be loaded: the caller starts the
+appliance again (``edgecc appliance`` re-executes itself, same PID)."""
+CONFIG_POLL_S = 2.0
+"""How often the appliance looks for a config version the edge agent installed."""
+
+
+async def _await_pushed_config(appliance: Appliance, loaded: int, site_dir: Path | None,
+                               restart: asyncio.Event) -> None:
+    """Set ``restart`` once the edge agent has installed a newer pushed config that validates
+    and no call is up (a call in progress is never cut for a config change)."""
+    database = appliance.config.storage.database
+    waiting_for: int | None = None
+    while True:
+        await asyncio.sleep(CONFIG_POLL_S)
+        try:
+            installed = await asyncio.to_thread(_installed_config, database)
+            if installed <= loaded:
+                continue
+            if waiting_for != installed:
+                if site_dir is not None:
+                    await asyncio.to_thread(load_site, site_dir)  # the edge agent checked it
+                waiting_for = installed
+                log.info(kv(event="config_pending", version=installed, running=loaded))
+            calls = appliance.api.calls if appliance.api is not None else None
+            if calls is not None and calls.active_calls():
+                continue
+            log.info(kv(event="config_apply", version=installed, running=loaded))
+            restart.set()
+            return
+        except ConfigError as exc:
+            log.error(kv(event="config_pending_invalid", error=str(exc).splitlines()[0]))
+            loaded = max(loaded, installed)  # keep running the current one; say it once
+        except Exception as exc:
+            log.warning(kv(event="config_watch_failed", error=repr(exc)))
+
+
+async def serve(config: SiteConfig, out: TextIO, *, site_dir: Path | None = None) -> int:
+    """Run the appliance until SIGTERM/SIGINT; print the start-up line to ``out``. Returns
+    RESTART when a config pushed by the cloud is installed and waits to be loaded."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -170,12 +443,20 @@ async def serve(config: SiteConfig, out: TextIO) -> int:
         out.flush()
         log.info(kv(event="started", site=config.site.id, pid=os.getpid()))
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({stopped, appliance.http.task}, return_when=asyncio.FIRST_COMPLETED)
+        restart = asyncio.Event()
+        watch = asyncio.create_task(_await_pushed_config(
+            appliance, running_config_version(appliance.db), site_dir, restart))
+        restarting = asyncio.create_task(restart.wait())
+        await asyncio.wait({stopped, restarting, appliance.http.task},
+                           return_when=asyncio.FIRST_COMPLETED)
         code = 0
-        if not stop.is_set():
+        if restart.is_set() and not stop.is_set():
+            code = RESTART
+        elif not stop.is_set():
             log.error(kv(event="http_server_ended", detail="stopping the appliance"))
             code = 1
-        stopped.cancel()
+        for task in (stopped, restarting, watch):
+            task.cancel()
         log.info(kv(event="stopping", site=config.site.id))
         await appliance.close()
         log.info(kv(event="stopped", site=config.site.id))
@@ -185,8 +466,9 @@ async def serve(config: SiteConfig, out: TextIO) -> int:
             loop.remove_signal_handler(signum)
 
 
-def run(config: SiteConfig, out: TextIO = sys.stdout) -> int:
-    """Run the appliance in a new event loop (uvloop when installed) and return the exit code."""
+def run(config: SiteConfig, out: TextIO = sys.stdout, *, site_dir: Path | None = None) -> int:
+    """Run the appliance in a new event loop (uvloop when installed) and return the exit code
+    (RESTART: start again to load a pushed config)."""
     loop_factory = None
     try:
         import uvloop
@@ -195,4 +477,13 @@ def run(config: SiteConfig, out: TextIO = sys.stdout) -> int:
     except ImportError:
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(config, out))
+        return runner.run(serve(config, out, site_dir=site_dir))
+
+
+def _installed_config(database: os.PathLike[str] | str) -> int:
+    """The newest pushed config the edge agent installed (its own read-only connection)."""
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2.0)
+    try:
+        return running_config_version(conn)
+    finally:
+        conn.close()

@@ -7,6 +7,7 @@ already exists, the appliance could not start); 2 bad usage or an invalid site c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_wfm_parser(commands)
 
+    from appliance.recording.cli import add_parser as add_recordings_parser
+    from appliance.reporting.cli import add_export_parser
+
+    add_export_parser(commands)
+    add_recordings_parser(commands)
+
     # The one console script starts every process; the cloud side is imported only here, lazily,
     # so the appliance itself never loads it (they meet only through proto/).
     from cloud_bridge.cli import add_parser as add_cloud_parser
@@ -117,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_agent.cli import add_parser as add_edge_agent_parser
 
     add_edge_agent_parser(commands)
+
+    from appliance.restore import add_parser as add_restore_parser
+
+    add_restore_parser(commands)
+
+    from appliance.simulate import add_parser as add_simulate_parser
+
+    add_simulate_parser(commands)
+
+    from appliance.devstack import add_parser as add_demo_parser
+
+    add_demo_parser(commands)
+
+    from appliance.audit import add_parser as add_audit_parser
+
+    add_audit_parser(commands)
     return parser
 
 
@@ -237,9 +260,17 @@ def _cmd_appliance(args: argparse.Namespace) -> int:
     from appliance.log import setup_logging
 
     setup_logging()
-    from appliance.app import run
+    from appliance.app import RESTART, run
 
-    return run(config, sys.stdout)
+    code = run(config, sys.stdout, site_dir=args.site_dir)
+    if code == RESTART:
+        # A config pushed by the cloud and installed by the edge agent: load it in a fresh
+        # process image (same PID, so a service manager sees no exit); calls were not cut.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "appliance.cli", "appliance",
+                                  "--site-dir", str(args.site_dir)])
+    return code
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """The appliance's HTTP API: FastAPI served by uvicorn inside the appliance's own event loop.
 
 ``GET /health`` (no login) and FastAPI's ``/openapi.json`` (and ``/docs``), plus, when an
-``ApiContext`` is given, the ``/api`` routes and the ``/api/events`` WebSocket (docs/api.md).
+``ApiContext`` is given, the ``/api`` routes and the ``/api/events`` WebSocket (docs/api.md),
+and with ``web`` the browser pages of ``appliance/web`` under ``/`` (docs/web.md).
 uvicorn's signal handling is switched off: the appliance owns SIGTERM/SIGINT and stops the server
 itself.
 """
@@ -15,11 +16,13 @@ import os
 import socket
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
+from starlette.staticfiles import StaticFiles
 
 from appliance.log import kv
 
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
     from appliance.api import ApiContext
 
 log = logging.getLogger("edgecc.http")
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+"""The pages (static HTML, CSS and JavaScript, no build step, nothing from a CDN)."""
 
 _SHUTDOWN_GRACE_S = 1.0
 
@@ -49,6 +55,17 @@ class Health(BaseModel):
     """SIP listeners actually bound, by transport ("udp", "tcp", "tls")."""
     uptime_s: float
     """Seconds since the appliance finished starting."""
+    trunk: str | None = None
+    """The carrier trunk's keep-alive state (``up``, ``down``, ``unknown``); null: no carrier
+    is configured."""
+    link: str | None = None
+    """The cloud link as the edge agent reports it (``online``, ``degraded``, ``offline``);
+    null: no edge agent has reported yet."""
+    config_version: int = 0
+    """The config version pushed by the cloud that this run loaded (0: none)."""
+    config_installed: int = 0
+    """The newest pushed version the edge agent installed; above ``config_version`` it takes
+    effect at the appliance's next start."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +75,19 @@ class HealthSource:
     site_id: str
     sip_addresses: Callable[[], dict[str, tuple[str, int]]]
     uptime_s: Callable[[], float]
+    trunk_state: Callable[[], str] | None = None
+    config_version: int = 0
+    """The pushed config version loaded at start."""
+    config_installed: Callable[[], int] | None = None
+    """The newest pushed version installed since (read at request time, off the loop)."""
+    link_state: Callable[[], str | None] | None = None
+    """The cloud link's state as last read from the edge agent's row."""
 
 
-def build_http_app(health: HealthSource, api: ApiContext | None = None) -> FastAPI:
-    """The FastAPI application of the appliance; with ``api``, the ``/api`` routes too."""
+def build_http_app(health: HealthSource, api: ApiContext | None = None, *,
+                   web: bool = False) -> FastAPI:
+    """The FastAPI application of the appliance; with ``api``, the ``/api`` routes too; with
+    ``web``, the pages under ``/``."""
     app = FastAPI(title="edgecc appliance", version="0.1.0")
     if api is not None:
         from appliance.api import install_api
@@ -74,10 +100,33 @@ def build_http_app(health: HealthSource, api: ApiContext | None = None) -> FastA
             transport.lower(): Endpoint(host=host, port=port)
             for transport, (host, port) in health.sip_addresses().items()
         }
+        installed = (await asyncio.to_thread(health.config_installed)
+                     if health.config_installed else health.config_version)
         return Health(status="ok", site=health.site_id, sip=sip,
-                      uptime_s=round(health.uptime_s(), 3))
+                      uptime_s=round(health.uptime_s(), 3),
+                      trunk=health.trunk_state() if health.trunk_state else None,
+                      config_version=health.config_version, config_installed=installed,
+                      link=health.link_state() if health.link_state else None)
 
+    if web:
+        # Mounted last: every API route above takes precedence over a file of the same name.
+        app.mount("/", _Pages(directory=WEB_DIR, html=True), name="web")
     return app
+
+
+class _Pages(StaticFiles):
+    """The static pages, sent with headers that keep them to this origin."""
+
+    async def get_response(self, path: str, scope: Any) -> Any:
+        response = await super().get_response(path, scope)
+        # Everything is served from here: no inline script, no third-party origin, no framing.
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+            "frame-ancestors 'none'")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -8,6 +8,7 @@ tens of seconds.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,23 +20,53 @@ from schemathesis import GenerationMode
 from test_api_server import ApiServer
 
 from appliance.api import Role
+from appliance.api.calls import RecordingAccess
+from appliance.config import parse_site_yaml
+from appliance.recording import RecordingStore
+from appliance.store import open_site_db
 
 EXAMPLES_PER_OPERATION = 40
 LONG_EXAMPLES_PER_OPERATION = 300
+UNAVAILABLE_EXAMPLES = 15
 OPERATIONS = {"POST /api/login", "POST /api/logout", "GET /api/me", "GET /api/wfm/staff",
-              "GET /api/kpi/live", "GET /api/config/accounts", "GET /api/audit", "GET /health"}
+              "GET /api/kpi/live", "GET /api/config/accounts", "GET /api/audit", "GET /health",
+              "GET /api/config/site", "POST /api/config/flows/check", "GET /api/calls",
+              "POST /api/calls/{call_id}/hangup", "POST /api/calls/{call_id}/hold",
+              "POST /api/calls/{call_id}/resume", "POST /api/calls/{call_id}/transfer",
+              "POST /api/calls/{call_id}/recording/pause",
+              "POST /api/calls/{call_id}/recording/resume", "POST /api/calls/dial",
+              "POST /api/supervise", "GET /api/recordings",
+              "GET /api/recordings/{recording_id}/audio", "GET /api/config/desk",
+              "GET /api/alerts",
+              "GET /api/agents", "GET /api/agents/{agent}", "POST /api/agents/{agent}/login",
+              "POST /api/agents/{agent}/logout", "POST /api/agents/{agent}/pause",
+              "POST /api/agents/{agent}/unpause", "POST /api/agents/{agent}/disposition"}
+# Call control and the agent desk do not run in this harness: these answer 503 (documented)
+# once a request passes validation and the role check (test_api_calls.py covers them).
+WITHOUT_SERVICE = {op for op in OPERATIONS
+                   if any(part in op for part in ("/api/calls", "/api/supervise", "/api/agents"))}
 # Invalid requests exist for every operation with parameters, a body or a security header.
 WITH_INPUT = OPERATIONS - {"GET /health"}
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    server = ApiServer(Path(tmp_path_factory.mktemp("site")))
+    directory = Path(tmp_path_factory.mktemp("site"))
+    server = ApiServer(directory)
+    (directory / "site.key").write_bytes(os.urandom(32))
+    (directory / "site.key").chmod(0o600)  # as edgecc init makes it
+    recordings = RecordingAccess(RecordingStore(open_site_db(server.db_path),
+                                                directory / "recordings",
+                                                (directory / "site.key").read_bytes()))
+    server.context.recordings = recordings
+    server.context.site = parse_site_yaml("site: {id: demo}")
+    server.context.alerts = list
     try:
         server.add("ada", Role.ADMIN)
         yield server
     finally:
         server.close()
+        recordings.close()
 
 
 def _runner(served: ApiServer, operation: schemathesis.APIOperation, mode: GenerationMode,
@@ -46,6 +77,13 @@ def _runner(served: ApiServer, operation: schemathesis.APIOperation, mode: Gener
     # request may rightly get 422 there.
     excluded = ([schemathesis.checks.positive_data_acceptance]
                 if operation.path == "/api/wfm/staff" else [])
+    unavailable = label in WITHOUT_SERVICE
+    if unavailable:
+        excluded += [schemathesis.checks.not_a_server_error,
+                     schemathesis.checks.positive_data_acceptance]
+
+    if unavailable:  # only validation and the role gate to exercise: fewer cases do
+        examples = min(examples, UNAVAILABLE_EXAMPLES)
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=examples, deadline=None, database=None, derandomize=derandomize,
@@ -58,7 +96,7 @@ def _runner(served: ApiServer, operation: schemathesis.APIOperation, mode: Gener
             token, _ = served.users.issue_token(served.accounts["ada"].user_id)
             headers["Authorization"] = f"Bearer {token}"
         response = case.call_and_validate(headers=headers, excluded_checks=excluded)
-        assert response.status_code < 500
+        assert response.status_code < 500 or (unavailable and response.status_code == 503)
         statuses.setdefault(label, set()).add(response.status_code)
 
     return run

@@ -9,12 +9,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
 from appliance.api.hub import Hub
 from appliance.api.users import LoginPolicy, Role, UserStore
 from appliance.reporting.kpi import LiveBoard
+
+if TYPE_CHECKING:
+    from appliance.api.calls import RecordingAccess
+    from appliance.config import SiteConfig
 
 __all__ = ["ApiContext", "Hub", "LoginPolicy", "Role", "UserStore", "install_api"]
 
@@ -35,10 +40,23 @@ class ApiContext:
     """Seconds between WebSocket heartbeats (and token re-checks)."""
     clock: Callable[[], float] = time.time
     """Unix time, for snapshots."""
+    calls: Any = None
+    """Call control's ``CallService`` (``appliance.calls.control``); None: the call-control
+    routes answer 503."""
+    recordings: RecordingAccess | None = None
+    """Recording search and download; None: those routes answer 503."""
+    site: SiteConfig | None = None
+    """The running site's configuration, for the admin pages (queues, agents)."""
+    on_security: Callable[[str, dict[str, Any]], None] | None = None
+    """Told of security events (``security.login_failed``); called from worker threads."""
+    alerts: Callable[[], list[dict[str, Any]]] | None = None
+    """The alerts active now (``Alert.as_dict()``), for ``/api/alerts``; None: 503."""
 
 
 def install_api(app: FastAPI, context: ApiContext) -> None:
     """Add the API to ``app``."""
+    from appliance.api.agents import build_agents_router
+    from appliance.api.calls import build_calls_router
     from appliance.api.errors import install_error_handlers
     from appliance.api.events import build_events_router
     from appliance.api.middleware import ApiMiddleware
@@ -46,5 +64,14 @@ def install_api(app: FastAPI, context: ApiContext) -> None:
 
     install_error_handlers(app)
     app.include_router(build_api_router(context))
+    app.include_router(build_calls_router(context))
+    app.include_router(build_agents_router(lambda: _desk_service(context), context.users,
+                                           clock=context.clock))
     app.include_router(build_events_router(context))
     app.add_middleware(ApiMiddleware, users=context.users)
+
+
+def _desk_service(context: ApiContext) -> Any:
+    """Call control as the desk's ``DeskService`` when it runs with a desk, else None."""
+    calls = context.calls
+    return calls if calls is not None and getattr(calls, "desk", None) is not None else None

@@ -1,8 +1,11 @@
 """The ``/api`` HTTP routes: login and logout, the caller's identity, staffing, the live
-wallboard, accounts and the audit trail."""
+wallboard, accounts, the site's queues, IVR flow checks and the audit trail."""
 
+import logging
 import math
+import tempfile
 import threading
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -13,7 +16,9 @@ from appliance.api.auth import check_query, require
 from appliance.api.errors import ApiError, responses
 from appliance.api.middleware import note
 from appliance.api.users import NAME_PATTERN, LoginOutcome, Principal, Role
+from appliance.config import SiteConfig
 from appliance.reporting.erlang import ErlangA, StaffingError, offered_traffic, required_agents
+from appliance.reporting.kpi import AgentState
 
 API_MAX_TRAFFIC = 5000.0
 """Largest offered load (Erlangs) the API sizes for; beyond it use ``edgecc wfm staff``.
@@ -26,7 +31,12 @@ LOGINS_AT_ONCE = 4
 STAFFING_AT_ONCE = 2
 """Staffing searches run at once (CPU-bound); more wait, so logins and reads keep flowing."""
 
+MAX_FLOW_CHARS = 60_000
+"""Largest flow file checked (under the API's 64 KiB body limit)."""
+
 _AUTH_ERRORS = (401, 403)
+
+log = logging.getLogger("edgecc.api")
 
 
 # ------------------------------------------------------------------------------ models
@@ -61,6 +71,8 @@ class Me(BaseModel):
     role: Literal["admin", "supervisor", "agent"]
     two_factor: bool
     token_expires_at: float
+    agent: str | None = None
+    """The agent extension this user acts for (None: not linked)."""
 
 
 class ErlangAFigures(BaseModel):
@@ -99,6 +111,8 @@ class LiveQueueOut(BaseModel):
     abandoned: int
     answered_within: int
     service_level: float | None
+    agents_by_state: dict[str, int] = Field(default_factory=dict)
+    """The queue's members (site.yaml) by state; empty when the members are not known."""
 
 
 class LiveOut(BaseModel):
@@ -108,6 +122,23 @@ class LiveOut(BaseModel):
     queues: list[LiveQueueOut]
     agents_by_state: dict[str, int]
     agents: dict[str, str]
+
+
+class AlertOut(BaseModel):
+    """An alert raised and not yet cleared."""
+
+    rule: str
+    key: str
+    severity: Literal["info", "warning", "critical"]
+    message: str
+    raised_at: float
+    cleared_at: float | None
+
+
+class AlertsOut(BaseModel):
+    """The active alerts."""
+
+    alerts: list[AlertOut]
 
 
 class SipAccountOut(BaseModel):
@@ -132,6 +163,67 @@ class AccountsOut(BaseModel):
 
     sip_accounts: list[SipAccountOut]
     api_users: list[ApiUserOut]
+
+
+class QueueOut(BaseModel):
+    """A queue as configured."""
+
+    name: str
+    members: list[str]
+    strategy: str
+    ring_timeout: float
+    wrap_up: float
+    max_wait: float | None
+    record: bool
+
+
+class AgentOut(BaseModel):
+    """A SIP account and the queues it answers."""
+
+    user: str
+    display_name: str | None
+    role: str
+    queues: list[str]
+
+
+class SiteOut(BaseModel):
+    """The running site's call routing."""
+
+    site: str
+    name: str
+    queues: list[QueueOut]
+    agents: list[AgentOut]
+    dids: dict[str, str]
+
+
+class DeskCodesOut(BaseModel):
+    """What an agent may choose: pause reasons and dispositions (code -> name)."""
+
+    pause_reasons: dict[str, str]
+    dispositions: dict[str, str]
+
+
+class FlowCheckIn(BaseModel):
+    """An IVR flow file to check (``flows:`` YAML as in docs/ivr.md)."""
+
+    yaml: Annotated[str, Field(min_length=1, max_length=MAX_FLOW_CHARS)]
+
+
+class FlowProblemOut(BaseModel):
+    """One problem found, with its line in the uploaded text."""
+
+    line: int | None
+    flow: str | None
+    node: str | None
+    message: str
+
+
+class FlowCheckOut(BaseModel):
+    """The result of a check: the flows it defines, or every problem."""
+
+    valid: bool
+    flows: list[str]
+    problems: list[FlowProblemOut]
 
 
 class AuditRow(BaseModel):
@@ -189,6 +281,12 @@ def build_api_router(ctx: ApiContext) -> APIRouter:
             result = users.login(body.name, body.password, body.totp, source)
         note(request, actor=body.name, action=f"login_{result.outcome.value}",
              reason=result.reason)
+        if result.outcome is not LoginOutcome.OK and ctx.on_security is not None:
+            try:
+                ctx.on_security("security.login_failed", {
+                    "name": body.name, "source": source, "outcome": result.outcome.value})
+            except Exception:
+                log.exception("event=on_security_failed")
         if result.outcome is LoginOutcome.LOCKED:
             retry = math.ceil(result.retry_after or 1)
             raise ApiError(429, f"too many failed logins for this user; try again in {retry} s",
@@ -213,7 +311,7 @@ def build_api_router(ctx: ApiContext) -> APIRouter:
         found = next((u for u in users.users() if u.id == principal.user_id), None)
         return Me(name=principal.name, display_name=found.display_name if found else None,
                   role=principal.role.value, two_factor=bool(found and found.two_factor),
-                  token_expires_at=principal.expires_at)
+                  token_expires_at=principal.expires_at, agent=users.agent_of(principal.user_id))
 
     @router.get("/wfm/staff", response_model=StaffAnswer, tags=["wfm"],
                 summary="Agents needed for an interval (Erlang C, or Erlang A with patience)",
@@ -273,14 +371,36 @@ def build_api_router(ctx: ApiContext) -> APIRouter:
     async def kpi_live(principal: Annotated[Principal, Depends(supervisor)]) -> LiveOut:
         # async: the board is only ever touched on the event loop's thread.
         snap = ctx.board.snapshot(ctx.clock())
+        # Every configured queue has a tile, with or without calls yet.
+        members = {q.name: q.members for q in ctx.site.queues} if ctx.site is not None else {}
+        seen = {q.queue: q for q in snap.queues}
+        states = [state.value for state in AgentState]
+        queues = []
+        for name in sorted(set(seen) | set(members)):
+            q = seen.get(name)
+            by_state = dict.fromkeys(states, 0) if name in members else {}
+            for agent in members.get(name, ()):
+                by_state[snap.agents.get(agent, AgentState.LOGGED_OUT).value] += 1
+            queues.append(LiveQueueOut(
+                queue=name, waiting=q.waiting if q else 0,
+                longest_wait=q.longest_wait if q else 0.0, offered=q.offered if q else 0,
+                answered=q.answered if q else 0, abandoned=q.abandoned if q else 0,
+                answered_within=q.answered_within if q else 0,
+                service_level=q.service_level if q else None, agents_by_state=by_state))
         return LiveOut(
             at=snap.at,
-            queues=[LiveQueueOut(queue=q.queue, waiting=q.waiting, longest_wait=q.longest_wait,
-                                 offered=q.offered, answered=q.answered, abandoned=q.abandoned,
-                                 answered_within=q.answered_within,
-                                 service_level=q.service_level) for q in snap.queues],
+            queues=queues,
             agents_by_state={state.value: n for state, n in snap.agents_by_state.items()},
             agents={agent: state.value for agent, state in snap.agents.items()})
+
+    @router.get("/alerts", response_model=AlertsOut, tags=["kpi"],
+                summary="Alerts active now (supervisors and admins)",
+                responses=responses(*_AUTH_ERRORS, 503))
+    async def active_alerts(principal: Annotated[Principal, Depends(supervisor)]) -> AlertsOut:
+        # async: the alert engine lives on the event loop's thread.
+        if ctx.alerts is None:
+            raise ApiError(503, "alerts are not evaluated on this appliance")
+        return AlertsOut(alerts=[AlertOut(**a) for a in ctx.alerts()])
 
     @router.get("/config/accounts", response_model=AccountsOut, tags=["config"],
                 summary="SIP accounts and API users (admins)",
@@ -291,6 +411,47 @@ def build_api_router(ctx: ApiContext) -> APIRouter:
             api_users=[ApiUserOut(name=u.name, display_name=u.display_name, role=u.role.value,
                                   two_factor=u.two_factor, locked_until=u.locked_until)
                        for u in users.users()])
+
+    @router.get("/config/site", response_model=SiteOut, tags=["config"],
+                summary="The site's queues, agents and numbers (admins)",
+                responses=responses(*_AUTH_ERRORS, 503))
+    def config_site(principal: Annotated[Principal, Depends(admin)]) -> SiteOut:
+        site = ctx.site
+        if site is None:
+            raise ApiError(503, "the site configuration is not available here")
+        answers: dict[str, list[str]] = {}
+        for q in site.queues:
+            for member in q.members:
+                answers.setdefault(member, []).append(q.name)
+        return SiteOut(
+            site=site.site.id, name=site.site.name,
+            queues=[QueueOut(name=q.name, members=list(q.members), strategy=q.strategy,
+                             ring_timeout=q.ring_timeout, wrap_up=float(q.wrap_up),
+                             max_wait=q.max_wait, record=bool(q.record)) for q in site.queues],
+            agents=[AgentOut(user=a.user, display_name=a.display_name, role=a.role,
+                             queues=answers.get(a.user, [])) for a in site.sip.accounts],
+            dids=dict(site.ivr.dids))
+
+    @router.get("/config/desk", response_model=DeskCodesOut, tags=["config"],
+                summary="Pause reasons and dispositions of this site (any role)",
+                responses=responses(*_AUTH_ERRORS, 503))
+    def config_desk(principal: Annotated[Principal, Depends(any_role)]) -> DeskCodesOut:
+        site = ctx.site
+        if site is None:
+            raise ApiError(503, "the site configuration is not available here")
+        return DeskCodesOut(pause_reasons=dict(site.agents.pause_reasons),
+                            dispositions=dict(site.agents.dispositions))
+
+    @router.post("/config/flows/check", response_model=FlowCheckOut, tags=["config"],
+                 summary="Check an IVR flow file against this site's prompts and queues "
+                         "(admins)", responses=responses(400, *_AUTH_ERRORS, 413, 422, 503))
+    def check_flows(body: FlowCheckIn, request: Request,
+                    principal: Annotated[Principal, Depends(admin)]) -> FlowCheckOut:
+        site = ctx.site
+        if site is None:
+            raise ApiError(503, "the site configuration is not available here")
+        note(request, action="flows_check")
+        return _check_flows(site, body.yaml)
 
     @router.get("/audit", response_model=AuditOut, tags=["config"],
                 summary="Recent audit log rows, newest first (admins)",
@@ -304,3 +465,22 @@ def build_api_router(ctx: ApiContext) -> APIRouter:
         return AuditOut(rows=[AuditRow(**row) for row in users.audit_rows(limit, before)])
 
     return router
+
+
+def _check_flows(site: SiteConfig, text: str) -> FlowCheckOut:
+    """Validate ``text`` as a flow file with the site's prompts and queues; nothing is kept."""
+    from appliance.ivr.flow import FlowError, load_flows
+
+    shipped = Path(__file__).resolve().parent.parent / "data" / "prompts"
+    prompts = {p.stem for p in Path(site.ivr.prompts or shipped).glob("*.wav")}
+    with tempfile.TemporaryDirectory(prefix="edgecc-flows-") as scratch:
+        path = Path(scratch) / "upload.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            flows = load_flows(path, prompts=prompts, queues=[q.name for q in site.queues],
+                               file="upload.yaml")
+        except FlowError as exc:
+            return FlowCheckOut(valid=False, flows=[], problems=[
+                FlowProblemOut(line=p.line, flow=p.flow, node=p.node, message=p.message)
+                for p in exc.problems])
+    return FlowCheckOut(valid=True, flows=sorted(flows), problems=[])

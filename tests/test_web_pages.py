@@ -1,0 +1,471 @@
+"""The appliance's web pages in a real browser: headless Chromium (Debian ``chromium``) driven
+over the Chrome DevTools Protocol, against ``edgecc appliance`` running a demo site.
+
+The checks read the page's DOM (``Runtime.evaluate``) and its pixels (``Page.captureScreenshot``,
+decoded here); every wait is on a DOM condition with a bounded timeout. ``Browser`` and
+``WebSite`` are shared with test_web_live.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import json
+import re
+import shutil
+import struct
+import subprocess
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_register_peers import EDGECC, read_line, stop
+
+from appliance.api import Role, UserStore, totp
+
+CHROMIUM = shutil.which("chromium")
+PASSWORD = "correct horse battery"
+WIDTH, HEIGHT = 1280, 900
+START_TIMEOUT_S = 30.0
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium missing"),
+    pytest.mark.timeout(120),
+]
+
+
+# --------------------------------------------------------------------------- the browser
+
+
+class CdpError(RuntimeError):
+    """Chromium answered a DevTools command with an error, or a page script threw."""
+
+
+class Browser:
+    """One headless Chromium (own profile, own process) with one page, over its DevTools
+    WebSocket. Commands are synchronous; events are kept until asked for."""
+
+    def __init__(self, profile: Path) -> None:
+        from websockets.sync.client import connect
+
+        profile.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-extensions", "--no-first-run",
+             "--disable-dev-shm-usage", "--remote-debugging-address=127.0.0.1",
+             "--remote-debugging-port=0", f"--user-data-dir={profile}",
+             f"--window-size={WIDTH},{HEIGHT}", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._ids = itertools.count(1)
+        self.events: list[dict[str, Any]] = []
+        try:
+            port_file = profile / "DevToolsActivePort"
+            deadline = time.monotonic() + START_TIMEOUT_S
+            # Chromium writes the port it bound once it listens; nothing else tells us.
+            while not (port_file.exists() and len(port_file.read_text().split()) >= 2):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"chromium did not start: "
+                                       f"{self.proc.stderr.read().decode()[-2000:]}")
+                time.sleep(0.05)
+            port, path = port_file.read_text().split()[:2]
+            # Entered as a context manager (and left in close()): the connection's life.
+            self.ws = connect(f"ws://127.0.0.1:{port}{path}", max_size=64 * 1024 * 1024,
+                              open_timeout=10).__enter__()
+            target = self.send("Target.createTarget", url="about:blank", page=False)
+            attached = self.send("Target.attachToTarget", targetId=target["targetId"],
+                                 flatten=True, page=False)
+            self.session = attached["sessionId"]
+            self.send("Page.enable")
+            self.send("Runtime.enable")
+            self.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT,
+                      deviceScaleFactor=1, mobile=False)
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, method: str, *, page: bool = True, timeout: float = 20.0,
+             **params: Any) -> dict[str, Any]:
+        """Send one command (to the page's session unless ``page`` is False), return its
+        result."""
+        ident = next(self._ids)
+        message: dict[str, Any] = {"id": ident, "method": method, "params": params}
+        if page:
+            message["sessionId"] = self.session
+        self.ws.send(json.dumps(message))
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = json.loads(self.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+            if reply.get("id") == ident:
+                if "error" in reply:
+                    raise CdpError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            if "method" in reply:
+                self.events.append(reply)
+
+    def wait_event(self, method: str, timeout: float = 20.0) -> dict[str, Any]:
+        """The first kept or coming event named ``method`` (it is removed from the kept ones)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, event in enumerate(self.events):
+                if event["method"] == method:
+                    return self.events.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {method} within {timeout} s")
+            with contextlib.suppress(TimeoutError):
+                self.events.append(json.loads(self.ws.recv(timeout=left)))
+
+    def goto(self, url: str) -> None:
+        """Load ``url`` and wait for its load event."""
+        self.events = [e for e in self.events if e["method"] != "Page.loadEventFired"]
+        self.send("Page.navigate", url=url)
+        self.wait_event("Page.loadEventFired")
+
+    def eval(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise CdpError(f"{expression[:80]!r} threw: "
+                           f"{result['exceptionDetails'].get('exception', {}).get('description')}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, what: str, timeout: float = 10.0) -> Any:
+        """Wait (bounded) until ``expression`` is truthy in the page; return its value. While
+        the page is still loading the expression may throw: that counts as not yet."""
+        deadline = time.monotonic() + timeout
+        guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
+        while True:
+            value = self.eval(guarded)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                body = self.eval("document.body ? document.body.innerText.slice(0, 1500) : ''")
+                pytest.fail(f"timed out waiting for {what}; page {self.eval('location.href')} "
+                            f"says:\n{body}")
+            time.sleep(0.05)
+
+    def click(self, selector: str) -> None:
+        self.eval(f"document.querySelector({json.dumps(selector)}).click()")
+
+    def fill(self, selector: str, value: str) -> None:
+        self.eval(f"(e => {{ e.value = {json.dumps(value)}; "
+                  f"e.dispatchEvent(new Event('change')); }})"
+                  f"(document.querySelector({json.dumps(selector)}))")
+
+    def screenshot(self) -> bytes:
+        """The page as PNG."""
+        return base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"])
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.send("Browser.close", page=False, timeout=5)
+        with contextlib.suppress(Exception):
+            self.ws.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    """An 8-bit RGB or RGBA, non-interlaced PNG (what Chromium writes) as an (h, w, c) array;
+    PNG specification §11.2.2 (IHDR), §9 (filters)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", chunk)
+        elif kind == b"IDAT":
+            idat += chunk
+        elif kind == b"IEND":
+            break
+    assert header is not None
+    width, height, depth, colour, _, _, interlace = header
+    assert depth == 8 and colour in (2, 6) and interlace == 0, header
+    channels = 3 if colour == 2 else 4
+    stride = width * channels
+    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, stride + 1)
+    out = np.zeros((height, stride), dtype=np.int32)
+    for y in range(height):
+        kind, line = raw[y, 0], raw[y, 1:].astype(np.int32)
+        above = out[y - 1] if y else np.zeros(stride, dtype=np.int32)
+        if kind == 0:
+            out[y] = line
+        elif kind == 2:
+            out[y] = (line + above) & 0xFF
+        else:  # 1 sub, 3 average, 4 Paeth: depend on the left pixel, byte by byte
+            row = np.zeros(stride, dtype=np.int32)
+            for x in range(stride):
+                left = row[x - channels] if x >= channels else 0
+                up = above[x]
+                if kind == 1:
+                    row[x] = (line[x] + left) & 0xFF
+                elif kind == 3:
+                    row[x] = (line[x] + (left + up) // 2) & 0xFF
+                else:
+                    corner = above[x - channels] if x >= channels else 0
+                    p = left + up - corner
+                    pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                    pred = left if pa <= pb and pa <= pc else up if pb <= pc else corner
+                    row[x] = (line[x] + pred) & 0xFF
+            out[y] = row
+    return out.reshape(height, width, channels).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- the appliance
+
+
+@dataclass
+class WebSite:
+    """A demo site running under ``edgecc appliance``, with API users of every role."""
+
+    directory: Path
+    proc: subprocess.Popen
+    url: str
+    sip_port: int
+    log: Path
+    passwords: dict[str, str]
+    realm: str
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    users: UserStore | None = None
+
+    @property
+    def port(self) -> int:  # the SIP port, as the SIPp/pjsua helpers expect
+        return self.sip_port
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def code(self, name: str) -> str:
+        """A TOTP code of ``name`` for the current 30 s step (each is accepted once)."""
+        return totp.totp(self.secrets[name], time.time())
+
+    def token(self, name: str) -> str:
+        """An API token for ``name`` issued straight from the user store (no login)."""
+        assert self.users is not None
+        user = next(u for u in self.users.users() if u.name == name)
+        return self.users.issue_token(user.id)[0]
+
+    def api(self, method: str, path: str, body: Any = None, *, token: str) -> tuple[int, Any]:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            self.url + path, method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {token}",
+                     **({"Content-Type": "application/json"} if body is not None else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                return reply.status, json.loads(reply.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+
+USERS = {"ada": Role.ADMIN, "sam": Role.SUPERVISOR, "sue": Role.SUPERVISOR, "alex": Role.AGENT}
+
+
+def start_web_site(directory: Path, edit: Any = None) -> WebSite:
+    """``edgecc init --demo`` (two agents) with the users of ``USERS``, then the appliance."""
+    import yaml
+
+    subprocess.run(
+        [str(EDGECC), "init", "--demo", "--site-dir", str(directory), "--agents", "2",
+         "--sip-port", "0", "--no-tls", "--http-port", "0"],
+        check=True, capture_output=True, timeout=60)
+    site_file = directory / "site.yaml"
+    data = yaml.safe_load(site_file.read_text())
+    if edit is not None:
+        edit(data)
+        site_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    creds = json.loads((directory / "demo-credentials.json").read_text())
+    users = UserStore.open(directory / "edgecc.db")
+    secrets = {}
+    for name, role in USERS.items():
+        _, secret = users.add_user(name, role, PASSWORD, display_name=name.title())
+        if secret is not None:
+            secrets[name] = secret
+    users.link_agent("alex", "1001")
+    log = directory / "appliance.log"
+    with open(log, "ab") as err:
+        proc = subprocess.Popen([str(EDGECC), "appliance", "--site-dir", str(directory)],
+                                stdout=subprocess.PIPE, stderr=err, cwd=directory)
+    line = read_line(proc, START_TIMEOUT_S)
+    sip = re.search(r"sip=\S*udp:127\.0\.0\.1:(\d+)", line)
+    http = re.search(r"http=(\S+)", line)
+    if sip is None or http is None:
+        stop(proc)
+        users.close()
+        pytest.fail(f"appliance did not start: {line!r}\n{log.read_text(errors='replace')}")
+    return WebSite(directory, proc, http.group(1), int(sip.group(1)), log,
+                   {a["user"]: a["password"] for a in creds["accounts"]}, data["sip"]["realm"],
+                   secrets, users)
+
+
+def close_web_site(site: WebSite) -> None:
+    stop(site.proc)
+    if site.users is not None:
+        site.users.close()
+
+
+def log_in(browser: Browser, site: WebSite, name: str, password: str = PASSWORD) -> None:
+    """Fill and send the login form (with a fresh TOTP code for admins and supervisors)."""
+    browser.goto(site.url + "/")
+    browser.wait_for("document.getElementById('login') !== null", "the login form")
+    browser.fill("#name", name)
+    browser.fill("#password", password)
+    if name in site.secrets:
+        browser.fill("#totp", site.code(name))
+    browser.click("#submit")
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Iterator[WebSite]:
+    running = start_web_site(tmp_path_factory.mktemp("web-site"))
+    try:
+        yield running
+    finally:
+        close_web_site(running)
+
+
+@pytest.fixture
+def browser(tmp_path) -> Iterator[Browser]:
+    opened = Browser(tmp_path / "profile")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def test_pages_are_served_from_the_appliance_itself(site: WebSite, browser: Browser) -> None:
+    browser.goto(site.url + "/")
+    assert browser.eval("document.title") == "edgecc — log in"
+    # Every script and stylesheet comes from the appliance: no CDN, no inline script.
+    sources = browser.eval("[...document.querySelectorAll('script,link[rel=stylesheet]')]"
+                           ".map(e => e.src || e.href)")
+    assert sources and all(s.startswith(site.url + "/") for s in sources), sources
+    assert browser.eval("[...document.scripts].every(s => s.src)")
+    for page in ("wallboard.html", "agent.html", "admin.html", "app.js", "style.css"):
+        status = browser.eval(f"fetch('/{page}').then(r => r.status)")
+        assert status == 200, page
+    headers = browser.eval("fetch('/').then(r => r.headers.get('content-security-policy'))")
+    assert "default-src 'self'" in headers
+    # The API keeps its own answers next to the pages.
+    assert browser.eval("fetch('/api/me').then(r => r.status)") == 401
+    assert browser.eval("fetch('/health').then(r => r.json()).then(j => [j.status, j.trunk])"
+                        ) == ["ok", None]  # no carrier configured
+
+
+def test_login_refuses_a_wrong_password_then_logs_in_with_totp(site: WebSite,
+                                                                browser: Browser) -> None:
+    log_in(browser, site, "sam", password="not the password")
+    assert browser.wait_for("document.getElementById('error').textContent",
+                            "the error message") == "wrong name, password or code"
+    assert browser.eval("location.pathname") == "/"
+    # Straight to a page without a session: back to the login.
+    browser.goto(site.url + "/wallboard.html")
+    browser.wait_for("location.pathname === '/index.html'", "the redirect to the login page")
+    log_in(browser, site, "sam")
+    browser.wait_for("location.pathname === '/wallboard.html'", "the wallboard")
+    assert browser.wait_for("document.getElementById('live').textContent === 'live' && "
+                            "document.getElementById('who').textContent",
+                            "the live event stream") == "sam (supervisor)"
+    # A supervisor sees the wallboard links but not the admin page's.
+    assert browser.eval("document.querySelector('a[href=\"admin.html\"]').hidden") is True
+    states = browser.wait_for("[...document.querySelectorAll('#states [data-state]')]"
+                              ".map(e => e.dataset.state)", "the agent states")
+    assert set(states) == {"logged-out", "available", "paused", "on-call", "on-hold",
+                           "wrap-up"}
+    browser.click("#logout")
+    browser.wait_for("location.pathname === '/index.html'", "the login page after logout")
+    assert browser.eval("sessionStorage.getItem('edgecc.session')") is None
+
+
+def test_an_agents_state_changes_by_a_click(site: WebSite, browser: Browser) -> None:
+    log_in(browser, site, "alex")  # an agent: no TOTP
+    browser.wait_for("location.pathname === '/agent.html'", "the agent desk")
+    browser.wait_for("document.getElementById('agent').value === '1001'",
+                     "the linked extension")
+    browser.wait_for("document.querySelectorAll('#pause-reason option').length === 3",
+                     "the pause reasons")
+    # The state shown, once no request of the page is in flight (its buttons are enabled
+    # again): the live event of a change may show it before the click's own answer is in.
+    state = ("!document.getElementById('do-pause').disabled && "
+             "document.getElementById('state').dataset.state")
+    browser.wait_for(f"{state} === 'logged-out'", "the agent logged out at first")
+    token = site.token("sue")
+
+    def presence() -> tuple[str, str | None]:
+        status, body = site.api("GET", "/api/agents/1001", token=token)
+        assert status == 200, body
+        return body["presence"], body["reason"]
+
+    browser.click("#do-login")
+    browser.wait_for(f"{state} === 'available'", "available after the login click")
+    assert presence() == ("available", None)
+    browser.eval("document.getElementById('pause-reason').value = '2'")
+    browser.click("#do-pause")
+    browser.wait_for(f"{state} === 'paused'", "paused after the pause click")
+    assert browser.eval("document.getElementById('reason').textContent") == "(lunch)"
+    assert presence() == ("paused", "lunch")
+    browser.click("#do-unpause")
+    browser.wait_for(f"{state} === 'available'", "available after unpausing")
+    browser.click("#do-logout")
+    browser.wait_for(f"{state} === 'logged-out'", "logged out after the click")
+    assert presence() == ("logged-out", None)
+    # Pausing while logged out is refused by the desk; the page shows why.
+    browser.click("#do-pause")
+    message = browser.wait_for("document.getElementById('error').textContent",
+                               "the refusal")
+    assert "logged" in message
+    # An agent may not act on another extension: the field is read-only for them.
+    assert browser.eval("document.getElementById('agent').readOnly") is True
+
+
+def test_admin_sees_queues_and_agents_and_flow_errors_by_line(site: WebSite, browser: Browser,
+                                                              tmp_path: Path) -> None:
+    log_in(browser, site, "ada")
+    browser.wait_for("location.pathname === '/wallboard.html'", "the wallboard")
+    browser.goto(site.url + "/admin.html")
+    browser.wait_for("document.querySelector('#queues tr[data-queue=support]') !== null",
+                     "the support queue")
+    members = browser.eval("document.querySelector('#queues tr[data-queue=support]')"
+                           ".children[2].textContent")
+    assert members == "1001, 1002"
+    assert browser.eval("[...document.querySelectorAll('#agents tr')].map(r => "
+                        "r.dataset.agent + ':' + r.children[3].textContent)") == [
+        "1001:support", "1002:support"]
+    assert browser.wait_for("document.getElementById('health').dataset.status",
+                            "the health line") == "ok"
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("flows:\n  main:\n    start: hello\n    nodes:\n"
+                     "      hello: {type: play, prompt: no-such-prompt, next: q}\n"
+                     "      q: {type: queue, queue: no-such-queue}\n")
+    node = browser.send("DOM.getDocument")["root"]["nodeId"]
+    node = browser.send("DOM.querySelector", nodeId=node, selector="#flow-file")["nodeId"]
+    browser.send("DOM.setFileInputFiles", nodeId=node, files=[str(flows)])
+    browser.click("#flow-check")
+    problems = browser.wait_for("[...document.querySelectorAll('#flow-problems li')]"
+                                ".map(li => li.textContent)", "the flow problems")
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("line 5: flow main node hello: ")
+    assert "no-such-prompt" in problems[0]
+    assert problems[1].startswith("line 6: flow main node q: ") and "no-such-queue" in (
+        problems[1])
+    assert browser.eval("document.getElementById('flow-result').textContent") == (
+        "2 problem(s):")
