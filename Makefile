@@ -34,9 +34,10 @@ sysdeps:
 	  else echo "please install as root: apt-get install$$missing"; exit 1; fi; \
 	fi
 
-run: build
-	@test -f $(SITE)/site.yaml || $(VENV)/bin/edgecc init --demo --site-dir $(SITE)
-	$(VENV)/bin/edgecc appliance --site-dir $(SITE)
+# The whole hybrid on one machine: the appliance, a local cloud and the edge agent enrolled to
+# it, and simulated agents taking simulated calls at a gentle rate (edgecc demo --simulate).
+run: sysdeps build
+	$(VENV)/bin/edgecc demo --site-dir $(SITE) --simulate
 
 test: sysdeps build
 	$(PY) -m pytest -q
