@@ -209,7 +209,10 @@ AGENT_SCRIPT = textwrap.dedent(
                 event = events.get(timeout=max(0.0, wait))
             except queue.Empty:
                 if snippet is not None and time.monotonic() >= snippet[1]:
-                    calls[-1].getAudioMedia(-1).stopTransmit(snippet[0])
+                    try:
+                        calls[-1].getAudioMedia(-1).stopTransmit(snippet[0])
+                    except pj.Error:
+                        pass  # the stream is already gone: the file holds what was heard
                     snippet = None
                     say(event="recorded")
                     continue
@@ -252,8 +255,11 @@ AGENT_SCRIPT = textwrap.dedent(
                     _, path, seconds = event[1].split()
                     rec = pj.AudioMediaRecorder()
                     rec.createRecorder(path)
-                    calls[-1].getAudioMedia(-1).startTransmit(rec)
                     snippet = (rec, time.monotonic() + float(seconds))
+                    try:
+                        calls[-1].getAudioMedia(-1).startTransmit(rec)
+                    except pj.Error:
+                        pass  # no audio stream yet: the "media" event below connects it
                 if event[1].startswith("dial "):
                     call = Call(acc)
                     call.commanded = True
