@@ -52,8 +52,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.config import ha1  # noqa: E402
+from appliance.acd.desk import desk_from_config  # noqa: E402
+from appliance.config import ha1, load_site  # noqa: E402
 from appliance.site_init import DEMO_DID, SiteSpec, create_site  # noqa: E402
+from appliance.store import open_site_db  # noqa: E402
 from bench.sip_register import (  # noqa: E402
     Peer,
     _answers,
@@ -105,6 +107,16 @@ class Appliance(Peer):
         data["guard"]["exempt_sources"] = ["127.0.0.0/8"]
         (self.site_dir / "site.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         self.database = self.site_dir / data.get("storage", {}).get("database", "edgecc.db")
+        # Agents take calls once logged in (the agent desk, docs/routing.md): log every one in
+        # as their *70 would; the appliance restores that presence at start.
+        config = load_site(self.site_dir)
+        db = open_site_db(config.storage.database)
+        try:
+            desk, _codes = desk_from_config(db, config)
+            for agent in self.passwords:
+                desk.login(agent, time.time(), actor="bench", source="bench/call_load.py")
+        finally:
+            db.close()
         edgecc = Path(sys.executable).parent / "edgecc"
         self.log = open(workdir / "appliance.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
