@@ -22,7 +22,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,11 +149,8 @@ class LinkWatch:
             await asyncio.sleep(self.interval_s)
 
     def _read(self) -> eventlog.LinkState | None:
-        conn = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=2.0)
-        try:
+        with _read_only(self.database) as conn:
             return eventlog.read_link_state(sqlite_utils.Database(conn))
-        finally:
-            conn.close()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -480,10 +477,18 @@ def run(config: SiteConfig, out: TextIO = sys.stdout, *, site_dir: Path | None =
         return runner.run(serve(config, out, site_dir=site_dir))
 
 
-def _installed_config(database: os.PathLike[str] | str) -> int:
-    """The newest pushed config the edge agent installed (its own read-only connection)."""
+@contextlib.contextmanager
+def _read_only(database: os.PathLike[str] | str) -> Iterator[sqlite3.Connection]:
+    """A short-lived read-only connection to the site database, for reads off the loop of
+    rows other processes write (the edge agent's link state and installed configs)."""
     conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2.0)
     try:
-        return running_config_version(conn)
+        yield conn
     finally:
         conn.close()
+
+
+def _installed_config(database: os.PathLike[str] | str) -> int:
+    """The newest pushed config the edge agent installed."""
+    with _read_only(database) as conn:
+        return running_config_version(conn)

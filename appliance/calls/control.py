@@ -1274,10 +1274,9 @@ class CallControl:
             self._signalling().answer(call.key, 200, headers=SDP_HEADERS, body=call.answer_sdp)
         payload = {"call_id": call.call_id, "by": f"ivr:{call.flow_name}",
                    "target": leg.number or leg.agent, "kind": "blind", "from_agent": None}
-        call.events.append(("call.transfer", payload, now))
+        self._log_event(call, "call.transfer", payload, now)
         log.info(kv(event="call_transferred", call=call.call_id, by=payload["by"],
                     target=payload["target"]))
-        self._emit("call.transfer", payload, now)
         self._feed_ivr(call, ivr.TransferResult("answered"))
 
     def _ivr_transfer_over(self, call: Call, leg: AgentLeg | None, status: int,
@@ -1386,10 +1385,9 @@ class CallControl:
         call.queue = action.queue
         call.queued_at = now
         call.in_router = True
-        call.events.append(("queue.enter", {
+        self._log_event(call, "queue.enter", {
             "call_id": call.call_id, "queue": action.queue, "caller": call.caller,
-            "priority": action.priority, "dialled": call.dialled, "tier": action.tier}, now))
-        self._emit(*call.events[-1][:2], now)
+            "priority": action.priority, "dialled": call.dialled, "tier": action.tier}, now)
         log.info(kv(event="queue_enter", call=call.call_id, queue=action.queue))
         self._queue_music(call)
         self._arm_announcement(call)
@@ -1657,11 +1655,10 @@ class CallControl:
         if call.leg.can_take(LegInput.ANSWER):
             call.leg.handle(LegInput.ANSWER, now)
             self._signalling().answer(call.key, 200, headers=SDP_HEADERS, body=call.answer_sdp)
-        call.events.append(("queue.connect", {
+        self._log_event(call, "queue.connect", {
             "call_id": call.call_id, "queue": call.queue, "agent": agent_leg.agent,
             "wait_s": round(now - (call.queued_at or now), 3),
-            "ring_s": round(now - agent_leg.leg.started_at, 3)}, now))
-        self._emit(*call.events[-1][:2], now)
+            "ring_s": round(now - agent_leg.leg.started_at, 3)}, now)
         settings = self.queues.get(call.queue or "")
         record, call.recording_decision = recording_decision(
             settings.record if settings is not None else False, random.random())
@@ -1814,11 +1811,9 @@ class CallControl:
         call.hold_started = now
         call.holds.append([now, None])
         call.hold_play = self.engine.play(customer, self.hold_music)
-        call.events.append(("call.hold", {"call_id": call.call_id, "queue": call.queue,
-                                          "agent": call.agent, "by": by}, now))
+        self._log_event(call, "call.hold", {"call_id": call.call_id, "queue": call.queue,
+                                            "agent": call.agent, "by": by}, now)
         log.info(kv(event="call_held", call=call.call_id, by=by))
-        self._emit("call.hold", {"call_id": call.call_id, "queue": call.queue,
-                                 "agent": call.agent, "by": by}, now)
 
     def _end_hold(self, call: Call, by: str) -> None:
         """Stop the music and bridge the two sides again."""
@@ -1832,11 +1827,9 @@ class CallControl:
             self.engine.stop_play(customer)
             self.engine.bridge(customer, other)
         self._arm_media_timeout(customer, other)  # held phones may have sent nothing
-        call.events.append(("call.resume", {"call_id": call.call_id, "queue": call.queue,
-                                            "agent": call.agent, "by": by}, now))
+        self._log_event(call, "call.resume", {"call_id": call.call_id, "queue": call.queue,
+                                              "agent": call.agent, "by": by}, now)
         log.info(kv(event="call_resumed", call=call.call_id, by=by))
-        self._emit("call.resume", {"call_id": call.call_id, "queue": call.queue,
-                                   "agent": call.agent, "by": by}, now)
 
     def _close_hold(self, call: Call, now: float) -> None:
         call.hold_started = None
@@ -2308,10 +2301,9 @@ class CallControl:
             "talk_s": round(now - (call.talk_started or call.answered_at or now), 3),
             "ended_by": "transferred"}, now))
         call.talk_started = now
-        call.events.append(("call.transfer", payload, now))
+        self._log_event(call, "call.transfer", payload, now)
         log.info(kv(event="call_transferred", call=call.call_id, by=transfer["by"],
                     target=transfer["target"]))
-        self._emit("call.transfer", payload, now)
         if old.leg.state is LegState.ENDED:
             self._agent_leg_over(call, old)
 
@@ -2620,6 +2612,13 @@ class CallControl:
                 log.exception(kv(event="audit_failed", action=action))
 
         self._db_thread.submit(write)
+
+    def _log_event(self, call: Call, kind: str, payload: dict[str, Any], at: float) -> None:
+        """Keep one event-log row of the call (written with its record, in one transaction);
+        a LIVE_FIRST kind is also handed to ``on_event`` now."""
+        call.events.append((kind, payload, at))
+        if kind in LIVE_FIRST:
+            self._emit(kind, payload, at)
 
     def _emit(self, kind: str, payload: dict[str, Any], at: float) -> None:
         """Hand one event to ``on_event``; a failing callback never breaks a call."""
