@@ -19,8 +19,11 @@ is an asyncio adapter: it reads clocks (wall time for records and the IVR's sche
 monotonic clock for the router) and arms timers. Database and recording-store work runs on one
 worker thread, never on the event loop.
 
-Agents are logged in to the router while they hold a registration (checked every
-``PRESENCE_PERIOD`` s and when a caller joins); feature codes and pause states come later.
+Agents log in, pause and log out through the agent desk (``appliance.acd.desk``: feature codes
+and the API); a logged-in agent whose phone holds no registration is not offered calls.
+
+``CallControl`` is split by subject: outbound calls (``outbound``), transfers (``transfer``)
+and supervision (``supervision``) are its parts; ``Call`` and ``AgentLeg`` are in ``model``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,18 @@ from appliance.calls.leg import (
     is_hold_offer,
     response_input,
 )
+from appliance.calls.model import (
+    CAPABILITIES,
+    MAX_CALLS,
+    SDP_HEADERS,
+    AgentLeg,
+    Call,
+    destination,
+    recording_decision,
+)
+from appliance.calls.outbound import OutboundCalls
+from appliance.calls.supervision import Supervision
+from appliance.calls.transfer import Transfers
 from appliance.config import SiteConfig
 from appliance.ivr import runner as ivr
 from appliance.ivr.flow import Flow
@@ -91,12 +106,10 @@ from media_core.engine import (
 from media_core.sip import SipMessage, build_response, new_tag
 
 __all__ = ["AgentLeg", "Call", "CallControl", "CallControlError", "CallService",
-           "EventCallback", "start_call_control", "trunk_networks"]
+           "EventCallback", "recording_decision", "start_call_control", "trunk_networks"]
 
 log = logging.getLogger("edgecc.calls")
 
-CAPABILITIES = sdp.Capabilities(codecs=(sdp.PCMU, sdp.PCMA))
-"""What the media engine relays and transcodes: G.711 both laws, RFC 4733 events."""
 PRESENCE_PERIOD = 1.0
 """Seconds between checks of the agents' registrations (login = registered)."""
 FINISH_GRACE = 40.0
@@ -109,9 +122,6 @@ RELEASE_TIMEOUT = 3.0
 """Seconds to wait for the engine to confirm a leg release or a recording's end."""
 UNREACHABLE_RETRY = 1.0
 """Seconds before the router hears that a logged-in agent's phone holds no registration."""
-MAX_CALLS = 10_000
-"""Live calls at most; beyond it a new INVITE gets 503."""
-SDP_HEADERS = (("Content-Type", "application/sdp"),)
 LIVE_FIRST = frozenset({"queue.enter", "queue.connect", "call.hold", "call.resume",
                         "call.transfer"})
 """Event-log kinds ``on_event`` hears when they happen (without ``seq``), not again when the
@@ -121,27 +131,9 @@ _SHIPPED_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts"
 ANNOUNCE_PROMPTS = ("you_are_caller", "estimated_wait", "minute", "minutes",
                     *(f"digit_{d}" for d in range(10)))
 """Prompts of the position / estimated-wait announcement (shipped; a site's own replace them)."""
-_DIAL_REFUSALS = {
-    "address-incomplete": "Address Incomplete", "role-may-not-dial": "Role May Not Dial",
-    "premium": "Premium Numbers Not Allowed", "international": "International Not Allowed",
-    "not-allowed": "Number Not Allowed", "too-many-calls": "Busy Here",
-}
-"""Reason phrases of dial-rule refusals (RFC 3261 §21.4: 403, 484, 486)."""
-
 EventCallback = Callable[[str, dict[str, Any]], None]
 """``on_event(kind, payload)``: every event-log row of the call path (payload plus ``seq`` and
 ``at``) and the live-only topics (``call.offered``, ``call.ringing``, ``call.ended``, ...)."""
-
-
-@dataclass(frozen=True)
-class InternalDial:
-    """An agent's phone dials another agent's extension (a consultation before an attended
-    transfer, or a colleague): rung directly, never through the carrier."""
-
-    number: str
-    """The extension (the other agent's SIP user)."""
-    record: bool = False
-    internal: bool = True
 
 
 def trunk_networks(config: SiteConfig) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -149,124 +141,9 @@ def trunk_networks(config: SiteConfig) -> tuple[ipaddress.IPv4Network | ipaddres
     return tuple(ipaddress.ip_network(n) for n in config.trunk.allowed_sources)
 
 
-@dataclass(eq=False)
-class AgentLeg:
-    """The B2BUA's outbound leg to one agent's phone."""
-
-    agent: str
-    leg: Leg
-    media: int
-    """Engine leg id."""
-    session: sdp.MediaSession
-    key: TransactionKey | None = None
-    """The INVITE's client transaction."""
-    dialog: DialogId | None = None
-    offered: bool = True
-    """The router still counts this as a ringing offer."""
-    released: bool = False
-    transfer: bool = False
-    """This leg rings the target of a transfer."""
-    number: str | None = None
-    """A leg to the carrier: the number it calls (None: an agent's phone)."""
-    recorded: bool = False
-    """The call's recording taps this leg's media (released only with the call)."""
-    media_figures: dict[str, Any] | None = None
-    """The engine's counters of this leg when it was released (the record's ``media``)."""
-
-
-@dataclass(eq=False)
-class Call:
-    """One trunk call, from its INVITE to its call record."""
-
-    call_id: str
-    sip_call_id: str
-    caller: str
-    dialled: str
-    flow_name: str
-    key: TransactionKey
-    dialog: DialogId
-    leg: Leg
-    media: int
-    session: sdp.MediaSession
-    answer_sdp: bytes
-    started_at: float
-    run: ivr.FlowRun | None = None
-    media_figures: dict[str, Any] | None = None
-    """The engine's counters of the caller's leg when it was released."""
-    lookup: asyncio.Task[None] | None = None
-    """The IVR's CRM look-up in flight, if any."""
-    prompts: deque[str] = field(default_factory=deque)
-    playing: tuple[int, str] | None = None
-    ivr_timer: asyncio.TimerHandle | None = None
-    queue: str | None = None
-    queued_at: float | None = None
-    offered_at: float | None = None
-    answered_at: float | None = None
-    ended_at: float | None = None
-    agent: str | None = None
-    agents: dict[str, AgentLeg] = field(default_factory=dict)
-    """Agent legs still live (or bridged)."""
-    finished_agents: list[AgentLeg] = field(default_factory=list)
-    """Agent legs that ended without being bridged (rang out, rejected, cancelled)."""
-    connected: AgentLeg | None = None
-    recording: int | None = None
-    recording_path: str | None = None
-    recording_started: float | None = None
-    events: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
-    end_reason: str | None = None
-    end_code: int | None = None
-    finishing: bool = False
-    finish_timer: asyncio.TimerHandle | None = None
-    in_router: bool = False
-    ended_by: str | None = None
-    """Who ended the call through the API (``hangup``), else None."""
-    direction: str = "inbound"
-    """``inbound`` (carrier -> IVR -> agent) or ``outbound`` (an agent's phone -> carrier)."""
-    record_outbound: bool = False
-    """Outbound: the dial rules ask for a recording."""
-    trunk_auth_sent: bool = False
-    """Outbound: the carrier's challenge was answered once (a second one fails the call)."""
-    holds: list[list[float | None]] = field(default_factory=list)
-    """Hold periods, ``[start, end]`` (end None while held)."""
-    hold_started: float | None = None
-    """When the current hold began (None: not held)."""
-    hold_play: int | None = None
-    """The engine prompt id of the hold music playing."""
-    talk_started: float | None = None
-    """When the current agent's talk began (the answer, or the transfer to them)."""
-    recording_decision: str | None = None
-    """Why the call is or is not recorded: ``always``, ``never``, ``sampled-in N%``,
-    ``sampled-out N%``."""
-    recording_paused: bool = False
-    """The recording writes silence (``*1`` / the API) until resumed."""
-    agent_digits: str = ""
-    """RFC 4733 digits from the agent's phone during the call, for in-call codes."""
-    click_to_dial: bool = False
-    """Outbound from the API: we rang the agent's phone first (``dial``)."""
-    supervising: tuple[str, str] | None = None
-    """A supervisor's call: (mode, the supervised call's id)."""
-    supervisors: list[Call] = field(default_factory=list)
-    """The supervisors' calls joined to this call."""
-    transfer: dict[str, Any] | None = None
-    """The transfer in progress: from (AgentLeg), to (AgentLeg), target, by, kind, notify
-    (the REFER's dialog and event id, or None for the API)."""
-    queue_play: int | None = None
-    """The engine prompt id of the queue's music playing to the waiting caller, if any."""
-    internal: bool = False
-    """Outbound to another agent's extension (``InternalDial``), not through the carrier."""
-    ivr_transfer: AgentLeg | None = None
-    """The leg an IVR ``transfer`` node rings, until it answers or fails."""
-    ivr_transfer_timer: asyncio.TimerHandle | None = None
-    announce_timer: asyncio.TimerHandle | None = None
-    """When the queue's next position / wait announcement is due."""
-    announcement: deque[str] = field(default_factory=deque)
-    """Prompts of the announcement still to play."""
-    announce_play: int | None = None
-    """The engine prompt id of the announcement's prompt playing, if any."""
-
-
-class CallControl:
-    """The B2BUA: see the module docstring. Built and started by the composition root."""
+class CallControl(OutboundCalls, Transfers, Supervision):
+    """The B2BUA: see the module docstring; its outbound calls, transfers and supervision are
+    in ``outbound``, ``transfer`` and ``supervision``. Built and started by the composition root."""
 
     def __init__(
         self,
@@ -454,43 +331,6 @@ class CallControl:
         if self.guard is not None:
             self.guard.auth_succeeded(source, now)
         return self._admit_agent_call(request, result.user)
-
-    def _admit_agent_call(self, request: SipMessage, agent: str) -> SipMessage | None:
-        """An authenticated agent's INVITE: the dial rules decide (docs/calls.md, "Dial
-        rules"); a refusal is the response, None lets the INVITE through."""
-        from appliance.calls.dialling import check_dial
-
-        dialled = request.request_uri.user or ""
-        refusal = self._feature_code(request, agent, dialled)
-        if refusal is not False:
-            return refusal  # type: ignore[return-value]
-        if dialled in self.config.sip.accounts_by_user and dialled != agent:
-            # Another agent's extension: rung directly (no dial rules, no carrier).
-            if not self.registrar.lookup(dialled, self.service.clock()):
-                log.info(kv(event="call_refused", reason="agent-unavailable", agent=agent,
-                            dialled=dialled))
-                return build_response(request, 480, "Agent Unavailable", to_tag=new_tag())
-            if len(self._agent_invites) >= MAX_CALLS:
-                self._agent_invites.clear()
-            self._agent_invites[request.call_id] = (agent, InternalDial(dialled))
-            return None
-        if self.config.trunk.carrier is None:
-            log.info(kv(event="call_refused", reason="no-outbound-route", agent=agent))
-            return build_response(request, 403, "No Outbound Route", to_tag=new_tag())
-        account = self.config.sip.accounts_by_user.get(agent)
-        role = getattr(account, "role", "agent")
-        live = sum(1 for c in self.calls.values()
-                   if c.direction == "outbound" and c.caller == agent and c.ended_at is None)
-        decision = check_dial(self.config.dialling, role, dialled, live)
-        if not decision.allowed:
-            log.info(kv(event="call_refused", reason=decision.reason, agent=agent, role=role,
-                        dialled=dialled))
-            phrase = _DIAL_REFUSALS.get(decision.reason, "Forbidden")
-            return build_response(request, decision.status, phrase, to_tag=new_tag())
-        if len(self._agent_invites) >= MAX_CALLS:
-            self._agent_invites.clear()  # never grows without bound; the phones retry
-        self._agent_invites[request.call_id] = (agent, decision)
-        return None
 
     # -- dialog events -----------------------------------------------------------------------
 
@@ -834,346 +674,6 @@ class CallControl:
             except Exception:
                 log.exception(kv(event="call_internal_error", where="watchdog"))
 
-    # -- outbound: an agent's phone -> the carrier ---------------------------------------------
-
-    def _outgoing(self, event: IncomingCall, agent: str, decision: Any) -> None:
-        """An agent's admitted INVITE: answer its offer with an engine leg, dial the carrier
-        with a second one; the agent's phone hears ringing until the carrier answers."""
-        signalling = self._signalling()
-        request = event.request
-        now = time.time()
-        if len(self.calls) >= MAX_CALLS:
-            signalling.answer(event.key, 503, headers=[("Retry-After", "5")])
-            return
-        if not request.body:
-            signalling.answer(event.key, 488, reason="Offer Required")
-            return
-        try:
-            offer = sdp.parse(request.body)
-        except sdp.SdpError as exc:
-            log.info(kv(event="call_refused", reason="bad-sdp", agent=agent, detail=str(exc)))
-            signalling.answer(event.key, 400, reason="Bad Session Description")
-            return
-        try:
-            near = self.engine.allocate_leg(self.media_host)
-        except (EngineError, OSError) as exc:
-            log.error(kv(event="call_refused", reason="no-media-ports", error=str(exc)))
-            signalling.answer(event.key, 503, headers=[("Retry-After", "5")])
-            return
-        session = sdp.MediaSession(CAPABILITIES, self.media_host, near.rtp_port,
-                                   rtcp_port=near.rtcp_port)
-        try:
-            negotiated = session.answer(offer)
-        except sdp.NotAcceptable as exc:
-            log.info(kv(event="call_refused", reason="no-common-codec", agent=agent,
-                        detail=exc.reason))
-            self._release_media(near.leg)
-            signalling.answer(event.key, 488)
-            return
-        try:
-            far = self.engine.allocate_leg(self.media_host)
-        except (EngineError, OSError) as exc:
-            log.error(kv(event="call_refused", reason="no-media-ports", error=str(exc)))
-            self._release_media(near.leg)
-            signalling.answer(event.key, 503, headers=[("Retry-After", "5")])
-            return
-        self._apply_media(near.leg, negotiated)
-        call_id = uuid.uuid4().hex
-        leg = Leg(f"{call_id}:agent", Direction.INBOUND, Party.AGENT, now)
-        call = Call(call_id, request.call_id, agent, decision.number, "", event.key,
-                    event.dialog, leg, near.leg, session, negotiated.sdp.to_bytes(), now,
-                    agent=agent, direction="outbound", record_outbound=decision.record,
-                    internal=getattr(decision, "internal", False))
-        self.calls[call_id] = call
-        self._by_invite[event.key] = (call, None)
-        self._by_dialog[event.dialog] = (call, None)
-        self._by_media[near.leg] = call
-        leg.handle(LegInput.INVITE_RECEIVED, now)
-        far_session = sdp.MediaSession(CAPABILITIES, self.media_host, far.rtp_port,
-                                       rtcp_port=far.rtcp_port)
-        if call.internal:
-            far_leg = AgentLeg(decision.number, Leg(f"{call_id}:{decision.number}",
-                                                    Direction.OUTBOUND, Party.AGENT, now),
-                               far.leg, far_session, offered=False)
-        else:
-            # The far party is the customer: "caller" in the leg's words.
-            far_leg = AgentLeg(agent, Leg(f"{call_id}:carrier", Direction.OUTBOUND,
-                                          Party.CALLER, now), far.leg, far_session,
-                               offered=False, number=decision.number)
-        call.agents[far_leg.leg.leg_id] = far_leg
-        call.offered_at = now
-        call.events.append(("call.dial", {
-            "call_id": call_id, "agent": agent, "number": decision.number}, now))
-        log.info(kv(event="call_dialling", call=call_id, agent=agent, number=decision.number,
-                    sip_call_id=request.call_id))
-        self._emit("call.dialling", {"call_id": call_id, "agent": agent,
-                                     "number": decision.number}, now)
-        far_leg.leg.handle(LegInput.DIAL, now)
-        if call.internal:
-            self._dial_extension(call, far_leg)
-        else:
-            self._dial_carrier(call, far_leg)
-
-    def _dial_extension(self, call: Call, far_leg: AgentLeg) -> None:
-        """INVITE to the dialled agent's registered phone (its answers are handled like the
-        carrier's: 180 to the calling phone, 200 bridges)."""
-        bindings = self.registrar.lookup(far_leg.agent, self.service.clock())
-        if not bindings:
-            self._carrier_failed(call, far_leg, 480)
-            return
-        realm = self.config.sip.realm
-        key = self._signalling().invite(
-            from_party=f"<sip:{call.caller}@{realm}>", to_party=f"<sip:{far_leg.agent}@{realm}>",
-            request_uri=bindings[0].contact, destination=_destination(bindings[0]),
-            body=far_leg.session.offer().to_bytes())
-        far_leg.key = key
-        self._by_invite[key] = (call, far_leg)
-
-    def dial(self, agent: str, number: str, *, by: str) -> str:
-        """Click-to-dial: ring ``agent``'s phone; when answered, call ``number`` through the
-        carrier under the dial rules (the agent hears it ring). Returns the call id. 403 dial
-        rule or no carrier; 404 unknown agent; 400 not a number; 409 the phone is not
-        registered or has too many calls."""
-        from appliance.calls.dialling import check_dial
-
-        account = self.config.sip.accounts_by_user.get(agent)
-        if account is None:
-            raise CallControlError(404, f"no SIP account {agent!r}")
-        if self.config.trunk.carrier is None:
-            raise CallControlError(403, "no outbound route (trunk.carrier is not set)")
-        live = sum(1 for c in self.calls.values()
-                   if c.direction == "outbound" and c.caller == agent and c.ended_at is None)
-        decision = check_dial(self.config.dialling, account.role, number, live)
-        if not decision.allowed:
-            raise CallControlError(_http_status(decision.status),
-                                   f"dial rules: {decision.reason}")
-        bindings = self.registrar.lookup(agent, self.service.clock())
-        if not bindings:
-            raise CallControlError(409, f"agent {agent}'s phone is not registered")
-        try:
-            near = self.engine.allocate_leg(self.media_host)
-        except (EngineError, OSError) as exc:
-            raise CallControlError(503, f"no media ports: {exc}") from exc
-        now = time.time()
-        session = sdp.MediaSession(CAPABILITIES, self.media_host, near.rtp_port,
-                                   rtcp_port=near.rtcp_port)
-        call_id = uuid.uuid4().hex
-        leg = Leg(f"{call_id}:agent", Direction.OUTBOUND, Party.AGENT, now)
-        leg.handle(LegInput.DIAL, now)
-        realm = self.config.sip.realm
-        binding = bindings[0]
-        key = self._signalling().invite(
-            from_party=f'"{decision.number}" <sip:{decision.number}@{realm}>',
-            to_party=f"<sip:{agent}@{realm}>", request_uri=binding.contact,
-            destination=_destination(binding), body=session.offer().to_bytes())
-        call = Call(call_id, "", agent, decision.number, "", key, DialogId("", "", ""), leg,
-                    near.leg, session, b"", now, agent=agent, direction="outbound",
-                    record_outbound=decision.record, click_to_dial=True)
-        call.ended_by = None
-        self.calls[call_id] = call
-        self._by_invite[key] = (call, None)
-        self._by_media[near.leg] = call
-        self._audit(by, "call.dial", kv(agent=agent, number=decision.number))
-        log.info(kv(event="click_to_dial", call=call_id, agent=agent, number=decision.number,
-                    by=by))
-        self._emit("call.dialling", {"call_id": call_id, "agent": agent,
-                                     "number": decision.number}, now)
-        return call_id
-
-    def _click_response(self, call: Call, response: SipMessage,
-                        dialog: DialogId | None) -> None:
-        """The agent's phone answered (or not) our click-to-dial INVITE."""
-        status = response.status or 0
-        now = time.time()
-        if dialog is not None and 200 <= status < 300:
-            call.dialog = dialog
-            call.sip_call_id = dialog.call_id
-            self._by_dialog[dialog] = (call, None)
-        inp = response_input(status, response.body)
-        if not call.leg.can_take(inp):
-            return
-        actions = call.leg.handle(inp, now, code=status)
-        if status >= 300:
-            call.end_reason = "agent-unavailable"
-            call.end_code = status
-            self._caller_gone(call, call.end_reason)
-            return
-        if inp is not LegInput.RX_2XX:
-            return
-        if LegAction.SEND_BYE in actions or call.ended_at is not None:
-            if dialog is not None:
-                self._signalling().hangup(dialog)
-            return
-        try:
-            negotiated = call.session.receive_answer(sdp.parse(response.body))
-            far = self.engine.allocate_leg(self.media_host)
-        except (sdp.SdpError, EngineError, OSError) as exc:
-            log.info(kv(event="click_to_dial_failed", call=call.call_id, detail=str(exc)))
-            call.end_reason = "system"
-            self._hangup_caller(call, EndReason.SYSTEM)
-            return
-        self._apply_media(call.media, negotiated)
-        far_session = sdp.MediaSession(CAPABILITIES, self.media_host, far.rtp_port,
-                                       rtcp_port=far.rtcp_port)
-        far_leg = AgentLeg(call.caller, Leg(f"{call.call_id}:carrier", Direction.OUTBOUND,
-                                            Party.CALLER, now), far.leg, far_session,
-                           offered=False, number=call.dialled)
-        call.agents[far_leg.leg.leg_id] = far_leg
-        call.offered_at = now
-        call.events.append(("call.dial", {"call_id": call.call_id, "agent": call.caller,
-                                          "number": call.dialled}, now))
-        far_leg.leg.handle(LegInput.DIAL, now)
-        self._dial_carrier(call, far_leg)
-
-    def _dial_carrier(self, call: Call, far_leg: AgentLeg,
-                      authorization: tuple[str, str] | None = None) -> None:
-        """INVITE to ``trunk.carrier`` (again with ``authorization`` after a challenge)."""
-        carrier = self.config.trunk.carrier
-        assert carrier is not None  # admission refused the call otherwise
-        host = f"[{carrier.host}]" if ":" in carrier.host else carrier.host
-        suffix = "" if carrier.transport == "UDP" else f";transport={carrier.transport.lower()}"
-        number = far_leg.number or call.dialled
-        uri = f"sip:{number}@{host}:{carrier.port}{suffix}"
-        auth = self.config.trunk.auth
-        from_user = auth.user if auth is not None else call.caller
-        try:
-            ipaddress.ip_address(carrier.host)
-            destination: Source | None = Source(carrier.transport, carrier.host, carrier.port)
-        except ValueError:
-            destination = None  # a host name: the layer resolves the URI
-        key = self._signalling().invite(
-            from_party=f"<sip:{from_user}@{host}>", to_party=f"<sip:{number}@{host}>",
-            request_uri=uri, destination=destination,
-            headers=[authorization] if authorization is not None else [],
-            body=far_leg.session.offer().to_bytes())
-        far_leg.key = key
-        self._by_invite[key] = (call, far_leg)
-
-    def _carrier_response(self, call: Call, far_leg: AgentLeg, key: TransactionKey,
-                          response: SipMessage, dialog: DialogId | None) -> None:
-        status = response.status or 0
-        now = time.time()
-        if key != far_leg.key:
-            return  # the challenged INVITE's late responses
-        if status in (401, 407) and call.ended_at is None and self._answer_challenge(
-                call, far_leg, response):
-            return
-        if dialog is not None and (far_leg.dialog is None or 200 <= status < 300):
-            far_leg.dialog = dialog
-            self._by_dialog[dialog] = (call, far_leg)
-        if status >= 300:
-            self._carrier_failed(call, far_leg, status)
-            return
-        leg = far_leg.leg
-        inp = response_input(status, response.body)
-        if not leg.can_take(inp):
-            return
-        actions = leg.handle(inp, now, code=status)
-        if inp in (LegInput.RX_180, LegInput.RX_183) and call.direction == "outbound" and (
-                call.leg.can_take(LegInput.RING)):
-            # The agent's phone plays its own ringback on 180 (RFC 3261 §21.1.2).
-            call.leg.handle(LegInput.RING, now)
-            self._signalling().answer(call.key, 180)
-        if inp is not LegInput.RX_2XX:
-            return
-        if LegAction.SEND_BYE in actions or call.ended_at is not None:
-            if dialog is not None:
-                self._signalling().hangup(dialog)
-            if leg.state is not LegState.TERMINATING and leg.can_take(LegInput.HANGUP):
-                leg.handle(LegInput.HANGUP, now, reason=EndReason.AGENT_HUNG_UP)
-            return
-        try:
-            negotiated = far_leg.session.receive_answer(sdp.parse(response.body))
-        except sdp.SdpError as exc:
-            log.info(kv(event="carrier_answer_unusable", call=call.call_id, detail=str(exc)))
-            call.end_reason = "carrier-answer-unusable"
-            self._hangup_agent(call, far_leg, EndReason.SYSTEM)
-            self._hangup_caller(call, EndReason.SYSTEM, code=488)
-            return
-        self._apply_media(far_leg.media, negotiated)
-        if call.ivr_transfer is far_leg:
-            self._ivr_transfer_answered(call, far_leg, now)
-            return
-        if far_leg.transfer:
-            self._transfer_answered(call, far_leg, now)
-            return
-        call.connected = far_leg
-        if call.agent:
-            self._last_call[call.agent] = call.call_id
-        call.answered_at = now
-        self.engine.bridge(call.media, far_leg.media)
-        self._arm_media_timeout(call.media, far_leg.media)
-        if call.leg.can_take(LegInput.ANSWER):
-            call.leg.handle(LegInput.ANSWER, now)
-            self._signalling().answer(call.key, 200, headers=SDP_HEADERS, body=call.answer_sdp)
-        call.events.append(("call.connect", {
-            "call_id": call.call_id, "agent": call.agent, "number": call.dialled,
-            "ring_s": round(now - far_leg.leg.started_at, 3)}, now))
-        call.recording_decision = "always" if call.record_outbound else "never"
-        if call.record_outbound and self.recordings is not None:
-            self._start_recording(call, far_leg.media, call.media, now)
-        log.info(kv(event="call_connected", call=call.call_id, agent=call.agent,
-                    direction="outbound", recording=call.recording is not None))
-
-    def _answer_challenge(self, call: Call, far_leg: AgentLeg, response: SipMessage) -> bool:
-        """Answer the carrier's 401/407 once with ``trunk.auth`` (RFC 3261 §22.2); False when
-        it cannot be answered (no credentials, a second challenge, another realm)."""
-        from appliance.calls.dialling import trunk_authorization
-
-        auth = self.config.trunk.auth
-        status = response.status
-        name = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
-        challenge = response.get(name)
-        if auth is None or call.trunk_auth_sent or not challenge:
-            log.info(kv(event="carrier_auth_failed", call=call.call_id, status=status,
-                        reason="no-credentials" if auth is None else "challenged-again"))
-            return False
-        carrier = self.config.trunk.carrier
-        assert carrier is not None
-        host = f"[{carrier.host}]" if ":" in carrier.host else carrier.host
-        suffix = "" if carrier.transport == "UDP" else f";transport={carrier.transport.lower()}"
-        uri = f"sip:{far_leg.number or call.dialled}@{host}:{carrier.port}{suffix}"
-        try:
-            value = trunk_authorization(challenge, auth, method="INVITE", uri=uri)
-        except (ValueError, KeyError) as exc:
-            log.info(kv(event="carrier_auth_failed", call=call.call_id, status=status,
-                        reason="unanswerable", detail=str(exc)))
-            return False
-        call.trunk_auth_sent = True
-        if far_leg.key is not None:
-            self._by_invite.pop(far_leg.key, None)
-        log.info(kv(event="carrier_challenge_answered", call=call.call_id, status=status))
-        # A fresh INVITE (new Call-ID) carrying the credentials; the leg stays INVITING.
-        self._dial_carrier(call, far_leg, (
-            "Authorization" if status == 401 else "Proxy-Authorization", value))
-        return True
-
-    def _carrier_failed(self, call: Call, far_leg: AgentLeg, status: int) -> None:
-        leg = far_leg.leg
-        now = time.time()
-        inp = response_input(status)
-        if leg.can_take(inp):
-            leg.handle(inp, now, code=status)
-        elif leg.state is not LegState.ENDED and leg.can_take(LegInput.TIMEOUT):
-            leg.handle(LegInput.TIMEOUT, now)
-        log.info(kv(event="carrier_leg_ended", call=call.call_id, status=status,
-                    reason=leg.end_reason.value if leg.end_reason else ""))
-        self._agent_leg_over(call, far_leg)
-        if call.ivr_transfer is far_leg:
-            self._ivr_transfer_over(call, far_leg, status)
-            self._maybe_finish(call)
-            return
-        if far_leg.transfer:
-            if call.transfer is not None and call.transfer["to"] is far_leg:
-                self._transfer_failed(call, status)
-            self._maybe_finish(call)
-            return
-        if call.ended_at is None:
-            call.end_reason = "carrier-busy" if status in (486, 600) else "carrier-rejected"
-            call.end_code = status
-            self._hangup_caller(call, EndReason.REJECTED, code=_relay_status(status))
-        self._maybe_finish(call)
-
     # -- IVR ---------------------------------------------------------------------------------
 
     def _ivr_actions(self, call: Call, actions: Iterable[ivr.Action]) -> None:
@@ -1212,90 +712,6 @@ class CallControl:
                 self._stop_ivr(call)
                 call.end_reason = "ivr-unsupported"
                 self._hangup_caller(call, EndReason.SYSTEM)
-
-    def _ivr_transfer(self, call: Call, action: ivr.Transfer) -> None:
-        """A ``transfer`` node: ring an agent's extension, or a number through the carrier
-        under the dial rules of the node's role; the caller hears the hold music meanwhile
-        (docs/ivr.md, "transfer")."""
-        from appliance.calls.dialling import check_dial
-
-        call.prompts.clear()
-        if call.playing is not None:
-            call.playing = None
-            with contextlib.suppress(EngineError):
-                self.engine.stop_play(call.media)
-        if call.ivr_timer is not None:
-            call.ivr_timer.cancel()
-            call.ivr_timer = None
-        target = action.number
-        if target.startswith(("sip:", "sips:")):
-            target = target.split(":", 1)[1].split("@", 1)[0].split(";", 1)[0]
-        leg: AgentLeg | None = None
-        status = 480
-        if target in self.config.sip.accounts_by_user:
-            leg = self._offer(call, target, transfer=True)  # None: not registered
-        elif self.config.trunk.carrier is None:
-            status = 404
-        else:
-            decision = check_dial(self.config.dialling, action.role, target, 0)
-            if decision.allowed:
-                leg = self._dial_transfer_target(call, target)
-            else:
-                status = decision.status
-                log.info(kv(event="ivr_transfer_refused", call=call.call_id, target=target,
-                            reason=decision.reason))
-        log.info(kv(event="ivr_transfer", call=call.call_id, target=target,
-                    ringing=leg is not None))
-        if leg is None:
-            self._ivr_transfer_over(call, None, status, "refused")
-            return
-        call.ivr_transfer = leg
-        call.ivr_transfer_timer = asyncio.get_running_loop().call_later(
-            action.timeout, self._ivr_transfer_timeout, call, leg)
-        self._queue_music(call)
-
-    def _ivr_transfer_timeout(self, call: Call, leg: AgentLeg) -> None:
-        call.ivr_transfer_timer = None
-        if call.ivr_transfer is leg:
-            self._hangup_agent(call, leg, EndReason.NO_ANSWER)  # CANCEL; its 487 ends it
-
-    def _ivr_transfer_answered(self, call: Call, leg: AgentLeg, now: float) -> None:
-        """The IVR's transfer target answered: bridge and answer the caller; the flow ends."""
-        self._ivr_transfer_over(call, leg, 200, "answered")
-        call.connected = leg
-        if leg.number is None:
-            call.agent = leg.agent
-            self._last_call[leg.agent] = call.call_id
-        call.answered_at = call.talk_started = now
-        self.engine.bridge(call.media, leg.media)
-        self._arm_media_timeout(call.media, leg.media)
-        if call.leg.can_take(LegInput.ANSWER):
-            call.leg.handle(LegInput.ANSWER, now)
-            self._signalling().answer(call.key, 200, headers=SDP_HEADERS, body=call.answer_sdp)
-        payload = {"call_id": call.call_id, "by": f"ivr:{call.flow_name}",
-                   "target": leg.number or leg.agent, "kind": "blind", "from_agent": None}
-        self._log_event(call, "call.transfer", payload, now)
-        log.info(kv(event="call_transferred", call=call.call_id, by=payload["by"],
-                    target=payload["target"]))
-        self._feed_ivr(call, ivr.TransferResult("answered"))
-
-    def _ivr_transfer_over(self, call: Call, leg: AgentLeg | None, status: int,
-                           outcome: str | None = None) -> None:
-        """The IVR's transfer ends ringing: answered (the caller), or failed (the flow goes
-        on at the node's ``on_failure`` with ``transfer_result`` busy / no-answer / refused)."""
-        if call.ivr_transfer_timer is not None:
-            call.ivr_transfer_timer.cancel()
-            call.ivr_transfer_timer = None
-        call.ivr_transfer = None
-        self._stop_queue_music(call)
-        if outcome == "answered" or call.ended_at is not None:
-            return
-        if outcome is None:
-            outcome = ("busy" if status in (486, 600) else
-                       "no-answer" if status in (408, 480, 487) else "refused")
-        log.info(kv(event="ivr_transfer_failed", call=call.call_id, outcome=outcome,
-                    status=status))
-        self._feed_ivr(call, ivr.TransferResult(outcome, status))
 
     def _next_prompt(self, call: Call) -> None:
         while call.prompts:
@@ -1575,7 +991,7 @@ class CallControl:
             from_party=f'"{display}" <sip:{call.caller or "anonymous"}@{realm}>',
             to_party=f"<sip:{agent}@{realm}>",
             request_uri=binding.contact,
-            destination=_destination(binding),
+            destination=destination(binding),
             body=session.offer().to_bytes())
         agent_leg.key = key
         self._by_invite[key] = (call, agent_leg)
@@ -1919,436 +1335,7 @@ class CallControl:
         log.info(kv(event="recording_resumed", call=call_id, by=by))
         self._emit("recording.resumed", {"call_id": call_id, "by": by}, time.time())
 
-    # -- supervision: listen, whisper, barge ---------------------------------------------------
-
-    def _supervise_refusal(self, supervisor: str, agent: str) -> Call | tuple[int, str]:
-        """The call ``agent`` is on, or why ``supervisor`` may not join it."""
-        account = self.config.sip.accounts_by_user.get(supervisor)
-        if getattr(account, "role", "agent") != "supervisor":
-            return 403, "Supervisors Only"
-        if agent not in self.config.sip.accounts_by_user:
-            return 404, "Unknown Agent"
-        for call in self.calls.values():
-            if (call.agent == agent and call.connected is not None and call.ended_at is None
-                    and call.direction in ("inbound", "outbound")):
-                return call
-        return 409, "Agent Not On A Call"
-
-    def _supervision_legs(self, call: Call) -> tuple[int, int]:
-        """(customer media, agent media) of a connected call."""
-        assert call.connected is not None
-        if call.direction == "outbound":
-            return call.connected.media, call.media
-        return call.media, call.connected.media
-
-    def _supervisor_dialled(self, event: IncomingCall, supervisor: str, mode: str,
-                            agent: str) -> None:
-        """A supervisor's ``*80``/``*81``/``*82`` + agent: answer and join the agent's call."""
-        signalling = self._signalling()
-        target = self._supervise_refusal(supervisor, agent)
-        if isinstance(target, tuple):
-            signalling.answer(event.key, target[0], reason=target[1])
-            return
-        request = event.request
-        now = time.time()
-        try:
-            offer = sdp.parse(request.body)
-            address = self.engine.allocate_leg(self.media_host)
-        except (sdp.SdpError, EngineError, OSError):
-            signalling.answer(event.key, 488)
-            return
-        session = sdp.MediaSession(CAPABILITIES, self.media_host, address.rtp_port,
-                                   rtcp_port=address.rtcp_port)
-        try:
-            negotiated = session.answer(offer)
-        except sdp.SdpError:
-            self._release_media(address.leg)
-            signalling.answer(event.key, 488)
-            return
-        self._apply_media(address.leg, negotiated)
-        call_id = uuid.uuid4().hex
-        leg = Leg(f"{call_id}:supervisor", Direction.INBOUND, Party.AGENT, now)
-        call = Call(call_id, request.call_id, supervisor, agent, "", event.key, event.dialog,
-                    leg, address.leg, session, negotiated.sdp.to_bytes(), now,
-                    agent=supervisor, direction="supervise",
-                    supervising=(mode, target.call_id))
-        self.calls[call_id] = call
-        self._by_invite[event.key] = (call, None)
-        self._by_dialog[event.dialog] = (call, None)
-        self._by_media[address.leg] = call
-        leg.handle(LegInput.INVITE_RECEIVED, now)
-        leg.handle(LegInput.ANSWER, now)
-        signalling.answer(event.key, 200, headers=SDP_HEADERS, body=call.answer_sdp)
-        self._join_supervisor(call, target, supervisor)
-
-    def _join_supervisor(self, call: Call, target: Call, by: str) -> None:
-        assert call.supervising is not None
-        mode = call.supervising[0]
-        customer, agent_media = self._supervision_legs(target)
-        join = {"listen": self.engine.monitor, "whisper": self.engine.whisper,
-                "barge": self.engine.barge}[mode]
-        join(call.media, customer, agent_media)
-        target.supervisors.append(call)
-        self._audit(by, f"call.{mode}", kv(call=target.call_id, agent=target.agent or "",
-                                            supervisor=call.caller))
-        log.info(kv(event="supervisor_joined", call=target.call_id, supervisor=call.caller,
-                    agent=target.agent or "", mode=mode))
-        self._emit("call.supervise", {"call_id": target.call_id, "supervisor": call.caller,
-                                      "agent": target.agent, "mode": mode, "by": by},
-                   time.time())
-
-    def _supervisor_gone(self, call: Call) -> None:
-        """The supervisor's call ended: caller and agent hear each other only again."""
-        if call.supervising is None:
-            return
-        target = self.calls.get(call.supervising[1])
-        if target is None or call not in target.supervisors:
-            return
-        target.supervisors.remove(call)
-        if target.connected is not None and target.ended_at is None:
-            customer, agent_media = self._supervision_legs(target)
-            with contextlib.suppress(EngineError):
-                self.engine.stop_listening(call.media, customer, agent_media)
-        log.info(kv(event="supervisor_left", call=target.call_id, supervisor=call.caller))
-
-    def supervise(self, supervisor: str, agent: str, mode: str, *, by: str) -> str:
-        """Ring ``supervisor``'s phone; when answered, join ``agent``'s current call in
-        ``mode`` (listen, whisper, barge). Returns the supervisor's call id. 400 bad mode;
-        403 not a supervisor; 404 unknown agent; 409 the agent is on no call or the
-        supervisor's phone is not registered."""
-        if mode not in ("listen", "whisper", "barge"):
-            raise CallControlError(400, f"mode must be listen, whisper or barge, got {mode!r}")
-        target = self._supervise_refusal(supervisor, agent)
-        if isinstance(target, tuple):
-            raise CallControlError(*target)
-        bindings = self.registrar.lookup(supervisor, self.service.clock())
-        if not bindings:
-            raise CallControlError(409, f"supervisor {supervisor}'s phone is not registered")
-        try:
-            address = self.engine.allocate_leg(self.media_host)
-        except (EngineError, OSError) as exc:
-            raise CallControlError(503, f"no media ports: {exc}") from exc
-        now = time.time()
-        session = sdp.MediaSession(CAPABILITIES, self.media_host, address.rtp_port,
-                                   rtcp_port=address.rtcp_port)
-        call_id = uuid.uuid4().hex
-        leg = Leg(f"{call_id}:supervisor", Direction.OUTBOUND, Party.AGENT, now)
-        realm = self.config.sip.realm
-        binding = bindings[0]
-        leg.handle(LegInput.DIAL, now)
-        key = self._signalling().invite(
-            from_party=f'"{mode} {agent}" <sip:edgecc@{realm}>',
-            to_party=f"<sip:{supervisor}@{realm}>", request_uri=binding.contact,
-            destination=_destination(binding), body=session.offer().to_bytes())
-        call = Call(call_id, "", supervisor, agent, "", key, DialogId("", "", ""), leg,
-                    address.leg, session, b"", now, agent=supervisor, direction="supervise",
-                    supervising=(mode, target.call_id))
-        call.ended_by = by
-        self.calls[call_id] = call
-        self._by_invite[key] = (call, None)
-        self._by_media[address.leg] = call
-        log.info(kv(event="supervisor_ringing", supervisor=supervisor, agent=agent, mode=mode,
-                    by=by))
-        return call_id
-
-    def _supervisor_response(self, call: Call, response: SipMessage,
-                             dialog: DialogId | None) -> None:
-        """Responses to the INVITE ringing a supervisor for ``supervise()``."""
-        status = response.status or 0
-        now = time.time()
-        if dialog is not None and (200 <= status < 300 or call.dialog.call_id == ""):
-            call.dialog = dialog
-            self._by_dialog[dialog] = (call, None)
-        inp = response_input(status, response.body)
-        if not call.leg.can_take(inp):
-            return
-        call.leg.handle(inp, now, code=status)
-        if status >= 300:
-            call.end_reason = "supervisor-unavailable"
-            self._caller_gone(call, call.end_reason)
-            return
-        if inp is not LegInput.RX_2XX:
-            return
-        assert call.supervising is not None
-        target = self.calls.get(call.supervising[1])
-        try:
-            negotiated = call.session.receive_answer(sdp.parse(response.body))
-        except sdp.SdpError:
-            negotiated = None
-        if target is None or target.connected is None or target.ended_at is not None \
-                or negotiated is None:
-            if dialog is not None:
-                self._signalling().hangup(dialog)
-            if call.leg.can_take(LegInput.HANGUP):
-                call.leg.handle(LegInput.HANGUP, now, reason=EndReason.SYSTEM)
-            return
-        self._apply_media(call.media, negotiated)
-        self._join_supervisor(call, target, call.ended_by or call.caller)
-
-    # -- transfer (RFC 3515 REFER, and the API) ------------------------------------------------
-
-    def _refer(self, event: InDialogRequest, call: Call, agent_leg: AgentLeg | None) -> None:
-        """A REFER from the connected agent's phone: blind transfer to another agent."""
-        from appliance.sip.refer import parse_refer, refer_notify
-        from media_core.sip import RemoteProtocolError
-
-        signalling = self._signalling()
-        if agent_leg is None or agent_leg is not call.connected or call.direction != "inbound":
-            signalling.answer(event.key, 403, reason="Transfer Not Allowed")
-            return
-        try:
-            request = parse_refer(event.request)
-        except RemoteProtocolError as exc:
-            signalling.answer(event.key, exc.status, reason=exc.reason)
-            return
-        if request.refer_to.replaces is not None:
-            self._attended_transfer(event, call, agent_leg, request)
-            return
-        target = request.refer_to.target.user or ""
-        refusal = self._transfer_refusal(call, target)
-        if refusal is not None:
-            log.info(kv(event="transfer_refused", call=call.call_id, target=target,
-                        status=refusal[0]))
-            signalling.answer(event.key, refusal[0], reason=refusal[1])
-            return
-        signalling.answer(event.key, 202)  # RFC 3515 §2.4.2
-        if agent_leg.leg.can_take(LegInput.REFER):
-            agent_leg.leg.handle(LegInput.REFER, time.time())
-        notify = (agent_leg.dialog, request.event_id)
-        headers, body = refer_notify(100, event_id=request.event_id)
-        with contextlib.suppress(Exception):
-            signalling.request(agent_leg.dialog, "NOTIFY", headers=headers, body=body)
-        self._begin_transfer(call, target, by=agent_leg.agent, notify=notify)
-
-    def _attended_transfer(self, event: InDialogRequest, call: Call, agent_leg: AgentLeg,
-                           request: Any) -> None:
-        """REFER with ``Replaces`` (RFC 3891, RFC 5589 §7) from the connected agent's phone,
-        naming its own answered call to another agent: the customer is bridged to that agent
-        at once (both legs are ours, no new INVITE is needed), and the transferring phone's
-        two dialogs are ended (NOTIFY 200, then BYE on each)."""
-        from appliance.sip.refer import refer_notify
-
-        signalling = self._signalling()
-        replaces = request.refer_to.replaces
-        consult: Call | None = None
-        # §3: to-tag is the recipient's local tag, from-tag its remote tag; the reverse is
-        # accepted too (a phone naming the dialog from its own side).
-        for local, remote in ((replaces.to_tag, replaces.from_tag),
-                              (replaces.from_tag, replaces.to_tag)):
-            entry = self._by_dialog.get(DialogId(replaces.call_id, local, remote))
-            if entry is not None and entry[1] is None:
-                consult = entry[0]
-                break
-        refusal: tuple[int, str] | None = None
-        if call.transfer is not None:
-            refusal = 491, "Transfer In Progress"
-        elif consult is None or consult.ended_at is not None or consult.finishing:
-            refusal = 481, "Replaced Dialog Not Found"  # RFC 3891 §3
-        elif not consult.internal or consult.caller != agent_leg.agent:
-            refusal = 403, "Transfer Not Allowed"
-        elif consult.connected is None:
-            refusal = 486, "Consultation Not Answered"  # early dialogs are not replaced
-        if refusal is not None:
-            log.info(kv(event="transfer_refused", call=call.call_id, kind="attended",
-                        status=refusal[0]))
-            signalling.answer(event.key, refusal[0], reason=refusal[1])
-            return
-        assert consult is not None and consult.connected is not None
-        now = time.time()
-        signalling.answer(event.key, 202)  # RFC 3515 §2.4.2
-        if agent_leg.leg.can_take(LegInput.REFER):
-            agent_leg.leg.handle(LegInput.REFER, now)
-        notify = (agent_leg.dialog, request.event_id)
-        headers, body = refer_notify(100, event_id=request.event_id)
-        with contextlib.suppress(Exception):
-            signalling.request(agent_leg.dialog, "NOTIFY", headers=headers, body=body)
-        # The consulted agent's leg moves from the consultation into the customer's call.
-        target = consult.connected
-        consult.connected = None
-        consult.agents.pop(target.leg.leg_id, None)
-        target.transfer = True
-        call.agents[target.leg.leg_id] = target
-        if target.dialog is not None:
-            self._by_dialog[target.dialog] = (call, target)
-        if target.key is not None:
-            self._by_invite[target.key] = (call, target)
-        with contextlib.suppress(EngineError):
-            self.engine.unbridge(target.media)
-        if call.hold_started is not None:
-            self._close_hold(call, now)
-        call.transfer = {"from": agent_leg, "to": target, "target": target.agent,
-                         "by": agent_leg.agent, "kind": "attended", "notify": notify,
-                         "started_at": now, "replaced": consult.call_id}
-        log.info(kv(event="transfer_started", call=call.call_id, by=agent_leg.agent,
-                    target=target.agent, kind="attended", consultation=consult.call_id))
-        self._transfer_answered(call, target, now)
-        # RFC 5589 §7: the transferor's consultation ends too.
-        consult.end_reason = "transferred"
-        self._hangup_caller(consult, EndReason.TRANSFERRED)
-
-    def _transfer_refusal(self, call: Call, target: str) -> tuple[int, str] | None:
-        if call.connected is None or call.ended_at is not None:
-            return 409, "Call Not Connected"
-        if call.transfer is not None:
-            return 491, "Transfer In Progress"
-        if target == call.agent:
-            return 404, "Unknown Transfer Target"
-        if target not in self.config.sip.accounts_by_user:
-            return self._external_refusal(call, target)
-        if not self.registrar.lookup(target, self.service.clock()):
-            return 480, "Transfer Target Unavailable"
-        return None
-
-    def _external_refusal(self, call: Call, number: str) -> tuple[int, str] | None:
-        """A transfer to a number through the carrier, under the transferring agent's dial
-        rules (docs/calls.md, "Dial rules")."""
-        from appliance.calls.dialling import check_dial
-
-        if self.config.trunk.carrier is None:
-            return 404, "Unknown Transfer Target"
-        account = self.config.sip.accounts_by_user.get(call.agent or "")
-        decision = check_dial(self.config.dialling, getattr(account, "role", "agent"),
-                              number, 0)
-        if not decision.allowed:
-            return decision.status, _DIAL_REFUSALS.get(decision.reason, "Forbidden")
-        return None
-
-    def _begin_transfer(self, call: Call, target: str, *, by: str,
-                        notify: tuple[Any, str] | None) -> None:
-        assert call.connected is not None
-        now = time.time()
-        customer = self._customer_media(call)
-        with contextlib.suppress(EngineError):
-            self.engine.unbridge(customer)
-        call.transfer = {"from": call.connected, "to": None, "target": target, "by": by,
-                         "kind": "blind", "notify": notify, "started_at": now}
-        call.hold_play = self.engine.play(customer, self.hold_music)
-        log.info(kv(event="transfer_started", call=call.call_id, by=by, target=target))
-        if target in self.config.sip.accounts_by_user:
-            new_leg = self._offer(call, target, transfer=True)
-        else:
-            new_leg = self._dial_transfer_target(call, target)
-        if new_leg is None:
-            self._transfer_failed(call, 480)
-            return
-        call.transfer["to"] = new_leg
-
-    def _dial_transfer_target(self, call: Call, dialled: str) -> AgentLeg | None:
-        """A carrier leg for a transfer to an external number (the dial rules passed)."""
-        from appliance.calls.dialling import normalize_number
-
-        try:
-            far = self.engine.allocate_leg(self.media_host)
-        except (EngineError, OSError) as exc:
-            log.error(kv(event="transfer_leg_failed", call=call.call_id, error=str(exc)))
-            return None
-        now = time.time()
-        session = sdp.MediaSession(CAPABILITIES, self.media_host, far.rtp_port,
-                                   rtcp_port=far.rtcp_port)
-        n = len(call.agents) + len(call.finished_agents) + 1
-        # The number takes the agent's place: party "agent" in the leg's words.
-        far_leg = AgentLeg(call.agent or "", Leg(f"{call.call_id}:carrier:{n}",
-                                                 Direction.OUTBOUND, Party.AGENT, now),
-                           far.leg, session, offered=False, transfer=True,
-                           number=normalize_number(dialled))
-        call.agents[far_leg.leg.leg_id] = far_leg
-        call.trunk_auth_sent = False
-        far_leg.leg.handle(LegInput.DIAL, now)
-        self._dial_carrier(call, far_leg)
-        return far_leg
-
-    def _transfer_answered(self, call: Call, new_leg: AgentLeg, now: float) -> None:
-        """The target answered: bridge the customer to them, release the transferring
-        agent (NOTIFY 200 then BYE), tell the router that agent's call ended."""
-        from appliance.sip.refer import refer_notify
-
-        transfer = call.transfer
-        if transfer is None or transfer["to"] is not new_leg:
-            self._hangup_agent(call, new_leg, EndReason.SYSTEM)
-            return
-        old: AgentLeg = transfer["from"]
-        call.transfer = None
-        call.hold_play = None
-        with contextlib.suppress(EngineError):
-            self.engine.stop_play(call.media)
-            self.engine.bridge(call.media, new_leg.media)
-        self._arm_media_timeout(new_leg.media)
-        call.connected = new_leg
-        if new_leg.number is None:
-            call.agent = new_leg.agent
-            self._last_call[new_leg.agent] = call.call_id
-        signalling = self._signalling()
-        if transfer["notify"] is not None and not transfer.get("from_gone"):
-            dialog, event_id = transfer["notify"]
-            headers, body = refer_notify(200, event_id=event_id)
-            with contextlib.suppress(Exception):
-                signalling.request(dialog, "NOTIFY", headers=headers, body=body)
-        if old.leg.can_take(LegInput.TRANSFER_DONE):
-            actions = old.leg.handle(LegInput.TRANSFER_DONE, now)
-            if LegAction.SEND_BYE in actions and old.dialog is not None:
-                signalling.hangup(old.dialog)
-        else:
-            self._hangup_agent(call, old, EndReason.TRANSFERRED)
-        if self.router is not None:
-            with contextlib.suppress(acd.LocalProtocolError):
-                self._route(self.router.handle(acd.CallEnded(call.call_id, old.agent),
-                                               self._router_clock()))
-        payload = {"call_id": call.call_id, "by": transfer["by"], "target": transfer["target"],
-                   "kind": transfer["kind"], "from_agent": old.agent}
-        # The first agent's talk ends here (queue_log TRANSFER); the target's starts.
-        call.events.append(("queue.complete", {
-            "call_id": call.call_id, "queue": call.queue, "agent": old.agent,
-            "talk_s": round(now - (call.talk_started or call.answered_at or now), 3),
-            "ended_by": "transferred"}, now))
-        call.talk_started = now
-        self._log_event(call, "call.transfer", payload, now)
-        log.info(kv(event="call_transferred", call=call.call_id, by=transfer["by"],
-                    target=transfer["target"]))
-        if old.leg.state is LegState.ENDED:
-            self._agent_leg_over(call, old)
-
-    def _transfer_failed(self, call: Call, status: int) -> None:
-        """The target did not answer: NOTIFY the failure, bridge the agent back (or end the
-        call when the transferring agent has gone)."""
-        from appliance.sip.refer import refer_notify
-
-        transfer = call.transfer
-        if transfer is None:
-            return
-        call.transfer = None
-        call.hold_play = None
-        old: AgentLeg = transfer["from"]
-        log.info(kv(event="transfer_failed", call=call.call_id, target=transfer["target"],
-                    status=status))
-        if call.ended_at is not None:
-            return
-        if transfer.get("from_gone") or old.leg.state is LegState.ENDED:
-            call.end_reason = "transfer-failed"
-            self._hangup_caller(call, EndReason.SYSTEM)
-            return
-        if transfer["notify"] is not None:
-            dialog, event_id = transfer["notify"]
-            headers, body = refer_notify(status if status >= 300 else 503, event_id=event_id)
-            with contextlib.suppress(Exception):
-                self._signalling().request(dialog, "NOTIFY", headers=headers, body=body)
-        if old.leg.can_take(LegInput.TRANSFER_FAILED):
-            old.leg.handle(LegInput.TRANSFER_FAILED, time.time())
-        with contextlib.suppress(EngineError):
-            self.engine.stop_play(call.media)
-            self.engine.bridge(call.media, old.media)
-
-    def transfer(self, call_id: str, target: str, *, by: str) -> None:
-        """Blind transfer from the API: ring agent ``target``; when they answer the customer is
-        theirs and the agent's phone is hung up. 404 unknown call or target; 409 not
-        connected, target not registered, or a transfer already in progress."""
-        call = self._live_call(call_id)
-        if call.direction != "inbound":
-            raise CallControlError(409, f"call {call_id} is not a queue call")
-        refusal = self._transfer_refusal(call, target)
-        if refusal is not None:
-            raise CallControlError(_http_status(refusal[0]), refusal[1])
-        self._audit(by, "call.transfer", kv(call=call_id, target=target))
-        self._begin_transfer(call, target, by=by, notify=None)
+    # -- the end of a call ----------------------------------------------------------------------
 
     def _dialog_ended(self, call: Call, agent_leg: AgentLeg | None,
                       event: DialogTerminated) -> None:
@@ -2758,17 +1745,6 @@ def announcement_prompts(position: int, estimated_wait: float) -> list[str]:
     return pieces
 
 
-def recording_decision(policy: bool | int, draw: float) -> tuple[bool, str]:
-    """Whether to record a call under a queue's ``record`` policy (true, false or a
-    percentage), with ``draw`` uniform in [0, 1); the reason goes into the call record."""
-    if policy is True:
-        return True, "always"
-    if policy is False:
-        return False, "never"
-    recorded = draw * 100 < policy
-    return recorded, f"sampled-{'in' if recorded else 'out'} {policy}%"
-
-
 def _confirmation() -> np.ndarray:
     """Two short 880 Hz beeps at -13 dBm0 (0.15 s on, 0.1 s off): "done"."""
     t = np.arange(int(0.15 * 8000)) / 8000
@@ -2789,39 +1765,6 @@ def _feature_codes(config: SiteConfig) -> Any:
     return FeatureCodes(**{k.replace("-", "_"): v for k, v in section.feature_codes.items()},
                         pause_reasons=tuple(section.pause_reasons),
                         dispositions=tuple(section.dispositions))
-
-
-def _http_status(sip_status: int) -> int:
-    """The API's status for a SIP refusal: 484 -> 400 (bad number), 480/486/491 -> 409 (not
-    possible now); 403 and 404 mean the same in both."""
-    return {484: 400, 480: 409, 486: 409, 491: 409}.get(sip_status, sip_status)
-
-
-def _relay_status(status: int) -> int:
-    """The final answer to the agent's phone for the carrier's final ``status``: busy and
-    not-found pass through; authentication trouble is ours (403); timeouts 480; the rest 503
-    (RFC 3261 §16.7 step 6 spirit: the agent's phone learns what it can act on)."""
-    if status in (486, 600):
-        return 486
-    if status in (401, 407, 403):
-        return 403
-    if status in (408, 480, 487):
-        return 480
-    if 400 <= status < 500:
-        return status
-    return 503
-
-
-def _destination(binding: Any) -> Source | None:
-    """Where to send the INVITE: the address the REGISTER came from (RFC 5626 §5 style flow,
-    so a phone behind NAT is reached), else the contact itself."""
-    received = getattr(binding, "received", None)
-    if not received:
-        return None
-    host, _, port = received.rpartition(":")
-    if not port.isdigit():
-        return None
-    return Source(binding.transport or "UDP", host.strip("[]"), int(port))
 
 
 def _scratch_dir(site_id: str) -> Path:

@@ -1,0 +1,392 @@
+"""Call control's transfers: blind and attended transfer from agents' phones (REFER, RFC 3515;
+Replaces, RFC 3891) and from the API, and the IVR's transfer node."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from appliance.acd import model as acd
+from appliance.calls import CallControlError
+from appliance.calls.leg import (
+    Direction,
+    EndReason,
+    Leg,
+    LegAction,
+    LegInput,
+    LegState,
+    Party,
+)
+from appliance.calls.model import (
+    CAPABILITIES,
+    DIAL_REFUSALS,
+    SDP_HEADERS,
+    AgentLeg,
+    Call,
+    http_status,
+)
+from appliance.ivr import runner as ivr
+from appliance.log import kv
+from appliance.sip.dialog import (
+    DialogId,
+    InDialogRequest,
+)
+from media_core import sdp
+from media_core.engine import (
+    EngineError,
+)
+
+log = logging.getLogger("edgecc.calls")
+
+class Transfers:
+    """The transfers of ``CallControl`` (a part of it: the state lives there)."""
+
+    def _ivr_transfer(self, call: Call, action: ivr.Transfer) -> None:
+        """A ``transfer`` node: ring an agent's extension, or a number through the carrier
+        under the dial rules of the node's role; the caller hears the hold music meanwhile
+        (docs/ivr.md, "transfer")."""
+        from appliance.calls.dialling import check_dial
+
+        call.prompts.clear()
+        if call.playing is not None:
+            call.playing = None
+            with contextlib.suppress(EngineError):
+                self.engine.stop_play(call.media)
+        if call.ivr_timer is not None:
+            call.ivr_timer.cancel()
+            call.ivr_timer = None
+        target = action.number
+        if target.startswith(("sip:", "sips:")):
+            target = target.split(":", 1)[1].split("@", 1)[0].split(";", 1)[0]
+        leg: AgentLeg | None = None
+        status = 480
+        if target in self.config.sip.accounts_by_user:
+            leg = self._offer(call, target, transfer=True)  # None: not registered
+        elif self.config.trunk.carrier is None:
+            status = 404
+        else:
+            decision = check_dial(self.config.dialling, action.role, target, 0)
+            if decision.allowed:
+                leg = self._dial_transfer_target(call, target)
+            else:
+                status = decision.status
+                log.info(kv(event="ivr_transfer_refused", call=call.call_id, target=target,
+                            reason=decision.reason))
+        log.info(kv(event="ivr_transfer", call=call.call_id, target=target,
+                    ringing=leg is not None))
+        if leg is None:
+            self._ivr_transfer_over(call, None, status, "refused")
+            return
+        call.ivr_transfer = leg
+        call.ivr_transfer_timer = asyncio.get_running_loop().call_later(
+            action.timeout, self._ivr_transfer_timeout, call, leg)
+        self._queue_music(call)
+
+    def _ivr_transfer_timeout(self, call: Call, leg: AgentLeg) -> None:
+        call.ivr_transfer_timer = None
+        if call.ivr_transfer is leg:
+            self._hangup_agent(call, leg, EndReason.NO_ANSWER)  # CANCEL; its 487 ends it
+
+    def _ivr_transfer_answered(self, call: Call, leg: AgentLeg, now: float) -> None:
+        """The IVR's transfer target answered: bridge and answer the caller; the flow ends."""
+        self._ivr_transfer_over(call, leg, 200, "answered")
+        call.connected = leg
+        if leg.number is None:
+            call.agent = leg.agent
+            self._last_call[leg.agent] = call.call_id
+        call.answered_at = call.talk_started = now
+        self.engine.bridge(call.media, leg.media)
+        self._arm_media_timeout(call.media, leg.media)
+        if call.leg.can_take(LegInput.ANSWER):
+            call.leg.handle(LegInput.ANSWER, now)
+            self._signalling().answer(call.key, 200, headers=SDP_HEADERS, body=call.answer_sdp)
+        payload = {"call_id": call.call_id, "by": f"ivr:{call.flow_name}",
+                   "target": leg.number or leg.agent, "kind": "blind", "from_agent": None}
+        self._log_event(call, "call.transfer", payload, now)
+        log.info(kv(event="call_transferred", call=call.call_id, by=payload["by"],
+                    target=payload["target"]))
+        self._feed_ivr(call, ivr.TransferResult("answered"))
+
+    def _ivr_transfer_over(self, call: Call, leg: AgentLeg | None, status: int,
+                           outcome: str | None = None) -> None:
+        """The IVR's transfer ends ringing: answered (the caller), or failed (the flow goes
+        on at the node's ``on_failure`` with ``transfer_result`` busy / no-answer / refused)."""
+        if call.ivr_transfer_timer is not None:
+            call.ivr_transfer_timer.cancel()
+            call.ivr_transfer_timer = None
+        call.ivr_transfer = None
+        self._stop_queue_music(call)
+        if outcome == "answered" or call.ended_at is not None:
+            return
+        if outcome is None:
+            outcome = ("busy" if status in (486, 600) else
+                       "no-answer" if status in (408, 480, 487) else "refused")
+        log.info(kv(event="ivr_transfer_failed", call=call.call_id, outcome=outcome,
+                    status=status))
+        self._feed_ivr(call, ivr.TransferResult(outcome, status))
+
+    def _refer(self, event: InDialogRequest, call: Call, agent_leg: AgentLeg | None) -> None:
+        """A REFER from the connected agent's phone: blind transfer to another agent."""
+        from appliance.sip.refer import parse_refer, refer_notify
+        from media_core.sip import RemoteProtocolError
+
+        signalling = self._signalling()
+        if agent_leg is None or agent_leg is not call.connected or call.direction != "inbound":
+            signalling.answer(event.key, 403, reason="Transfer Not Allowed")
+            return
+        try:
+            request = parse_refer(event.request)
+        except RemoteProtocolError as exc:
+            signalling.answer(event.key, exc.status, reason=exc.reason)
+            return
+        if request.refer_to.replaces is not None:
+            self._attended_transfer(event, call, agent_leg, request)
+            return
+        target = request.refer_to.target.user or ""
+        refusal = self._transfer_refusal(call, target)
+        if refusal is not None:
+            log.info(kv(event="transfer_refused", call=call.call_id, target=target,
+                        status=refusal[0]))
+            signalling.answer(event.key, refusal[0], reason=refusal[1])
+            return
+        signalling.answer(event.key, 202)  # RFC 3515 §2.4.2
+        if agent_leg.leg.can_take(LegInput.REFER):
+            agent_leg.leg.handle(LegInput.REFER, time.time())
+        notify = (agent_leg.dialog, request.event_id)
+        headers, body = refer_notify(100, event_id=request.event_id)
+        with contextlib.suppress(Exception):
+            signalling.request(agent_leg.dialog, "NOTIFY", headers=headers, body=body)
+        self._begin_transfer(call, target, by=agent_leg.agent, notify=notify)
+
+    def _attended_transfer(self, event: InDialogRequest, call: Call, agent_leg: AgentLeg,
+                           request: Any) -> None:
+        """REFER with ``Replaces`` (RFC 3891, RFC 5589 §7) from the connected agent's phone,
+        naming its own answered call to another agent: the customer is bridged to that agent
+        at once (both legs are ours, no new INVITE is needed), and the transferring phone's
+        two dialogs are ended (NOTIFY 200, then BYE on each)."""
+        from appliance.sip.refer import refer_notify
+
+        signalling = self._signalling()
+        replaces = request.refer_to.replaces
+        consult: Call | None = None
+        # §3: to-tag is the recipient's local tag, from-tag its remote tag; the reverse is
+        # accepted too (a phone naming the dialog from its own side).
+        for local, remote in ((replaces.to_tag, replaces.from_tag),
+                              (replaces.from_tag, replaces.to_tag)):
+            entry = self._by_dialog.get(DialogId(replaces.call_id, local, remote))
+            if entry is not None and entry[1] is None:
+                consult = entry[0]
+                break
+        refusal: tuple[int, str] | None = None
+        if call.transfer is not None:
+            refusal = 491, "Transfer In Progress"
+        elif consult is None or consult.ended_at is not None or consult.finishing:
+            refusal = 481, "Replaced Dialog Not Found"  # RFC 3891 §3
+        elif not consult.internal or consult.caller != agent_leg.agent:
+            refusal = 403, "Transfer Not Allowed"
+        elif consult.connected is None:
+            refusal = 486, "Consultation Not Answered"  # early dialogs are not replaced
+        if refusal is not None:
+            log.info(kv(event="transfer_refused", call=call.call_id, kind="attended",
+                        status=refusal[0]))
+            signalling.answer(event.key, refusal[0], reason=refusal[1])
+            return
+        assert consult is not None and consult.connected is not None
+        now = time.time()
+        signalling.answer(event.key, 202)  # RFC 3515 §2.4.2
+        if agent_leg.leg.can_take(LegInput.REFER):
+            agent_leg.leg.handle(LegInput.REFER, now)
+        notify = (agent_leg.dialog, request.event_id)
+        headers, body = refer_notify(100, event_id=request.event_id)
+        with contextlib.suppress(Exception):
+            signalling.request(agent_leg.dialog, "NOTIFY", headers=headers, body=body)
+        # The consulted agent's leg moves from the consultation into the customer's call.
+        target = consult.connected
+        consult.connected = None
+        consult.agents.pop(target.leg.leg_id, None)
+        target.transfer = True
+        call.agents[target.leg.leg_id] = target
+        if target.dialog is not None:
+            self._by_dialog[target.dialog] = (call, target)
+        if target.key is not None:
+            self._by_invite[target.key] = (call, target)
+        with contextlib.suppress(EngineError):
+            self.engine.unbridge(target.media)
+        if call.hold_started is not None:
+            self._close_hold(call, now)
+        call.transfer = {"from": agent_leg, "to": target, "target": target.agent,
+                         "by": agent_leg.agent, "kind": "attended", "notify": notify,
+                         "started_at": now, "replaced": consult.call_id}
+        log.info(kv(event="transfer_started", call=call.call_id, by=agent_leg.agent,
+                    target=target.agent, kind="attended", consultation=consult.call_id))
+        self._transfer_answered(call, target, now)
+        # RFC 5589 §7: the transferor's consultation ends too.
+        consult.end_reason = "transferred"
+        self._hangup_caller(consult, EndReason.TRANSFERRED)
+
+    def _transfer_refusal(self, call: Call, target: str) -> tuple[int, str] | None:
+        if call.connected is None or call.ended_at is not None:
+            return 409, "Call Not Connected"
+        if call.transfer is not None:
+            return 491, "Transfer In Progress"
+        if target == call.agent:
+            return 404, "Unknown Transfer Target"
+        if target not in self.config.sip.accounts_by_user:
+            return self._external_refusal(call, target)
+        if not self.registrar.lookup(target, self.service.clock()):
+            return 480, "Transfer Target Unavailable"
+        return None
+
+    def _external_refusal(self, call: Call, number: str) -> tuple[int, str] | None:
+        """A transfer to a number through the carrier, under the transferring agent's dial
+        rules (docs/calls.md, "Dial rules")."""
+        from appliance.calls.dialling import check_dial
+
+        if self.config.trunk.carrier is None:
+            return 404, "Unknown Transfer Target"
+        account = self.config.sip.accounts_by_user.get(call.agent or "")
+        decision = check_dial(self.config.dialling, getattr(account, "role", "agent"),
+                              number, 0)
+        if not decision.allowed:
+            return decision.status, DIAL_REFUSALS.get(decision.reason, "Forbidden")
+        return None
+
+    def _begin_transfer(self, call: Call, target: str, *, by: str,
+                        notify: tuple[Any, str] | None) -> None:
+        assert call.connected is not None
+        now = time.time()
+        customer = self._customer_media(call)
+        with contextlib.suppress(EngineError):
+            self.engine.unbridge(customer)
+        call.transfer = {"from": call.connected, "to": None, "target": target, "by": by,
+                         "kind": "blind", "notify": notify, "started_at": now}
+        call.hold_play = self.engine.play(customer, self.hold_music)
+        log.info(kv(event="transfer_started", call=call.call_id, by=by, target=target))
+        if target in self.config.sip.accounts_by_user:
+            new_leg = self._offer(call, target, transfer=True)
+        else:
+            new_leg = self._dial_transfer_target(call, target)
+        if new_leg is None:
+            self._transfer_failed(call, 480)
+            return
+        call.transfer["to"] = new_leg
+
+    def _dial_transfer_target(self, call: Call, dialled: str) -> AgentLeg | None:
+        """A carrier leg for a transfer to an external number (the dial rules passed)."""
+        from appliance.calls.dialling import normalize_number
+
+        try:
+            far = self.engine.allocate_leg(self.media_host)
+        except (EngineError, OSError) as exc:
+            log.error(kv(event="transfer_leg_failed", call=call.call_id, error=str(exc)))
+            return None
+        now = time.time()
+        session = sdp.MediaSession(CAPABILITIES, self.media_host, far.rtp_port,
+                                   rtcp_port=far.rtcp_port)
+        n = len(call.agents) + len(call.finished_agents) + 1
+        # The number takes the agent's place: party "agent" in the leg's words.
+        far_leg = AgentLeg(call.agent or "", Leg(f"{call.call_id}:carrier:{n}",
+                                                 Direction.OUTBOUND, Party.AGENT, now),
+                           far.leg, session, offered=False, transfer=True,
+                           number=normalize_number(dialled))
+        call.agents[far_leg.leg.leg_id] = far_leg
+        call.trunk_auth_sent = False
+        far_leg.leg.handle(LegInput.DIAL, now)
+        self._dial_carrier(call, far_leg)
+        return far_leg
+
+    def _transfer_answered(self, call: Call, new_leg: AgentLeg, now: float) -> None:
+        """The target answered: bridge the customer to them, release the transferring
+        agent (NOTIFY 200 then BYE), tell the router that agent's call ended."""
+        from appliance.sip.refer import refer_notify
+
+        transfer = call.transfer
+        if transfer is None or transfer["to"] is not new_leg:
+            self._hangup_agent(call, new_leg, EndReason.SYSTEM)
+            return
+        old: AgentLeg = transfer["from"]
+        call.transfer = None
+        call.hold_play = None
+        with contextlib.suppress(EngineError):
+            self.engine.stop_play(call.media)
+            self.engine.bridge(call.media, new_leg.media)
+        self._arm_media_timeout(new_leg.media)
+        call.connected = new_leg
+        if new_leg.number is None:
+            call.agent = new_leg.agent
+            self._last_call[new_leg.agent] = call.call_id
+        signalling = self._signalling()
+        if transfer["notify"] is not None and not transfer.get("from_gone"):
+            dialog, event_id = transfer["notify"]
+            headers, body = refer_notify(200, event_id=event_id)
+            with contextlib.suppress(Exception):
+                signalling.request(dialog, "NOTIFY", headers=headers, body=body)
+        if old.leg.can_take(LegInput.TRANSFER_DONE):
+            actions = old.leg.handle(LegInput.TRANSFER_DONE, now)
+            if LegAction.SEND_BYE in actions and old.dialog is not None:
+                signalling.hangup(old.dialog)
+        else:
+            self._hangup_agent(call, old, EndReason.TRANSFERRED)
+        if self.router is not None:
+            with contextlib.suppress(acd.LocalProtocolError):
+                self._route(self.router.handle(acd.CallEnded(call.call_id, old.agent),
+                                               self._router_clock()))
+        payload = {"call_id": call.call_id, "by": transfer["by"], "target": transfer["target"],
+                   "kind": transfer["kind"], "from_agent": old.agent}
+        # The first agent's talk ends here (queue_log TRANSFER); the target's starts.
+        call.events.append(("queue.complete", {
+            "call_id": call.call_id, "queue": call.queue, "agent": old.agent,
+            "talk_s": round(now - (call.talk_started or call.answered_at or now), 3),
+            "ended_by": "transferred"}, now))
+        call.talk_started = now
+        self._log_event(call, "call.transfer", payload, now)
+        log.info(kv(event="call_transferred", call=call.call_id, by=transfer["by"],
+                    target=transfer["target"]))
+        if old.leg.state is LegState.ENDED:
+            self._agent_leg_over(call, old)
+
+    def _transfer_failed(self, call: Call, status: int) -> None:
+        """The target did not answer: NOTIFY the failure, bridge the agent back (or end the
+        call when the transferring agent has gone)."""
+        from appliance.sip.refer import refer_notify
+
+        transfer = call.transfer
+        if transfer is None:
+            return
+        call.transfer = None
+        call.hold_play = None
+        old: AgentLeg = transfer["from"]
+        log.info(kv(event="transfer_failed", call=call.call_id, target=transfer["target"],
+                    status=status))
+        if call.ended_at is not None:
+            return
+        if transfer.get("from_gone") or old.leg.state is LegState.ENDED:
+            call.end_reason = "transfer-failed"
+            self._hangup_caller(call, EndReason.SYSTEM)
+            return
+        if transfer["notify"] is not None:
+            dialog, event_id = transfer["notify"]
+            headers, body = refer_notify(status if status >= 300 else 503, event_id=event_id)
+            with contextlib.suppress(Exception):
+                self._signalling().request(dialog, "NOTIFY", headers=headers, body=body)
+        if old.leg.can_take(LegInput.TRANSFER_FAILED):
+            old.leg.handle(LegInput.TRANSFER_FAILED, time.time())
+        with contextlib.suppress(EngineError):
+            self.engine.stop_play(call.media)
+            self.engine.bridge(call.media, old.media)
+
+    def transfer(self, call_id: str, target: str, *, by: str) -> None:
+        """Blind transfer from the API: ring agent ``target``; when they answer the customer is
+        theirs and the agent's phone is hung up. 404 unknown call or target; 409 not
+        connected, target not registered, or a transfer already in progress."""
+        call = self._live_call(call_id)
+        if call.direction != "inbound":
+            raise CallControlError(409, f"call {call_id} is not a queue call")
+        refusal = self._transfer_refusal(call, target)
+        if refusal is not None:
+            raise CallControlError(http_status(refusal[0]), refusal[1])
+        self._audit(by, "call.transfer", kv(call=call_id, target=target))
+        self._begin_transfer(call, target, by=by, notify=None)
