@@ -489,3 +489,26 @@ def test_store_coalesces_a_burst_and_the_database_matches_memory(tmp_path: Path)
     finally:
         store.close()
         db.close()
+
+
+def test_write_behind_interval_is_cut_short_by_flush_and_close(tmp_path: Path) -> None:
+    # A long write-behind interval must never hold back flush() or what close() writes: the
+    # changes made just before a stop are on disk when close() returns.
+    path = tmp_path / "edgecc.db"
+    db = open_site_db(path)
+    store = BindingStore(db, clock=lambda: 0.0, wall_clock=lambda: WALL0, flush_interval=3600.0)
+    try:
+        for step in range(3):
+            aor = f"sip:{step}@{REALM}"
+            store.apply(aor, [Binding(aor, f"sip:{step}@192.0.2.1", 600.0, "c", 1)], [], 0.0)
+            if step < 2:
+                store.flush(timeout=10.0)  # TimeoutError if it waited for the interval
+                rows = db.execute("SELECT aor FROM sip_bindings").fetchall()
+                assert sorted(r[0] for r in rows) == [f"sip:{n}@{REALM}" for n in range(step + 1)]
+        store.close(timeout=10.0)
+    finally:
+        store.close()
+        db.close()
+    with sqlite3.connect(path) as check:
+        rows = check.execute("SELECT aor FROM sip_bindings ORDER BY aor").fetchall()
+    assert [r[0] for r in rows] == [f"sip:{n}@{REALM}" for n in range(3)]

@@ -9,10 +9,13 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from appliance.sip import transport as transport_module
 from appliance.sip.source import Source
-from appliance.sip.transport import (
+from appliance.sip.transport import (  # DatagramBatch, pack_address: the compiled UDP helper
     UDP_BUFFER_BYTES,
+    DatagramBatch,
     SipTransports,
+    pack_address,
     response_destination,
     stamp_via,
 )
@@ -439,3 +442,152 @@ async def test_udp_send_to_an_unreachable_port_keeps_the_socket_serving() -> Non
     finally:
         transport.close()
         await transports.close()
+
+
+@run_async
+async def test_udp_answers_sent_during_a_batch_all_arrive_in_order() -> None:
+    # Every message of a burst is answered from inside the read batch; the answers are held
+    # until the batch is handled and then go out together, in the order they were sent.
+    replies: list[Source] = []
+    transports: SipTransports | None = None
+
+    def on_message(message, source: Source) -> None:
+        assert transports is not None
+        replies.append(source)
+        transports.send(f"answer {message.call_id}".encode(), source)
+
+    transports = SipTransports(on_message=on_message, on_malformed=lambda *a: None)
+    await transports.start("127.0.0.1", udp_port=0, tcp_port=None)
+    burst = 300
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+            phone.bind(("127.0.0.1", 0))
+            phone.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            phone.setblocking(False)
+            dest = transports.addresses["UDP"]
+            for n in range(burst):
+                phone.sendto(options(branch=f"z9hG4bKb{n}", call_id=f"b-{n}"), dest)
+            loop = asyncio.get_running_loop()
+            got = [await asyncio.wait_for(loop.sock_recv(phone, 2048), WAIT)
+                   for _ in range(burst)]
+            phone_address = Source("UDP", "127.0.0.1", phone.getsockname()[1])
+        assert got == [f"answer b-{n}".encode() for n in range(burst)]
+        # One Source object per peer address, reused for every datagram from it.
+        assert len({id(s) for s in replies}) == 1
+        assert replies[0] == phone_address
+    finally:
+        await transports.close()
+
+
+@run_async
+async def test_udp_send_to_a_host_name_and_to_a_bad_address() -> None:
+    rec = Recorder()
+    transports = await started(rec)
+    transport, peer = await udp_peer()
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        transports.send(b"by name", Source("UDP", "localhost", port))
+        transports.send(b"nowhere", Source("UDP", "no-such-host.invalid", port))
+        transports.send(b"wrong family", Source("UDP", "::1", port))
+        transports.send(b"by address", Source("UDP", "127.0.0.1", port))
+        first, _ = await asyncio.wait_for(peer.received.get(), WAIT)
+        second, _ = await asyncio.wait_for(peer.received.get(), WAIT)
+        assert {first, second} == {b"by name", b"by address"}
+        assert rec.failed.empty()
+    finally:
+        transport.close()
+        await transports.close()
+
+
+def test_datagram_batch_send_stops_at_a_full_socket_and_resumes() -> None:
+    # A Unix datagram pair says "full" (EAGAIN) once the reader's queue is full, which a UDP
+    # socket on loopback never does: the batch must report where it stopped, and nothing of
+    # the queue may be lost or reordered when it goes on from there.
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with left, right:
+        left.setblocking(False)
+        right.setblocking(False)
+        io = DatagramBatch(left.fileno(), 8, 2048, lambda host, port: (host, port))
+        queue = [(f"datagram {n:05d}".encode(), b"") for n in range(5000)]
+        got: list[bytes] = []
+        start = stops = 0
+        for _ in range(5000):
+            start, failed, err = io.send(queue, start)
+            assert (failed, err) == (0, 0)
+            if start == len(queue):
+                break
+            stops += 1
+            while True:  # drain, as the peer would
+                try:
+                    got.append(right.recv(2048))
+                except BlockingIOError:
+                    break
+        while True:
+            try:
+                got.append(right.recv(2048))
+            except BlockingIOError:
+                break
+        assert stops > 0  # the socket did fill up
+        assert got == [data for data, _ in queue]
+
+
+def test_datagram_batch_receive_and_addresses() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+        server.bind(("127.0.0.1", 0))
+        server.setblocking(False)
+        phone.bind(("127.0.0.1", 0))
+        io = DatagramBatch(server.fileno(), 4, 64, lambda host, port: ("peer", host, port))
+        assert io.receive() == []  # nothing waiting
+        for n in range(6):
+            phone.sendto(b"x" * (10 * n) + b"!" * 100, server.getsockname())
+        first, second = io.receive(), io.receive()
+        assert [len(d) for d, _ in first] == [64] * 4  # cut at max_datagram, as recvfrom does
+        assert len(second) == 2
+        peer = ("peer", "127.0.0.1", phone.getsockname()[1])
+        assert all(p == peer for _, p in first + second)
+        assert first[0][1] is second[1][1]  # one object per address
+        name = pack_address(socket.AF_INET, phone.getsockname())
+        assert io.send([(b"back", name)]) == (1, 0, 0)
+        assert phone.recv(64) == b"back"
+    with pytest.raises(ValueError):
+        pack_address(socket.AF_INET, ("localhost", 5060))
+    with pytest.raises(ValueError):
+        pack_address(socket.AF_INET, ("127.0.0.1", 70000))
+    with pytest.raises(ValueError):
+        pack_address(socket.AF_INET6, ("127.0.0.1", 5060))
+    with pytest.raises(ValueError):
+        DatagramBatch(0, 0, 64, tuple)
+    assert len(pack_address(socket.AF_INET6, ("::1", 5060, 0, 0))) == 28
+
+
+@run_async
+async def test_udp_queue_waits_for_a_full_socket_in_order_and_stays_bounded() -> None:
+    # UDP on loopback never reports a full socket, a Unix datagram pair does: drive the UDP
+    # sender over one to see the queue wait for the writer callback, in order, and stay bounded.
+    rec = Recorder()
+    transports = SipTransports(on_message=rec.on_message, on_malformed=rec.on_malformed)
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    left.setblocking(False)
+    right.setblocking(False)
+    sender = transport_module._Datagrams(transports, left)
+    sender._addresses[("peer", 1)] = b""  # the pair is connected: no address on each send
+    loop = asyncio.get_running_loop()
+    try:
+        sent = [f"datagram {n:04d}".encode() for n in range(2000)]
+        for data in sent:
+            sender.send(data, "peer", 1)
+        assert sender._queue, "the pair filled up and the rest waits"
+        got = [await asyncio.wait_for(loop.sock_recv(right, 64), WAIT) for _ in sent]
+        assert got == sent
+        assert not sender._queue and sender._queued_bytes == 0
+
+        # With nobody reading, what is queued stops at the backlog limit; the rest is dropped.
+        big = b"x" * 60000
+        for _ in range(2 * transport_module._SEND_BACKLOG_BYTES // len(big)):
+            sender.send(big, "peer", 1)
+        assert 0 < sender._queued_bytes <= transport_module._SEND_BACKLOG_BYTES
+    finally:
+        sender.close()
+        right.close()
+    assert sender.closed.done()

@@ -148,7 +148,10 @@ class BindingStore:
     ``db`` is the site database (a ``sqlite_utils.Database`` from
     ``appliance.store.open_site_db``, or the file's path); the table must exist. Reads and
     writes from the event loop touch memory only; a writer thread with its own connection
-    commits the changes, coalesced per binding, at most every ``flush_interval`` seconds.
+    commits the changes, coalesced per binding, at most every ``flush_interval`` seconds
+    (``flush`` and ``close`` cut that wait short). A change is on disk within about
+    ``flush_interval`` of being made; what a power cut loses in that window the phones restore
+    by re-registering.
     Expired rows are dropped when loaded. Call ``close`` to write everything and stop.
     """
 
@@ -158,7 +161,7 @@ class BindingStore:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        flush_interval: float = 0.02,
+        flush_interval: float = 0.5,
     ) -> None:
         self.path = _database_path(db)
         self._wall_clock = wall_clock
@@ -170,6 +173,7 @@ class BindingStore:
         self._generation = 0
         self._written_generation = 0
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # set by flush/close: write now, not after the interval
         self._stopping = False
         self._error: BaseException | None = None
         self.writes = 0
@@ -232,6 +236,7 @@ class BindingStore:
         """Block until every change made so far is committed (raises TimeoutError)."""
         with self._lock:
             target = self._generation
+            self._hurry.set()
             self._wake.set()
             if not self._written.wait_for(
                 lambda: self._written_generation >= target or self._error is not None, timeout
@@ -246,6 +251,7 @@ class BindingStore:
             return
         with self._lock:
             self._stopping = True
+        self._hurry.set()
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -323,7 +329,6 @@ class BindingStore:
         row_marks = f"({', '.join('?' * len(_COLUMNS))})"
         upsert = f"INSERT OR REPLACE INTO {TABLE} ({', '.join(_COLUMNS)}) VALUES "
         delete = f"DELETE FROM {TABLE} WHERE aor = ? AND contact = ?"
-        stop = threading.Event()
         try:
             while True:
                 self._wake.wait()
@@ -352,8 +357,10 @@ class BindingStore:
                     self._written.notify_all()
                     if stopping and not self._pending:
                         return
-                # Coalesce a storm into a few commits per second rather than one per REGISTER.
-                stop.wait(self._flush_interval)
+                # Coalesce a storm into a few commits per second rather than one per REGISTER
+                # (and a binding refreshed meanwhile into one row).
+                if self._hurry.wait(self._flush_interval):
+                    self._hurry.clear()
         except BaseException as exc:  # surfaced by flush(); the loop side keeps serving
             log.error("event=sip_bindings_write_failed error=%s", type(exc).__name__)
             with self._lock:

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.sip._udp import DatagramBatch, pack_address
 from appliance.sip.source import Source
 from media_core.sip import (
     Limits,
@@ -53,6 +54,7 @@ a 500 ms retransmission (RFC 3261 Timer E)."""
 _CRLF = b"\r\n"
 _KEEPALIVE_BYTES = b"\r\n \t\0"
 _RECV_BATCH = 64  # datagrams read per wake-up before the loop serves anything else
+_RECV_ERRORS = 8  # socket errors (ICMP reports) skipped per wake-up before giving way
 _MAX_DATAGRAM = 65536
 _SEND_BACKLOG_BYTES = 4 * 1024 * 1024  # queued while the socket is full; beyond it, dropped
 _MAX_SOURCES = 4096  # cached Source objects (one per peer address)
@@ -115,10 +117,12 @@ def _peer(transport: asyncio.BaseTransport) -> tuple[str, int]:
 
 
 class _Datagrams:
-    """The UDP socket, read straight from the event loop's selector.
+    """The UDP socket, read and written in batches straight from the event loop's selector.
 
-    Each wake-up reads up to ``_RECV_BATCH`` datagrams (asyncio's datagram transport reads one
-    per loop iteration), and sends go to the socket at once, queued only while it is full.
+    Each wake-up reads up to ``_RECV_BATCH`` datagrams with one ``recvmmsg`` (asyncio's datagram
+    transport reads one per loop iteration). What the batch's messages send is queued and goes
+    out with one ``sendmmsg`` once the batch is handled; a send outside a batch goes at once.
+    Datagrams wait in the queue only while the socket is full, up to ``_SEND_BACKLOG_BYTES``.
     """
 
     def __init__(self, owner: SipTransports, sock: socket.socket) -> None:
@@ -126,76 +130,109 @@ class _Datagrams:
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.closed = self.loop.create_future()
-        self._sources: dict[Any, Source] = {}
-        self._backlog: deque[tuple[bytes, tuple[str, int]]] = deque()
-        self._backlog_bytes = 0
+        self._io = DatagramBatch(sock.fileno(), _RECV_BATCH, _MAX_DATAGRAM,
+                                 functools.partial(Source, "UDP"), _MAX_SOURCES)
+        self._addresses: dict[tuple[str, int], bytes] = {}
+        self._queue: list[tuple[bytes, bytes]] = []
+        self._queued_bytes = 0
+        self._reading = False
+        self._writer_armed = False
         self.loop.add_reader(sock.fileno(), self._read_ready)
 
     def _read_ready(self) -> None:
-        recvfrom = self.sock.recvfrom
-        sources = self._sources
         deliver = self.owner.deliver_datagram
-        for _ in range(_RECV_BATCH):
-            try:
-                data, addr = recvfrom(_MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # ICMP errors for earlier sends (e.g. port unreachable); the socket stays usable.
-                log.debug("event=sip_udp_error error=%s", exc.__class__.__name__)
-                continue
-            source = sources.get(addr)
-            if source is None:
-                if len(sources) >= _MAX_SOURCES:
-                    sources.clear()
-                source = sources[addr] = Source("UDP", str(addr[0]), int(addr[1]))
-            # RFC 5626 §3.5.1 keep-alives belong to streams; phones still send bare CRLFs on UDP.
-            if data[:1] in _KEEPALIVE_BYTES and not data.strip(_KEEPALIVE_BYTES):
-                continue
-            deliver(data, source)
-            if self.sock.fileno() < 0:
-                return  # closed by what the message caused
-
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._backlog:
-            self._queue(data, addr)
-            return
+        sock = self.sock
+        self._reading = True
         try:
-            self.sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            self._queue(data, addr)
-            self.loop.add_writer(self.sock.fileno(), self._write_ready)
-        except OSError as exc:
-            log.debug("event=sip_udp_error error=%s", exc.__class__.__name__)
+            for _ in range(_RECV_ERRORS):
+                try:
+                    batch = self._io.receive()
+                except OSError as exc:
+                    # ICMP errors for earlier sends (e.g. port unreachable); the socket stays
+                    # usable and the datagrams behind the error are read on the next try.
+                    log.debug("event=sip_udp_error error=%s", exc.__class__.__name__)
+                    continue
+                for data, source in batch:
+                    # RFC 5626 §3.5.1 keep-alives belong to streams; phones still send bare
+                    # CRLFs on UDP.
+                    if data[:1] in _KEEPALIVE_BYTES and not data.strip(_KEEPALIVE_BYTES):
+                        continue
+                    deliver(data, source)
+                    if sock.fileno() < 0:
+                        return  # closed by what the message caused
+                return
+        finally:
+            self._reading = False
+            if self._queue and not self._writer_armed:
+                self._flush()
 
-    def _queue(self, data: bytes, addr: tuple[str, int]) -> None:
+    def send(self, data: bytes, host: str, port: int) -> None:
+        name = self._addresses.get((host, port))
+        if name is None:
+            name = self._address(host, port)
+            if name is None:
+                return
+        if type(data) is not bytes:
+            data = bytes(data)
         # UDP may lose a datagram; what matters is that the queue stays bounded (the
         # transaction layer retransmits what needs to arrive, RFC 3261 §17).
-        if self._backlog_bytes + len(data) > _SEND_BACKLOG_BYTES:
+        if self._queued_bytes + len(data) > _SEND_BACKLOG_BYTES:
             log.debug("event=sip_udp_send_dropped bytes=%d", len(data))
             return
-        self._backlog.append((data, addr))
-        self._backlog_bytes += len(data)
+        self._queue.append((data, name))
+        self._queued_bytes += len(data)
+        if not self._reading and not self._writer_armed:
+            self._flush()
 
-    def _write_ready(self) -> None:
-        while self._backlog:
-            data, addr = self._backlog[0]
-            try:
-                self.sock.sendto(data, addr)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("event=sip_udp_error error=%s", exc.__class__.__name__)
-            self._backlog.popleft()
-            self._backlog_bytes -= len(data)
-        self.loop.remove_writer(self.sock.fileno())
+    def _address(self, host: str, port: int) -> bytes | None:
+        """The packed socket address of a destination; numeric ones are cached."""
+        family = self.sock.family
+        try:
+            name = pack_address(family, (host, port))
+        except ValueError:
+            name = None
+        if name is not None:
+            if len(self._addresses) >= _MAX_SOURCES:
+                self._addresses.clear()
+            self._addresses[(host, port)] = name
+            return name
+        try:  # a host name: resolved as sendto() would, for this send only
+            infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
+            return pack_address(family, infos[0][4])
+        except (OSError, ValueError, IndexError) as exc:
+            log.debug("event=sip_udp_error error=%s", exc.__class__.__name__)
+            return None
+
+    def _flush(self) -> None:
+        queue = self._queue
+        fd = self.sock.fileno()
+        if fd < 0:
+            return
+        sent, failed, err = self._io.send(queue)
+        if failed:
+            log.debug("event=sip_udp_error error=%s dropped=%d",
+                      OSError(err, "").__class__.__name__, failed)
+        if sent >= len(queue):
+            queue.clear()
+            self._queued_bytes = 0
+            if self._writer_armed:
+                self.loop.remove_writer(fd)
+                self._writer_armed = False
+            return
+        del queue[:sent]
+        self._queued_bytes = sum(len(data) for data, _ in queue)
+        if not self._writer_armed:
+            self.loop.add_writer(fd, self._flush)
+            self._writer_armed = True
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.loop.remove_writer(self.sock.fileno())
             self.sock.close()
-        self._backlog.clear()
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._writer_armed = False
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -494,7 +531,7 @@ class SipTransports:
             if self._udp is None:
                 self._failed(destination, OSError("UDP transport not started"))
                 return
-            self._udp.sendto(data, (destination.host, destination.port))
+            self._udp.send(data, destination.host, destination.port)
             return
         if name not in STREAM_TRANSPORTS:
             self._failed(destination, OSError(f"unsupported transport {name}"))
