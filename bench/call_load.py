@@ -115,6 +115,7 @@ class Appliance(Peer):
             desk, _codes = desk_from_config(db, config)
             for agent in self.passwords:
                 desk.login(agent, time.time(), actor="bench", source="bench/call_load.py")
+            desk.close()  # committed before the appliance reads them
         finally:
             db.close()
         edgecc = Path(sys.executable).parent / "edgecc"

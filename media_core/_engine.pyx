@@ -3,6 +3,8 @@
 without the GIL (epoll + recvmmsg/sendmmsg), plus the control-side API that queues commands to
 it and drains its events. The asyncio façade is media_core.engine.MediaEngine."""
 
+from collections import deque
+
 from libc.errno cimport EADDRINUSE, EAGAIN, errno
 from libc.stdint cimport (
     INT64_MAX,
@@ -1295,7 +1297,7 @@ cdef class Engine:
     cdef int next_port
     cdef set ports
     cdef dict leg_ports
-    cdef list free_slots
+    cdef object free_slots    # collections.deque: released ids go to the back
     cdef list free_recs
     cdef object rec_paths
 
@@ -1318,7 +1320,10 @@ cdef class Engine:
         self.next_port = self.port_min
         self.ports = set()
         self.leg_ports = {}
-        self.free_slots = list(range(max_legs - 1, -1, -1))
+        # First in, first out: an id released now comes back only after every other free one,
+        # so an id held a little too long by the control side (maps cleaned up after an await)
+        # does not already name another call's leg.
+        self.free_slots = deque(range(max_legs))
         self.free_recs = list(range(max_recordings - 1, -1, -1))
         self.rec_paths = {}
         e = self.e
@@ -1472,6 +1477,7 @@ cdef class Engine:
     cdef int _post(self, Cmd* c) except -1:
         cdef EngineState* e = self.e
         cdef bint full = False
+        cdef bint was_empty = False
         if e.epfd < 0:
             raise EngineError("engine closed")
         with nogil:
@@ -1479,12 +1485,17 @@ cdef class Engine:
             if e.cmd_count >= CMD_CAP:
                 full = True
             else:
+                was_empty = e.cmd_count == 0
                 memcpy(&e.cmds[(e.cmd_head + e.cmd_count) % CMD_CAP], c, sizeof(Cmd))
                 e.cmd_count += 1
             pthread_mutex_unlock(&e.cmd_lock)
         if full:
             raise EngineError("engine command queue full")
-        signal_fd(e.cmd_fd)
+        # Only the command that finds the ring empty wakes the engine: run_commands takes
+        # commands until it sees the ring empty under the lock, so the ones queued behind it
+        # are run by the same wake-up (a call's dozen commands cost one write, not twelve).
+        if was_empty:
+            signal_fd(e.cmd_fd)
         return 0
 
     cdef int _leg(self, int leg) except -1:
@@ -1530,7 +1541,7 @@ cdef class Engine:
             close(rtp_fd)
             close(rtcp_fd)
             raise MemoryError()
-        slot = self.free_slots.pop()
+        slot = self.free_slots.popleft()
         self.owned[slot] = g
         g.slot = slot
         g.rtp_fd = rtp_fd

@@ -494,6 +494,31 @@ def test_thousand_legs_leave_no_descriptor_or_memory_behind() -> None:
     run(body, timeout=60)
 
 
+def test_released_leg_id_is_reused_last() -> None:
+    """A leg id names one leg for as long as anything may still hold it: call control keys its
+    maps by id and cleans them up after the release is confirmed, so the next allocations get
+    the other free ids first (as ports go round)."""
+    async def body() -> None:
+        engine = MediaEngine(PORTS, max_legs=4)
+        await engine.start()
+        try:
+            first = engine.allocate_leg().leg
+            await engine.release(first)
+            later = [engine.allocate_leg().leg for _ in range(3)]
+            assert first not in later
+            assert len(set(later)) == 3
+            await engine.release(later[0])
+            # the oldest free id comes next: the first leg's, then the one released just now
+            assert engine.allocate_leg().leg == first
+            assert engine.allocate_leg().leg == later[0]
+            with pytest.raises(EngineError, match="no free leg slot"):
+                engine.allocate_leg()
+        finally:
+            await engine.close()
+
+    run(body)
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_rtp_sockets_are_dscp_ef(host: str) -> None:
     async def body() -> None:

@@ -410,6 +410,46 @@ def test_caller_bye_on_early_dialog_gets_200_and_invite_487() -> None:
     assert one(DialogTerminated, out).reason == "bye-received"
 
 
+def test_bye_answers_only_its_own_dialogs_open_invites() -> None:
+    """§15.1.2 with many calls at once: a BYE ends the open INVITEs of its dialog only; other
+    calls' open INVITEs and INVITEs already answered (kept for a late CANCEL) are untouched."""
+    dl = layer()
+    ringing = [incoming_call(dl, call_id=f"ring-{i}@phone", from_tag=f"r{i}") for i in range(3)]
+    for _, key, _ in ringing:
+        dl.answer(key, 180, 0.0)
+    answered = [confirmed_uas(dl, call_id=f"up-{i}@phone") for i in range(3)]
+    _, victim_key, victim = ringing[1]
+    bye = request("BYE", call_id="ring-1@phone", from_tag="r1",
+                  to_tag=victim.dialog.local_tag, cseq=2)
+    out = dl.receive_request(server_key(bye), bye, PHONE, 1.0)
+    assert [(o.key, o.response.status) for o in of(SendResponse, out)] == [
+        (server_key(bye), 200), (victim_key, 487)]
+    # the other ringing calls still take their answer; the ended one cannot be answered again
+    for _, key, _ in (ringing[0], ringing[2]):
+        assert one(SendResponse, dl.answer(key, 200, 1.1, body=OUR_SDP)).response.status == 200
+    with pytest.raises(LocalProtocolError):
+        dl.answer(victim_key, 200, 1.1, body=OUR_SDP)
+    # a BYE on an answered call: only its 200 (its INVITE was answered long ago)
+    _, _, up = answered[0]
+    bye = request("BYE", call_id="up-0@phone", to_tag=up.local_tag, cseq=2)
+    out = dl.receive_request(server_key(bye), bye, PHONE, 1.2)
+    assert [o.response.status for o in of(SendResponse, out)] == [200]
+
+
+def test_reinvite_after_the_previous_one_was_answered_is_taken() -> None:
+    dl = layer()
+    _, _, dialog_id = confirmed_uas(dl)
+    for cseq in (2, 3):
+        reinvite = request("INVITE", to_tag=dialog_id.local_tag, cseq=cseq, body=SDP_V2)
+        got = one(InDialogRequest, dl.receive_request(server_key(reinvite), reinvite, PHONE,
+                                                      float(cseq)))
+        assert one(SendResponse, dl.answer(got.key, 200, cseq + 0.1,
+                                           body=OUR_SDP)).response.status == 200
+        ack = request("ACK", to_tag=dialog_id.local_tag, cseq=cseq)
+        assert of(AckReceived, dl.receive_request(None, ack, PHONE, cseq + 0.2))
+        dl.transaction_ended(got.key)
+
+
 def test_session_interval_below_min_se_gets_422() -> None:
     dl = layer()
     inv = request("INVITE", body=SDP, extra="Session-Expires: 30\r\n")

@@ -443,6 +443,9 @@ class DialogLayer:
         self._rng = rng or random.SystemRandom()
         self._dialogs: dict[DialogId, Dialog] = {}
         self._server_invites: dict[TransactionKey, _ServerInvite] = {}
+        # The unanswered ones by dialog: a BYE or re-INVITE looks up its dialog's open INVITEs
+        # here, not among every answered INVITE still kept for a late CANCEL (64*T1 of them).
+        self._open_invites: dict[DialogId, dict[TransactionKey, _ServerInvite]] = {}
         self._server_requests: dict[TransactionKey, tuple[DialogId, SipMessage]] = {}
         self._client: dict[TransactionKey, _ClientRequest] = {}
         self._pending_acks: dict[DialogId, _PendingAck] = {}
@@ -509,13 +512,13 @@ class DialogLayer:
             glare = self._reinvite_conflict(key, request, dialog)
             if glare is not None:
                 return glare
-            self._server_invites[key] = _ServerInvite(key, request, source, dialog.id, False)
+            self._keep_invite(_ServerInvite(key, request, source, dialog.id, False))
         else:
             self._server_requests[key] = (dialog.id, request)
         if method in TARGET_REFRESH:
             too_small = self._check_session_interval(key, request)
             if too_small is not None:
-                self._server_invites.pop(key, None)
+                self._forget_invite(key)
                 self._server_requests.pop(key, None)
                 return too_small
             target = _contact_uri(request)
@@ -548,7 +551,7 @@ class DialogLayer:
             return [SendResponse(key, build_response(request, 400, exc.reason,
                                                      to_tag=new_tag()))]
         dialog_id = DialogId(request.call_id, new_tag(), request.from_.tag or "")
-        self._server_invites[key] = _ServerInvite(key, request, source, dialog_id, True)
+        self._keep_invite(_ServerInvite(key, request, source, dialog_id, True))
         return [IncomingCall(key, request, source, dialog_id)]
 
     def _check_session_interval(self, key: TransactionKey,
@@ -567,23 +570,20 @@ class DialogLayer:
             if tx.dialog_id == dialog.id and tx.request.method == "INVITE" and not tx.final:
                 # §14.2: our own re-INVITE is in progress: glare.
                 return [SendResponse(key, build_response(request, 491))]
-        for pending in self._server_invites.values():
-            if pending.dialog_id == dialog.id and not pending.answered:
-                # §14.2: a second INVITE before our final answer to the first.
-                retry = str(self._rng.randint(0, 10))
-                return [SendResponse(key, build_response(
-                    request, 500, headers=[("Retry-After", retry)]))]
+        if self._open_invites.get(dialog.id):
+            # §14.2: a second INVITE before our final answer to the first.
+            retry = str(self._rng.randint(0, 10))
+            return [SendResponse(key, build_response(
+                request, 500, headers=[("Retry-After", retry)]))]
         return None
 
     def _receive_bye(self, key: TransactionKey, request: SipMessage,
                      dialog: Dialog) -> list[Output]:
         out: list[Output] = [SendResponse(key, build_response(request, 200))]
-        for pending in list(self._server_invites.values()):
-            if pending.dialog_id == dialog.id and not pending.answered:
-                # §15.1.2: requests still open on the dialog are answered 487.
-                pending.answered = True
-                out.append(SendResponse(pending.key, self._response(
-                    pending, 487, None, (), b"")))
+        for pending in list(self._open_invites.get(dialog.id, {}).values()):
+            # §15.1.2: requests still open on the dialog are answered 487.
+            self._mark_answered(pending)
+            out.append(SendResponse(pending.key, self._response(pending, 487, None, (), b"")))
         out += self._terminate(dialog, "bye-received")
         return out
 
@@ -596,7 +596,7 @@ class DialogLayer:
         out: list[Output] = [SendResponse(key, build_response(cancel, 200))]
         if pending.answered:
             return out  # §9.2: the final response already went; CANCEL has no effect
-        pending.answered = True
+        self._mark_answered(pending)
         out.append(SendResponse(invite_key, self._response(pending, 487, None, (), b"")))
         out.append(CallCancelled(invite_key, pending.dialog_id))
         dialog = self._dialogs.get(pending.dialog_id)
@@ -655,7 +655,7 @@ class DialogLayer:
         out: list[Output] = []
         dialog = self._dialogs.get(pending.dialog_id)
         if status >= 200:
-            pending.answered = True
+            self._mark_answered(pending)
         if 200 <= status < 300:
             if dialog is None:
                 dialog = self._new_uas_dialog(pending, now)
@@ -748,22 +748,25 @@ class DialogLayer:
 
     def invite(self, now: float, *, from_party: str, to_party: str, request_uri: str | None = None,
                destination: Source | None = None, body: bytes = b"",
-               headers: Iterable[tuple[str, str]] = (),
-               call_id: str | None = None) -> tuple[TransactionKey, list[Output]]:
-        """Send an initial INVITE; returns its client transaction key."""
+               headers: Iterable[tuple[str, str]] = (), call_id: str | None = None,
+               from_tag: str | None = None,
+               cseq: int = 1) -> tuple[TransactionKey, list[Output]]:
+        """Send an initial INVITE; returns its client transaction key. ``call_id``,
+        ``from_tag`` and ``cseq`` repeat a challenged INVITE (§8.1.3.5, §22.2: the same
+        Call-ID and From, CSeq one higher)."""
         to = parse_name_addr(to_party)
         if to.tag:
             raise LocalProtocolError("an initial INVITE has no To tag")
         uri = parse_uri(request_uri) if request_uri else to.uri
         destination = destination or destination_for(uri)
-        local = _with_tag(parse_name_addr(from_party), new_tag())
+        local = _with_tag(parse_name_addr(from_party), from_tag or new_tag())
         extra = list(headers)
         if body and not any(n.lower() == "content-type" for n, _ in extra):
             extra.append(("Content-Type", "application/sdp"))
         if self.config.session_expires:
             extra.append(("Session-Expires", str(self.config.session_expires)))
         request = self._build("INVITE", uri, destination, local, to,
-                              call_id or f"{new_tag()}{new_tag()}@edgecc", 1, (), extra, body)
+                              call_id or f"{new_tag()}{new_tag()}@edgecc", cseq, (), extra, body)
         key = TransactionKey(False, "INVITE", request.branch or "")
         self._client[key] = _ClientRequest(key, request, destination, None, initial=True)
         return key, [SendRequest(key, request, destination, None)]
@@ -1096,7 +1099,27 @@ class DialogLayer:
         self._client.pop(key, None)
         self._server_requests.pop(key, None)
         # Answered INVITEs are kept until here so a late CANCEL still finds them (§9.2: 200).
-        self._server_invites.pop(key, None)
+        self._forget_invite(key)
+
+    def _keep_invite(self, pending: _ServerInvite) -> None:
+        self._server_invites[pending.key] = pending
+        self._open_invites.setdefault(pending.dialog_id, {})[pending.key] = pending
+
+    def _mark_answered(self, pending: _ServerInvite) -> None:
+        pending.answered = True
+        self._unindex_invite(pending)
+
+    def _forget_invite(self, key: TransactionKey) -> None:
+        pending = self._server_invites.pop(key, None)
+        if pending is not None:
+            self._unindex_invite(pending)
+
+    def _unindex_invite(self, pending: _ServerInvite) -> None:
+        open_ = self._open_invites.get(pending.dialog_id)
+        if open_ is not None:
+            open_.pop(pending.key, None)
+            if not open_:
+                del self._open_invites[pending.dialog_id]
 
     # -- time --------------------------------------------------------------------------------
 
