@@ -46,6 +46,9 @@ class Restored:
     """Highest seq of the site's event log the cloud holds (the log continues above it)."""
     restored_seq: int
     """Highest seq in the restored log: the cloud holds cloud_seq - restored_seq newer events."""
+    placeholders: int = 0
+    """Seqs above the cloud's ack (a gap, then events it holds beyond it) written into the
+    restored log as placeholders, so that the ack can pass them (see ``_continue_log_after``)."""
 
 
 class Progress:
@@ -131,7 +134,7 @@ def restore_from_cloud(
             info = _choose_backup(stub, pb, chosen, timeout)
             bundle = scratch / BUNDLE_FILE
             _download(stub, pb, info, bundle, Progress(progress, info.size, "restore"), timeout)
-            cloud_seq = _cloud_acked_seq(stub, pb, timeout)
+            acked_seq, cloud_seq = _cloud_acked_seq(stub, pb, timeout)
         unpacked = scratch / "unpacked"
         try:
             unpack_bundle(bundle, token.site_key, unpacked, site_id=token.site_id)
@@ -148,7 +151,7 @@ def restore_from_cloud(
                                f"{token.site_id!r}")
         database.parent.mkdir(parents=True, exist_ok=True)
         os.replace(unpacked / "database" / "site.db", database)
-        restored_seq = _continue_log_after(database, cloud_seq)
+        restored_seq = _continue_log_after(database, token.site_id, acked_seq, cloud_seq)
         # This machine's own cloud identity, then the site moves into place in one rename.
         write_credentials(site, key_pem, reply.certificate_pem, reply.ca_certificate_pem,
                           address)
@@ -159,11 +162,13 @@ def restore_from_cloud(
         raise
     shutil.rmtree(scratch, ignore_errors=True)
     return Restored(token.site_id, target, info.backup_id, info.size, info.sha256.hex(),
-                    cloud_seq, restored_seq)
+                    max(cloud_seq, restored_seq), restored_seq,
+                    max(0, cloud_seq - max(acked_seq, restored_seq)))
 
 
-def _cloud_acked_seq(stub: Any, pb: Any, timeout: float) -> int:
-    """How far the cloud holds the site's event log: the first message of a SiteLink (its Ack).
+def _cloud_acked_seq(stub: Any, pb: Any, timeout: float) -> tuple[int, int]:
+    """How far the cloud holds the site's event log: ``(ack, newest seq stored)``, from the
+    first message of a SiteLink (its Ack; a cloud that does not say its newest seq: the ack).
 
     The stream carries nothing from us and ends at once (it does replace a live link of the old
     machine, which reconnects).
@@ -179,16 +184,28 @@ def _cloud_acked_seq(stub: Any, pb: Any, timeout: float) -> int:
         call.cancel()
     if first.WhichOneof("body") != "ack":
         raise RestoreError("the cloud's link did not start with an acknowledgement")
-    return int(first.ack.seq)
+    return int(first.ack.seq), max(int(first.ack.seq), int(first.ack.newest_seq))
 
 
-def _continue_log_after(database: Path, cloud_seq: int) -> int:
+GAP_KIND = "site.restore.gap"
+"""Kind of the placeholder events a restore writes where the cloud has no contiguous log."""
+
+
+def _continue_log_after(database: Path, site_id: str, acked_seq: int, cloud_seq: int) -> int:
     """Make the restored log's next seq follow what the cloud holds; return the restored max.
 
     The events written after the backup are in the cloud, not in the backup: new events must
     not reuse their seqs (the cloud would drop them as duplicates). The log's AUTOINCREMENT
     counter moves past them; the seqs in between stay a gap in the local log only.
+
+    The cloud's ack is its highest *contiguous* seq; it may hold events beyond a gap
+    (``cloud_seq`` is its newest). The events of that gap were lost with the old machine, and
+    the ack would never pass it: each seq above the ack (and above the backup) becomes a
+    placeholder event without an outbox row, which the edge agent sends as a withheld
+    placeholder. The cloud keeps what it holds (first copy wins) and fills the gap, so its ack
+    reaches ``cloud_seq`` and the new machine's events are acknowledged after it.
     """
+    import json
     import sqlite3
 
     conn = sqlite3.connect(database)
@@ -196,6 +213,15 @@ def _continue_log_after(database: Path, cloud_seq: int) -> int:
         with conn:
             row = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
             restored = int(row[0])
+            first_gap = max(acked_seq, restored) + 1
+            if cloud_seq >= first_gap:
+                payload = json.dumps({"restored": True}, separators=(",", ":"))
+                conn.executemany(
+                    "INSERT INTO events (seq, site_id, kind, occurred_at, payload)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    ((seq, site_id, GAP_KIND, time.time(), payload)
+                     for seq in range(first_gap, cloud_seq + 1)),
+                )
             if cloud_seq > restored:
                 counter = conn.execute(
                     "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
@@ -315,6 +341,10 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         print(f"the cloud holds {done.cloud_seq - done.restored_seq} events of the site newer "
               f"than the backup (seq {done.restored_seq + 1} to {done.cloud_seq}); new events "
               f"continue at seq {done.cloud_seq + 1}")
+    if done.placeholders:
+        print(f"{done.placeholders} of those seqs are above the cloud's acknowledgement (a gap "
+              f"it never received, lost with the old machine, and what it holds beyond): they "
+              f"go up as placeholders so that its acknowledgement can pass them")
     return EXIT_OK
 
 

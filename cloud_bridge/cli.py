@@ -423,7 +423,10 @@ def _cmd_push_config(args: argparse.Namespace) -> int:
     if store is None:
         return 2
     try:
-        record = store.add_config(args.site, yaml, ca.sign_config, time.time())
+        from cloud_bridge.server import read_site_reports, reported_config_version
+
+        above = reported_config_version(read_site_reports(data_dir).get(args.site))
+        record = store.add_config(args.site, yaml, ca.sign_config, time.time(), above=above)
     finally:
         store.close()
     print(f"site={record.site_id} version={record.version} bytes={len(yaml)} "

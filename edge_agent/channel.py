@@ -7,6 +7,7 @@ guidance: the agent holds one long-lived stream, so a dead path must be noticed 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -32,7 +33,8 @@ BATCH_MESSAGE_BYTES = 512 * 1024
 size (256 KiB) and the envelopes it stays under MAX_MESSAGE_BYTES."""
 
 __all__ = ["BATCH_MESSAGE_BYTES", "MAX_MESSAGE_BYTES", "WITHHELD_KIND", "EventBatcher",
-           "channel_options", "event_message", "pb", "pb_grpc", "secure_channel"]
+           "channel_options", "column_messages", "event_message", "pb", "pb_grpc",
+           "secure_channel", "withheld_payload"]
 
 
 def channel_options(cloud: CloudSection) -> list[tuple[str, Any]]:
@@ -65,14 +67,47 @@ def secure_channel(
     return grpc.secure_channel(address, credentials, options=channel_options(cloud))
 
 
+def withheld_payload(kind: str) -> bytes:
+    """Payload of the placeholder for an event of ``kind`` that is not shipped: the cloud
+    learns what it is missing, never the content."""
+    return json.dumps({"kind": kind[:64], "withheld": True}, separators=(",", ":")).encode()
+
+
+def column_messages(
+    site_id: str, seqs: Sequence[int], kinds: Sequence[str], payloads: Sequence[bytes],
+    occurred_at: Sequence[float], limit_bytes: int = BATCH_MESSAGE_BYTES,
+) -> Iterator[tuple[Any, int, int]]:
+    """EventColumns messages of consecutive events, each closed once its payloads reach
+    ``limit_bytes`` (so under MAX_MESSAGE_BYTES); yields ``(message, last seq, payload bytes)``.
+
+    The columns go into the message whole (one C-level copy each), not event by event.
+    """
+    sizes = list(map(len, payloads))
+    start, count = 0, len(seqs)
+    while start < count:
+        end, total = start, 0
+        if sum(sizes[start:]) < limit_bytes:
+            end, total = count, sum(sizes[start:])
+        else:
+            while end < count and total < limit_bytes:
+                total += sizes[end]
+                end += 1
+        message = pb.SiteMessage()
+        columns = message.columns
+        columns.site_id = site_id
+        columns.seqs.extend(seqs[start:end])
+        columns.kinds.extend(kinds[start:end])
+        columns.payloads.extend(payloads[start:end])
+        columns.occurred_at.extend(occurred_at[start:end])
+        yield message, seqs[end - 1], total
+        start = end
+
+
 def _fill(message: Any, event: PendingEvent, withheld: bool) -> int:
     """Set kind, payload and time of an Event message; return the payload's size."""
     if withheld:
         message.kind = WITHHELD_KIND
-        # The cloud learns what it is missing, never the content.
-        payload = json.dumps(
-            {"kind": event.kind[:64], "withheld": True}, separators=(",", ":")
-        ).encode()
+        payload = withheld_payload(event.kind)
     else:
         message.kind = event.kind
         payload = event.payload

@@ -46,7 +46,16 @@ from appliance import eventlog
 from appliance.log import kv
 from appliance.store import schema_version
 from edge_agent.backup import BackupWorker, last_backup
-from edge_agent.channel import EventBatcher, event_message, pb, pb_grpc, secure_channel
+from edge_agent.channel import (
+    WITHHELD_KIND,
+    EventBatcher,
+    column_messages,
+    event_message,
+    pb,
+    pb_grpc,
+    secure_channel,
+    withheld_payload,
+)
 from edge_agent.config import EdgeConfig
 from edge_agent.config_apply import apply_config, running_config_version
 from edge_agent.link_state import LinkMonitor, Observation, State
@@ -58,6 +67,12 @@ BUSY_TIMEOUT_S = 5.0
 SCHEMA_NEEDED = 2
 """Migration that created the event log, outbox and link_state."""
 AGENT_VERSION = "edgecc-edge-agent 0.1"
+OUTBOX_SCAN_SPACING = 20.0
+"""The outbox is summed again no sooner than this many times the last sum's duration."""
+ACK_RECORD_INTERVAL_S = 0.1
+"""While events are in flight, acks are recorded (outbox rows deleted, fsynced) at most this
+often: the cloud acknowledges every batch, and one site transaction per batch would halve the
+relay's rate."""
 
 
 class AgentError(Exception):
@@ -152,8 +167,13 @@ class EdgeAgent:
         self._acks_beyond_log = False
         self._last_seen: tuple[Any, ...] = ()
         self._batches = False  # the cloud's first Ack of the stream says it takes EventBatch
+        self._columns = False  # ... and EventColumns
         self._sent: collections.deque[tuple[int, int]] = collections.deque()  # (seq, bytes)
         self._sent_bytes = 0
+        self._recorded_ack = 0  # the ack whose outbox rows are deleted and noted in link_state
+        self._ack_recorded_at = 0.0
+        self._outbox_sum: int | None = None  # see _outbox_bytes
+        self._outbox_sum_due = 0.0
         self.backups: BackupWorker | None = None
 
     # ------------------------------------------------------------------ database
@@ -186,6 +206,7 @@ class EdgeAgent:
         if saved is not None:
             self.counters = _Counters(saved.acked_seq, saved.dropped_events, saved.dropped_bytes)
             self._high_water = saved.acked_seq
+            self._recorded_ack = saved.acked_seq
         bound = eventlog.bound_site(db)
         if bound is not None and bound != self.site_id:
             raise AgentError(
@@ -271,13 +292,14 @@ class EdgeAgent:
                         if sent_upto is None:
                             sent_upto = seq
                             self._batches = item.ack.batches
+                            self._columns = item.ack.columns
                             was_linked = self._linked = True
                             self._lost_at = None
                             self._reason = ""
                             log.info(kv(event="link_up", site=self.site_id, ack=seq,
-                                        batches=self._batches))
+                                        batches=self._batches, columns=self._columns))
                         if first or seq != self.counters.acked_seq:  # not a heartbeat
-                            self._on_ack(seq)
+                            self._on_ack(seq, force=first)
                         # Held events of ours the cloud already had: no need to send them again.
                         sent_upto = max(sent_upto, seq)
                     elif body == "config":
@@ -306,9 +328,11 @@ class EdgeAgent:
                     return was_linked
                 if sent_upto is not None:
                     sent_upto = self._feed(stream, sent_upto)
+                self._record_ack()  # an ack held back by the interval, once due
                 self._tick()
         finally:
             stream.close()
+            self._record_ack(force=True)
         return was_linked
 
     def _hello(self) -> Any:
@@ -353,12 +377,14 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ acks and sending
 
-    def _on_ack(self, seq: int) -> None:
+    def _on_ack(self, seq: int, *, force: bool = False) -> None:
+        """Take the cloud's ack ``seq``: move the window, record it (``_record_ack``)."""
         db = self._require_db()
-        last = eventlog.last_seq(db)
+        last = _highest_assigned_seq(db)
         if seq > last:
-            # The cloud holds more of this site than the log: a restored or re-created site
-            # database would see its new events absorbed as duplicates. Say so loudly.
+            # The cloud holds more of this site than the log: a re-created site database would
+            # see its new events absorbed as duplicates. Say so loudly. (`edgecc restore` moves
+            # the log's counter past the cloud's ack, so a restored site is not flagged.)
             self._acks_beyond_log = True
             log.error(kv(event="ack_beyond_log", site=self.site_id, ack=seq, last_seq=last))
         else:
@@ -368,19 +394,39 @@ class EdgeAgent:
                          previous=self.counters.acked_seq))
         while self._sent and self._sent[0][0] <= seq:
             self._sent_bytes -= self._sent.popleft()[1]
+        # The window moves at once; the outbox rows go when the ack is recorded (below).
+        self.counters.acked_seq = seq
+        self._high_water = max(self._high_water, seq)
+        self._record_ack(force=force)
+
+    def _record_ack(self, *, force: bool = False) -> None:
+        """Delete the acknowledged outbox rows and note the ack in ``link_state``.
+
+        One transaction (and fsync) per ``ACK_RECORD_INTERVAL_S`` while events are in flight,
+        at once when none are or when ``force``d (an ack already recorded is not written again).
+        Deleting late is safe: the rows only wait, and after a crash they are sent again and the
+        cloud absorbs them; deleting early never happens. Busy beyond the timeout: the rows stay
+        and a later ack deletes them.
+        """
+        seq = self.counters.acked_seq
+        now = self.clock()
+        if seq == self._recorded_ack or (
+                not force and self._sent and now - self._ack_recorded_at < ACK_RECORD_INTERVAL_S):
+            return
+        db = self._require_db()
         try:
             with eventlog.transaction(db):
                 # One range delete (the outbox's key is seq) and the ack's own fields of the
                 # state row: summing the whole outbox here made each Ack cost O(backlog);
                 # _tick rewrites the full row at the state interval.
                 deleted = eventlog.acknowledge(db, seq)
-                self.counters.acked_seq = seq
-                self._high_water = max(self._high_water, seq)
-                eventlog.write_link_state(db, self._ack_snapshot(db, seq, last))
+                eventlog.write_link_state(
+                    db, self._ack_snapshot(db, seq, eventlog.last_seq(db))
+                )
         except sqlite3.OperationalError as exc:
-            # Busy beyond the timeout: the rows stay and the next ack deletes them.
             log.warning(kv(event="ack_not_recorded", site=self.site_id, ack=seq, error=exc))
             return
+        self._recorded_ack, self._ack_recorded_at = seq, now
         if deleted:
             log.debug(kv(event="acked", site=self.site_id, ack=seq, deleted=deleted))
 
@@ -391,6 +437,8 @@ class EdgeAgent:
         (``window_bytes``); the outbox is read in pages of ``batch`` events by seq range, and a
         cloud that takes EventBatch messages gets each page as one or a few messages.
         """
+        if self._columns:
+            return self._feed_columns(stream, sent_upto)
         db = self._require_db()
         cloud = self.cloud
         batcher = EventBatcher(self.site_id) if self._batches else None
@@ -445,6 +493,62 @@ class EdgeAgent:
                     self._note_sent(last, size)
         return sent_upto
 
+    def _feed_columns(self, stream: _Stream, sent_upto: int) -> int:
+        """``_feed`` for a cloud that takes EventColumns: each page of the outbox goes up as
+        columns (one message per ``BATCH_MESSAGE_BYTES`` of payloads), built from the rows as
+        SQLite returns them, without an object per event.
+        """
+        db = self._require_db()
+        cloud = self.cloud
+        while (sent_upto - self.counters.acked_seq < cloud.max_in_flight
+               and self._sent_bytes < cloud.window_bytes):
+            room = cloud.max_in_flight - (sent_upto - self.counters.acked_seq)
+            try:
+                rows = db.conn.execute(_PAGE_SQL, (sent_upto, min(cloud.batch, room))).fetchall()
+            except sqlite3.OperationalError as exc:
+                log.warning(kv(event="outbox_unreadable", site=self.site_id, error=exc))
+                return sent_upto
+            if not rows:
+                return sent_upto
+            seqs, sites, kinds, occurred, payloads, unqueued = (list(c) for c in zip(*rows, strict=True))
+            foreign = sites.count(self.site_id) != len(sites)
+            if foreign:
+                cut = next(i for i, site in enumerate(sites) if site != self.site_id)
+                self._problem = (
+                    f"event {seqs[cut]} belongs to site {sites[cut]!r}, not "
+                    f"{self.site_id!r}; relay stopped there"
+                )
+                if not cut:
+                    return sent_upto
+                del seqs[cut:], kinds[cut:], occurred[cut:], payloads[cut:], unqueued[cut:]
+            if any(unqueued) or not _columns_sendable(kinds, payloads):
+                self._withhold(seqs, kinds, payloads, unqueued)
+            for message, last, size in column_messages(self.site_id, seqs, kinds, payloads,
+                                                       occurred):
+                stream.send(message)
+                self._note_sent(last, size)
+            sent_upto = seqs[-1]
+            if foreign:
+                return sent_upto
+        return sent_upto
+
+    def _withhold(
+        self, seqs: list[int], kinds: list[str], payloads: list[bytes], unqueued: list[int]
+    ) -> None:
+        """Put placeholders in the columns where ``_feed`` would send one (in place)."""
+        for index, seq in enumerate(seqs):
+            # Rows at or below an ack ever received were shipped before; the cloud asks again
+            # only after losing them, so they go in full.
+            hide = bool(unqueued[index]) and seq > self._high_water
+            kind, payload = kinds[index], payloads[index]
+            if not hide and not (1 <= len(kind) <= eventlog.MAX_KIND_CHARS
+                                 and len(payload) <= eventlog.MAX_PAYLOAD_BYTES):
+                hide = True
+                log.error(kv(event="event_withheld", site=self.site_id, seq=seq,
+                             reason="over the bridge's limits"))
+            if hide:
+                kinds[index], payloads[index] = WITHHELD_KIND, withheld_payload(kind)
+
     def _note_sent(self, seq: int, size: int) -> None:
         """Count ``size`` payload bytes in flight until ``seq`` is acknowledged."""
         self._sent.append((seq, size))
@@ -473,7 +577,7 @@ class EdgeAgent:
         quota_problem = ""
         try:
             lag_seconds = self._lag_seconds(db, now)
-            held = eventlog.outbox_bytes(db)
+            held = self._outbox_bytes(db, force=force)
             if held > self.cloud.outbox_quota_bytes:
                 before = (self.counters.dropped_events, self.counters.dropped_bytes)
                 try:
@@ -484,7 +588,7 @@ class EdgeAgent:
                         )
                         self.counters.dropped_events += dropped
                         self.counters.dropped_bytes += dropped_bytes
-                        eventlog.write_link_state(db, self._snapshot(db, now=now))
+                        eventlog.write_link_state(db, self._snapshot(db, now=now, held=None))
                 except BaseException:
                     self.counters.dropped_events, self.counters.dropped_bytes = before
                     raise
@@ -492,7 +596,7 @@ class EdgeAgent:
                     log.warning(kv(event="outbox_dropped", site=self.site_id, events=dropped,
                                    bytes=dropped_bytes, quota=self.cloud.outbox_quota_bytes))
                     force = True
-                    held = eventlog.outbox_bytes(db)
+                    held = self._outbox_bytes(db, force=True)
         except sqlite3.OperationalError as exc:
             log.warning(kv(event="quota_check_failed", site=self.site_id, error=exc))
             return
@@ -518,7 +622,8 @@ class EdgeAgent:
         if not (force or change.changed or now >= self._next_state_at):
             return
         try:
-            eventlog.write_link_state(db, self._snapshot(db, detail=change.detail, now=now))
+            eventlog.write_link_state(db, self._snapshot(db, detail=change.detail, now=now,
+                                                         held=held))
         except sqlite3.OperationalError as exc:
             log.warning(kv(event="link_state_not_written", site=self.site_id, error=exc))
             return
@@ -532,8 +637,23 @@ class EdgeAgent:
         since = first.enqueued_at if first.enqueued_at is not None else first.occurred_at
         return max(0.0, now - since)
 
+    def _outbox_bytes(self, db: sqlite_utils.Database, *, force: bool = False) -> int:
+        """The outbox's payload bytes, summed again when forced or when the last sum is old.
+
+        The sum reads the whole outbox (no running total is kept): with a backlog of a million
+        events it takes a noticeable share of a core, so it is repeated only after
+        ``OUTBOX_SCAN_SPACING`` times its own duration (at most 1/20 of the agent's time) and the
+        state interval in between reuses it. The quota is enforced on a sum at most that old.
+        """
+        now = time.monotonic()
+        if force or self._outbox_sum is None or now >= self._outbox_sum_due:
+            self._outbox_sum = eventlog.outbox_bytes(db)
+            self._outbox_sum_due = now + (time.monotonic() - now) * OUTBOX_SCAN_SPACING
+        return self._outbox_sum
+
     def _snapshot(
-        self, db: sqlite_utils.Database, *, detail: str | None = None, now: float | None = None
+        self, db: sqlite_utils.Database, *, detail: str | None = None, now: float | None = None,
+        held: int | None = None,
     ) -> eventlog.LinkState:
         now = self.clock() if now is None else now
         acked = self.counters.acked_seq
@@ -544,7 +664,7 @@ class EdgeAgent:
             state=self.monitor.state.value, since=self.monitor.since, acked_seq=acked,
             lag_events=max(0, eventlog.last_seq(db) - acked),
             lag_seconds=self._lag_seconds(db, now), detail=detail,
-            outbox_bytes=eventlog.outbox_bytes(db),
+            outbox_bytes=eventlog.outbox_bytes(db) if held is None else held,
             dropped_events=self.counters.dropped_events,
             dropped_bytes=self.counters.dropped_bytes, updated_at=now,
         )
@@ -565,6 +685,32 @@ def _queued_acks(stream: _Stream) -> int:
                 return highest
         kind, item = stream.inbox.get_nowait()  # only this thread takes from the inbox
         highest = max(highest, item.ack.seq)
+
+
+_PAGE_SQL = (
+    # eventlog.read_pending's page as plain columns: the payload as bytes straight from SQLite,
+    # and 1 where the event has no outbox row (withheld).
+    "SELECT e.seq, e.site_id, e.kind, e.occurred_at, CAST(e.payload AS BLOB), o.seq IS NULL "
+    "FROM events AS e LEFT JOIN outbox AS o ON o.seq = e.seq "
+    "WHERE e.seq > ? ORDER BY e.seq LIMIT ?"
+)
+
+
+def _highest_assigned_seq(db: sqlite_utils.Database) -> int:
+    """The highest seq the event log has given out: its newest event, or the AUTOINCREMENT
+    counter when that is higher (a restored log continues above the cloud's events)."""
+    row = db.conn.execute(
+        "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events), 0),"
+        " COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0))"
+    ).fetchone()
+    return int(row[0])
+
+
+def _columns_sendable(kinds: list[str], payloads: list[bytes]) -> bool:
+    """Every event of the page within the cloud's limits (checked in C, column by column)."""
+    sizes = list(map(len, kinds))
+    return (min(sizes) >= 1 and max(sizes) <= eventlog.MAX_KIND_CHARS
+            and max(map(len, payloads)) <= eventlog.MAX_PAYLOAD_BYTES)
 
 
 def _sendable(event: eventlog.PendingEvent) -> bool:

@@ -13,8 +13,6 @@ import functools
 import importlib.util
 import json
 import os
-import re
-import selectors
 import shutil
 import signal
 import sqlite3
@@ -33,11 +31,17 @@ from proto.build import ensure_generated
 
 ensure_generated()
 
+from peers import agent_phone, call_record, sipp, sipp_failed  # noqa: E402
+from test_register_peers import Site  # noqa: E402
+from test_register_peers import start as start_appliance  # noqa: E402
+from test_register_peers import stop as stop_appliance  # noqa: E402
+
 from appliance import eventlog  # noqa: E402
 from appliance.restore import RestoreError, restore_from_cloud  # noqa: E402
 from appliance.store import open_site_db  # noqa: E402
 from cloud_bridge.backups import issue_restore_token  # noqa: E402
 from cloud_bridge.server import CloudConfig, CloudServer, read_site_reports  # noqa: E402
+from cloud_bridge.store import EventRecord  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EDGECC = str(Path(sys.executable).parent / "edgecc")
@@ -181,6 +185,11 @@ def make_site(tmp_path: Path, cloud: Cloud, calls: int = 30) -> Path:
                       "--ca-cert", str(cloud.data_dir / "ca" / "ca.crt"))
     assert enrolled.returncode == 0, enrolled.stderr
     configure(site)
+    # The carrier (SIPp) calls from 127.0.0.2 when the restored site serves a call.
+    site_file = site / "site.yaml"
+    data = yaml.safe_load(site_file.read_text())
+    data.setdefault("trunk", {})["allowed_sources"] = ["127.0.0.2/32"]
+    site_file.write_text(yaml.safe_dump(data, sort_keys=False))
     return site
 
 
@@ -226,43 +235,24 @@ def _sip_stack_missing() -> str | None:
     return None
 
 
-STARTUP = re.compile(r"^edgecc appliance site=(?P<site>\S+) sip=(?P<sip>\S+) http=(?P<http>\S+)$")
-
-
-def register_with_sipp(site_dir: Path, tmp_path: Path) -> None:
-    """Start the appliance of ``site_dir`` and register its first demo account with SIPp."""
-    proc = subprocess.Popen([EDGECC, "appliance", "--site-dir", str(site_dir)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def serve_a_call(new: Path, tmp_path: Path) -> dict[str, Any]:
+    """Start the appliance of ``new``; agent 1001's phone (pjsua2) registers with the password
+    it had before and logs in; a carrier call (SIPp) goes through the IVR ("1") to the queue
+    and the agent answers. Returns the call record."""
+    credentials = json.loads((new / "demo-credentials.json").read_text())
+    site = Site(new, credentials["realm"],
+                {a["user"]: a["password"] for a in credentials["accounts"]}, new / "edgecc.db")
+    running = start_appliance(site, "restored-appliance.log")
     try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
-            assert selector.select(timeout=WAIT), "no start-up line from the restored appliance"
-        line = proc.stdout.readline().rstrip("\n")  # type: ignore[union-attr]
-        match = STARTUP.match(line)
-        assert match, f"{line!r} {proc.stderr.read() if proc.poll() is not None else ''}"  # type: ignore[union-attr]
-        udp = next(p for p in match["sip"].split(",") if p.startswith("udp:"))
-        _, host, port = udp.split(":")
-        credentials = json.loads((site_dir / "demo-credentials.json").read_text())
-        account = credentials["accounts"][0]
-        users = tmp_path / "users.csv"
-        users.write_text(
-            f"SEQUENTIAL\n{account['user']};{host}:{port};"
-            f"[authentication username={account['auth_user']} password={account['password']}]\n"
-        )
-        result = subprocess.run(
-            ["sipp", "-sf", str(ROOT / "tests" / "sipp" / "register_digest.xml"), "-inf",
-             str(users), "-m", "1", "-i", "127.0.0.1", "-p", "0", f"{host}:{port}", "-nostdin",
-             "-timeout", "20", "-timeout_error"],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path,
-        )
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        mark = len(running.log_text())
+        with agent_phone(tmp_path, site, running, "answer", talk=1.0) as phone:
+            result = sipp(tmp_path, running, "trunk_call", keys={"hangup": "agent"})
+            assert result.returncode == 0, sipp_failed(result, running)
+            phone.wait("answered")
+            phone.wait("disconnected")
+        return call_record(site, running, mark)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(WAIT)
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
+        stop_appliance(running.proc)
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -293,6 +283,12 @@ def test_hello_backup_on_request_and_restore_onto_a_new_machine(
                  "a Hello naming the backup")
     finally:
         agent.stop()
+    # The old machine's last messages: 36 and 37 never arrived, 38 and 39 did and are held
+    # beyond that gap. 36 and 37 are lost with the old machine.
+    held = cloud.on_worker(cloud.server.store.ingest, [
+        EventRecord(SITE, seq, "queue.enter", b'{"held":%d}' % seq, 2000.0 + seq)
+        for seq in (38, 39)], time.time(), window=100_000)
+    assert (held.acked_seq, held.stored) == (35, 2)
 
     new = tmp_path / "new-machine" / "site"
     # The token from `edgecc cloud restore-token` (its own process and store connection).
@@ -306,18 +302,12 @@ def test_hello_backup_on_request_and_restore_onto_a_new_machine(
     result = restore(cloud, token, new, "--progress")
     assert result.returncode == 0, result.stderr
     assert "100.0%" in result.stderr and backup_id in result.stdout
-    assert "new events continue at seq 36" in result.stdout
+    assert "(seq 31 to 39); new events continue at seq 40" in result.stdout
+    assert "4 of those seqs are above the cloud's acknowledgement" in result.stdout
     assert rows(new / "edgecc.db", CALLS) == rows(site / "edgecc.db", CALLS)
     backed_up_events = [r for r in rows(site / "edgecc.db", EVENTS) if r[0] <= 30]
-    assert rows(new / "edgecc.db", EVENTS) == backed_up_events
+    assert [r for r in rows(new / "edgecc.db", EVENTS) if r[0] <= 30] == backed_up_events
     assert len(rows(new / "edgecc.db", CALLS)) == 30
-    # The restored log continues above what the cloud holds, so nothing new is lost as a
-    # "duplicate" of an event the old machine sent after the backup.
-    restored_db = open_site_db(new / "edgecc.db")
-    try:
-        assert eventlog.append(restored_db, "site.restored", {}, occurred_at=3000.0) == 36
-    finally:
-        restored_db.conn.close()
     for name in ("site.yaml", "site.key", "demo-credentials.json", "tls/sip.key",
                  "recordings/c1.rec"):
         assert (new / name).read_bytes() == (site / name).read_bytes(), name
@@ -329,8 +319,51 @@ def test_hello_backup_on_request_and_restore_onto_a_new_machine(
 
     missing = _sip_stack_missing()
     if missing is not None or shutil.which("sipp") is None:
-        pytest.skip(f"SIP stack ({missing}) or SIPp missing: registration not checked")
-    register_with_sipp(new, tmp_path)
+        pytest.skip(f"SIP stack ({missing}) or SIPp missing: the restored site's call not run")
+    pytest.importorskip("pjsua2")
+    # The restored site serves calls with the same agents, queues and records, and its events
+    # reach the cloud above the old machine's: none is lost as a "duplicate" of seq 31-35.
+    new_agent = Agent(new)
+    new_agent.start()
+    try:
+        record = serve_a_call(new, tmp_path)
+        assert (record["queue"], record["agent"]) == ("support", "1001")
+        assert record["ivr_trace"] == ["welcome", "support"]
+        calls = rows(new / "edgecc.db", CALLS)
+        assert len(calls) == 31 and [c for c in calls if c[0] != record["call_id"]] == rows(
+            site / "edgecc.db", CALLS)
+        local = rows(new / "edgecc.db", EVENTS)
+        # 36-39 are the restore's placeholders (no outbox row: sent as withheld placeholders),
+        # then the new machine's own events, above everything the cloud holds.
+        assert [(r[0], r[1]) for r in local if 30 < r[0] < 40] == [
+            (seq, "site.restore.gap") for seq in range(36, 40)]
+        assert [r[0] for r in local if r[0] > 30][4] == 40
+        call_events = [(seq, kind, json.loads(payload)) for seq, kind, payload, _ in local
+                       if json.loads(payload).get("call_id") == record["call_id"]]
+        assert [e[1] for e in call_events] == ["queue.enter", "queue.connect",
+                                               "queue.complete", "call.record"]
+        last = local[-1][0]
+        wait_for(lambda: cloud.on_worker(cloud.server.store.acked_seq, SITE) >= last,
+                 f"the cloud acknowledging the restored site's seq {last}")
+        stored = cloud.on_worker(cloud.server.store.events, SITE, limit=10_000)
+        assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
+        in_cloud = {e.seq: (e.kind, json.loads(e.payload)) for e in stored}
+        # The old machine's events after the backup are kept, the new machine's are stored.
+        assert [in_cloud[n] for n in range(31, 36)] == [
+            ("queue.enter", {"n": n}) for n in range(5)]
+        # The gap is filled with placeholders and the ack passed it; the held events are kept.
+        assert [in_cloud[n] for n in (36, 37)] == [
+            ("edgecc.withheld", {"kind": "site.restore.gap", "withheld": True})] * 2
+        assert [in_cloud[n] for n in (38, 39)] == [("queue.enter", {"held": n}) for n in (38, 39)]
+        for seq, kind, payload, _ in local:
+            if seq >= 40 or seq <= 30:
+                assert in_cloud[seq] == (kind, json.loads(payload)), seq
+        for seq, kind, payload in call_events:
+            assert in_cloud[seq] == (kind, payload)
+    finally:
+        new_agent.stop()
+    # A correctly restored log is not mistaken for a re-created one.
+    assert "ack_beyond_log" not in new_agent.log.read_text()
 
 
 def test_tampered_truncated_or_spent_restores_are_refused_and_leave_new_empty(

@@ -474,6 +474,31 @@ def test_config_versions_are_signed_and_pushed(cloud: Cloud, paris: Site) -> Non
     assert not cloud.call(cloud.server.request_backup("paris-1"))  # not linked any more
 
 
+def test_a_push_is_numbered_above_a_version_the_site_made_itself(cloud: Cloud,
+                                                                  paris: Site) -> None:
+    cloud.call(cloud.server.push_config("paris-1", b"site: {id: paris-1}\n"))
+    # An admin changed the site through its API twice: the site now runs version 3.
+    channel, link = open_link(cloud, paris)
+    with channel:
+        assert link.wait_ack(0) == [0]
+        link.send(pb.SiteMessage(hello=pb.Hello(site_id="paris-1", config_version=3)))
+        link.event(1)
+        assert link.recv().WhichOneof("body") == "ack"  # the Hello was taken; nothing sent down
+        pushed = cloud.call(cloud.server.push_config("paris-1", b"site: {id: paris-1, name: P}\n"))
+        assert pushed.version == 4
+        assert link.recv().config.version == 4
+        link.finish()
+    # Offline, the site's last report still counts.
+    channel, link = open_link(cloud, paris)
+    with channel:
+        assert link.wait_ack(1) == [1]
+        link.send(pb.SiteMessage(hello=pb.Hello(site_id="paris-1", config_version=9)))
+        link.event(2)
+        assert link.recv().WhichOneof("body") == "ack"
+        link.finish()
+    assert cloud.call(cloud.server.push_config("paris-1", b"site: {id: paris-1}\n")).version == 10
+
+
 # ------------------------------------------------------------------- backups
 
 
@@ -742,6 +767,112 @@ def test_batch_ingest_counts_duplicates_and_walks_over_held_events(
     assert stored_seqs(cloud, "paris-1") == list(range(1, 13))
     assert [e.payload for e in cloud.store("events", "paris-1")] == [b"p%d" % s
                                                                     for s in range(1, 13)]
+
+
+def _columns(seqs: list[int], site_id: str = "paris-1") -> Any:
+    message = pb.SiteMessage()
+    columns = message.columns
+    columns.SetInParent()  # present even when empty
+    columns.site_id = site_id
+    columns.seqs.extend(seqs)
+    columns.kinds.extend(["queue.enter"] * len(seqs))
+    columns.payloads.extend(f"call {seq}".encode() for seq in seqs)
+    columns.occurred_at.extend(1_700_000_000.25 + seq for seq in seqs)
+    return message
+
+
+def test_event_columns_are_stored_like_single_events(cloud: Cloud, paris: Site) -> None:
+    channel, link = open_link(cloud, paris)
+    with channel:
+        first = link.recv()
+        assert first.ack.seq == 0 and first.ack.columns  # the cloud says it takes columns
+        link.send(_columns([3, 1, 2] + list(range(4, 41)) + [1, 2]))  # out of order, replays
+        link.event(41)  # single events and batches still work, interleaved
+        link.send(_batch(list(range(42, 51))))
+        link.send(_columns(list(range(51, 61))))
+        assert link.wait_ack(60)[-1] == 60
+        link.finish()
+    events = cloud.store("events", "paris-1", limit=1000)
+    assert [e.seq for e in events] == list(range(1, 61))
+    assert all(e.payload == f"call {e.seq}".encode() for e in events)
+    assert all(e.occurred_at == 1_700_000_000.25 + e.seq for e in events if e.seq != 41
+               and not 42 <= e.seq <= 50)
+    counts = {view.site_id: view.events_by_kind for view in cloud.call(cloud.server.site_views())}
+    assert counts["paris-1"] == {"queue.enter": 60}  # replays are not counted twice
+
+
+@pytest.mark.parametrize(
+    ("edit", "code", "words", "kept"),
+    [
+        (lambda c: c.kinds.__setitem__(2, ""), grpc.StatusCode.INVALID_ARGUMENT,
+         "event 3: kind", [1, 2]),
+        (lambda c: c.kinds.__setitem__(1, "k" * 65), grpc.StatusCode.INVALID_ARGUMENT,
+         "event 2: kind", [1]),
+        (lambda c: c.payloads.__setitem__(3, b"x" * (256 * 1024 + 1)),
+         grpc.StatusCode.INVALID_ARGUMENT, "event 4: payload", [1, 2, 3]),
+        (lambda c: c.seqs.__setitem__(0, 0), grpc.StatusCode.INVALID_ARGUMENT,
+         "seq starts at 1", []),
+        (lambda c: c.occurred_at.__delitem__(3), grpc.StatusCode.INVALID_ARGUMENT,
+         "different lengths", []),
+        (lambda c: [c.ClearField(f) for f in ("seqs", "kinds", "payloads", "occurred_at")],
+         grpc.StatusCode.INVALID_ARGUMENT, "empty event batch", []),
+        (lambda c: setattr(c, "site_id", "lyon-2"), grpc.StatusCode.PERMISSION_DENIED,
+         "lyon-2", []),
+    ],
+    ids=["empty-kind", "long-kind", "big-payload", "seq-0", "lengths", "empty", "other-site"],
+)
+def test_a_bad_event_in_columns_ends_the_link_after_the_good_ones(
+    cloud: Cloud, paris: Site, edit: Any, code: grpc.StatusCode, words: str, kept: list[int]
+) -> None:
+    message = _columns([1, 2, 3, 4])
+    edit(message.columns)
+    channel, link = open_link(cloud, paris)
+    with channel:
+        link.send(message)
+        error = link.error()
+    assert error.code() == code
+    assert words in error.details()
+    assert stored_seqs(cloud, "paris-1") == kept  # the good ones before it are kept
+    assert cloud.store("acked_seq", "paris-1") == len(kept)
+
+
+def test_the_first_ack_says_the_newest_seq_held_beyond_a_gap(cloud: Cloud, paris: Site) -> None:
+    channel, link = open_link(cloud, paris)
+    with channel:
+        first = link.recv()
+        assert (first.ack.seq, first.ack.newest_seq) == (0, 0)
+        link.send(_columns([1, 2, 5, 6]))  # 3 and 4 missing: 5 and 6 held
+        assert link.wait_ack(2)[-1] == 2
+        link.finish()
+    channel, link = open_link(cloud, paris)
+    with channel:
+        first = link.recv()
+        assert (first.ack.seq, first.ack.newest_seq) == (2, 6)  # where a restore continues
+        link.finish()
+
+
+def test_column_ingest_admits_the_usual_batch_whole_and_checks_the_rest(
+    cloud: Cloud, paris: Site
+) -> None:
+    from cloud_bridge.store import EventColumns, StoreError
+
+    def columns(seqs: list[int]) -> EventColumns:
+        return EventColumns("paris-1", seqs, ["queue.enter"] * len(seqs),
+                            [b"c%d" % s for s in seqs], [1.0] * len(seqs))
+
+    usual = cloud.store("ingest", columns([2, 1, 3]), 10.0, window=100)  # a permuted range
+    assert (usual.acked_seq, usual.stored, usual.duplicates, usual.refused) == (3, 3, 0, 0)
+    # Same size as the range 4..6 but not it: a replay of 3 and a gap at 5.
+    mixed = cloud.store("ingest", columns([3, 4, 6]), 11.0, window=100)
+    assert (mixed.acked_seq, mixed.stored, mixed.duplicates) == (4, 2, 1)
+    beyond = cloud.store("ingest", columns([5, 5, 7, 300]), 12.0, window=100)
+    assert (beyond.acked_seq, beyond.stored, beyond.duplicates, beyond.refused) == (7, 2, 1, 1)
+    assert stored_seqs(cloud, "paris-1") == list(range(1, 8))
+    with pytest.raises(StoreError, match="differ in length"):
+        EventColumns("paris-1", [8, 9], ["queue.enter"], [b"", b""], [1.0, 1.0])
+    with pytest.raises(StoreError, match="empty batch"):
+        cloud.store("ingest", columns([]), 13.0, window=100)
+    assert cloud.store("acked_seq", "paris-1") == 7  # nothing lost or moved by the refusals
 
 
 def test_a_quiet_link_hears_the_ack_again(tmp_path) -> None:

@@ -586,3 +586,28 @@ def test_event_batches_stay_under_the_message_limit() -> None:
     last = sent[-1].events.events[-1]
     assert last.kind == "edgecc.withheld" and b"x" not in last.payload  # never the content
     assert last.occurred_at.seconds == 1_700_000_000 and last.occurred_at.nanos == 500_000_000
+
+
+def test_event_columns_stay_under_the_message_limit() -> None:
+    from edge_agent.channel import BATCH_MESSAGE_BYTES, MAX_MESSAGE_BYTES, column_messages
+
+    biggest = eventlog.MAX_PAYLOAD_BYTES
+    sizes = [1000] * 3 + [biggest] * 5 + [10] * 2000
+    seqs = list(range(1, len(sizes) + 1))
+    payloads = [bytes([65 + seq % 26]) * size for seq, size in zip(seqs, sizes, strict=True)]
+    kinds = ["call.record"] * len(seqs)
+    occurred = [1_700_000_000.5 + seq for seq in seqs]
+    sent = list(column_messages(SITE, seqs, kinds, payloads, occurred))
+    assert len(sent) > 1
+    got: list[tuple[int, str, bytes, float]] = []
+    for message, last, size in sent:
+        columns = message.columns
+        assert message.ByteSize() <= MAX_MESSAGE_BYTES
+        assert columns.site_id == SITE and columns.seqs[-1] == last
+        assert size == sum(len(p) for p in columns.payloads)
+        assert sum(len(p) for p in columns.payloads[:-1]) < BATCH_MESSAGE_BYTES
+        got.extend(zip(columns.seqs, columns.kinds, columns.payloads, columns.occurred_at,
+                       strict=True))
+    # Every event once, in order, each field as given (the time to the microsecond and below).
+    assert got == list(zip(seqs, kinds, payloads, occurred, strict=True))
+    assert list(column_messages(SITE, [], [], [], [])) == []
