@@ -1,21 +1,29 @@
-"""Routing decisions per second: the compiled ACD router against the pure-Python reference.
+"""Routing decisions per second and decision latency: the compiled ACD router against the
+pure-Python reference, at the size of a large site.
 
-A site of 50 queues and 500 agents (each agent in 5 queues, skill levels 1-10, queues with
-skill minimums relaxed after 30 s, all eight strategies in use) holds 2,000 waiting callers with
-every agent busy. Each cycle, as the appliance would drive it: a call ends, the router offers the
-freed agent the first caller in the global order they may take, the agent answers, a new caller
-joins, and the adapter asks for the next timer. Both routers run the same seeded cycles in the
-same process; their decisions must be identical. Prints one JSON line last
+50 queues, 2,000 agents (each in 5 queues), 20 skills: every queue requires two skills, relaxed
+in two steps (minimums lowered by 3 after 30 s, the second skill dropped after 90 s); all eight
+strategies are in use. 10,000 callers wait and every agent is busy. Each cycle, as the appliance
+would drive it: a call ends, the router offers the freed agent the first caller in the global
+order they may take, the agent answers, a new caller joins, and the adapter asks for the next
+timer. Only the router calls are timed (time.perf_counter_ns around each ``handle`` and
+``next_timer``), not the driver building events. Both routers run the same seeded cycles in the
+same process (the reference fewer of them); their decisions and next timers must be identical
+on the cycles both ran. The router's state size is measured twice: the tracemalloc peak while
+the router is built and loaded (Python objects only) and the growth of the process's resident
+memory over the same steps (everything, C arrays included). Prints one JSON line last
 (/work/shared/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import statistics
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,33 +33,45 @@ from appliance.acd.reference import ReferenceRouter  # noqa: E402
 from appliance.acd.router import COMPILED, Router  # noqa: E402
 
 N_QUEUES = 50
-N_AGENTS = 500
+N_AGENTS = 2000
 QUEUES_PER_AGENT = 5
-N_WAITING = 2000
-SKILLS = ("en", "fr", "de", "billing", "tech", "sales")
-REPEATS = 5
-CYCLES_REFERENCE = 1000
-CYCLES_COMPILED = 20000
+N_WAITING = 10_000
+SKILLS = tuple(f"skill{i:02d}" for i in range(20))
+EXTRA_SKILLS = 3  # skills an agent has beyond those of their queues
+REPEATS = 3
+CYCLES_REFERENCE = 500
+CYCLES_COMPILED = 20_000
+STEP = 0.05  # seconds of site time per cycle
 
 
 def site(seed: int = 1) -> m.RouterConfig:
+    """The site: queue qi needs its primary skill at 2-7 and a secondary one at 1-4."""
     rnd = random.Random(seed)
-    agents = [m.AgentConfig(f"agent{i:03d}",
-                            skills=tuple((s, rnd.randint(1, 10)) for s in SKILLS))
-              for i in range(N_AGENTS)]
+    primary = [SKILLS[qi % len(SKILLS)] for qi in range(N_QUEUES)]
+    secondary = [SKILLS[(qi * 7 + 3) % len(SKILLS)] for qi in range(N_QUEUES)]
+    if any(p == s for p, s in zip(primary, secondary, strict=True)):
+        raise SystemExit("site: a queue's two skills coincide")
     members: list[list[m.Member]] = [[] for _ in range(N_QUEUES)]
-    for a in agents:
+    agents = []
+    for i in range(N_AGENTS):
+        agent = f"agent{i:04d}"
+        levels: dict[str, int] = {}
         for qi in rnd.sample(range(N_QUEUES), QUEUES_PER_AGENT):
-            members[qi].append(m.Member(a.agent, penalty=rnd.choice((0, 0, 1)),
+            members[qi].append(m.Member(agent, penalty=rnd.choice((0, 0, 1)),
                                         weight=rnd.randint(1, 5)))
+            levels[primary[qi]] = rnd.randint(1, 10)
+        for skill in rnd.sample(SKILLS, EXTRA_SKILLS):
+            levels.setdefault(skill, rnd.randint(1, 10))
+        agents.append(m.AgentConfig(agent, skills=tuple(sorted(levels.items()))))
     strategies = list(m.Strategy)
     queues = [
         m.QueueConfig(
             f"queue{qi:02d}",
             tuple(members[qi]),
             strategy=strategies[qi % len(strategies)],
-            required_skills=((SKILLS[qi % len(SKILLS)], 1 + qi % 7),),
-            relax_steps=(m.RelaxStep(30.0, lower_by=3),),
+            required_skills=((primary[qi], 2 + qi % 6), (secondary[qi], 1 + qi % 4)),
+            relax_steps=(m.RelaxStep(30.0, lower_by=3),
+                         m.RelaxStep(90.0, drop=(secondary[qi],))),
             ring_timeout=20.0,
             max_wait=3600.0,
         )
@@ -71,84 +91,151 @@ class Driver:
         self.busy: list[tuple[str, str]] = []  # (agent, call) in progress
         self.now = 0.0
         self.calls = 0
-        self.decisions: list[object] = []
-        for _ in range(N_WAITING):
-            self.join()
+        self.trace: list[object] = []  # decisions and next timers, for the comparison
+        self.tracing = True  # off once past the cycles compared (the trace would only grow)
+        self.offers = 0
+        self.cycle_ns: list[int] = []
+        for _ in range(N_WAITING):  # the queue built up over the last 500 s: a steady state
+            self.now += STEP
+            self.apply(self.new_caller())
         for a in config.agents:
             self.apply(m.AgentLogin(a.agent))
         for _ in range(len(self.busy)):
-            self.join()  # back to N_WAITING callers (all agents busy)
-        self.decisions.clear()
+            self.apply(self.new_caller())  # back to N_WAITING callers (all agents busy)
+        self.trace.clear()
+        self.offers = 0
 
-    def join(self) -> None:
+    def new_caller(self) -> m.CallerJoin:
         self.calls += 1
-        self.apply(m.CallerJoin(f"call{self.calls}", self.rnd.choice(self.queues),
-                                priority=self.rnd.choice((0, 0, 0, 1))))
+        return m.CallerJoin(f"call{self.calls}", self.rnd.choice(self.queues),
+                            priority=self.rnd.choice((0, 0, 0, 1)))
 
-    def apply(self, event: object) -> None:
+    def apply(self, event: object) -> int:
+        """Feed one event, answer its offers; returns the nanoseconds spent in the router."""
+        start = time.perf_counter_ns()
         out = self.r.handle(event, self.now)
-        self.decisions.extend(out)
+        spent = time.perf_counter_ns() - start
+        if self.tracing:
+            self.trace.extend(out)
         for d in out:
             if isinstance(d, m.Offer):
+                self.offers += 1
                 agent = d.agents[0]
-                self.decisions.extend(self.r.handle(m.OfferAccepted(d.call, agent), self.now))
+                accepted = m.OfferAccepted(d.call, agent)
+                start = time.perf_counter_ns()
+                more = self.r.handle(accepted, self.now)
+                spent += time.perf_counter_ns() - start
+                if self.tracing:
+                    self.trace.extend(more)
                 self.busy.append((agent, d.call))
+        return spent
 
     def cycle(self) -> None:
-        self.now += 0.05
+        self.now += STEP
+        spent = 0
         if self.busy:
             i = self.rnd.randrange(len(self.busy))
             self.busy[i], self.busy[-1] = self.busy[-1], self.busy[i]
             agent, call = self.busy.pop()
-            self.apply(m.CallEnded(call, agent))
-        self.join()
-        self.r.next_timer()
+            spent += self.apply(m.CallEnded(call, agent))
+        spent += self.apply(self.new_caller())
+        start = time.perf_counter_ns()
+        due = self.r.next_timer()
+        spent += time.perf_counter_ns() - start
+        if self.tracing:
+            self.trace.append(("next_timer", due))
+        self.cycle_ns.append(spent)
 
 
-def run(router_cls: type, config: m.RouterConfig, cycles: int) -> tuple[float, list[object]]:
-    """Decisions per CPU second of this process (the box is shared: CPU time is what the
-    router itself spends, wall time would count other processes' turns too)."""
+def run(router_cls: type, config: m.RouterConfig, cycles: int) -> dict[str, object]:
+    """One run: decisions per second of router time, p99 cycle latency, and the trace."""
     driver = Driver(router_cls, config, seed=7)
-    start = time.process_time()
-    for _ in range(cycles):
+    cpu = time.process_time()
+    for i in range(cycles):
+        driver.tracing = i < CYCLES_REFERENCE
         driver.cycle()
-    elapsed = time.process_time() - start
-    offers = sum(1 for d in driver.decisions if isinstance(d, m.Offer))
-    if offers == 0:
+    cpu = time.process_time() - cpu
+    if driver.offers == 0:
         raise SystemExit("no offers made: the benchmark is not routing")
-    return offers / elapsed, driver.decisions
+    router_s = sum(driver.cycle_ns) / 1e9
+    ordered = sorted(driver.cycle_ns)
+    return {
+        "rate": driver.offers / router_s,
+        "rate_cpu_with_driver": driver.offers / cpu,
+        "p50_ms": ordered[len(ordered) // 2] / 1e6,
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1e6,
+        "offers": driver.offers,
+        "trace": driver.trace,
+    }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def state_size(config: m.RouterConfig) -> dict[str, float]:
+    """Memory of the compiled router built and loaded (10,000 callers, every agent busy)."""
+    gc.collect()
+    rss = _rss_bytes()
+    driver = Driver(Router, config, seed=7)
+    rss_delta = _rss_bytes() - rss
+    del driver
+    gc.collect()
+    tracemalloc.start()
+    driver = Driver(Router, config, seed=7)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del driver
+    return {"tracemalloc_peak_mb": round(peak / 2**20, 1), "rss_delta_mb": round(rss_delta / 2**20, 1)}
 
 
 def main() -> None:
     if not COMPILED:
         raise SystemExit("compiled ACD router not built: make build")
     config = site()
-    fast_rates, ref_rates = [], []
+    memory = state_size(config)
+    print(f"state: {memory}")
+    fast_runs, ref_runs = [], []
     for rep in range(REPEATS):
-        ref_rate, ref_decisions = run(ReferenceRouter, config, CYCLES_REFERENCE)
-        fast_rate, fast_decisions = run(Router, config, CYCLES_COMPILED)
-        if fast_decisions[: len(ref_decisions)] != ref_decisions:
+        ref = run(ReferenceRouter, config, CYCLES_REFERENCE)
+        fast = run(Router, config, CYCLES_COMPILED)
+        n = len(ref["trace"])
+        if fast["trace"][:n] != ref["trace"]:
             raise SystemExit("compiled and reference routers decided differently")
-        ref_rates.append(ref_rate)
-        fast_rates.append(fast_rate)
-        print(f"run={rep} compiled={fast_rate:,.0f}/s reference={ref_rate:,.0f}/s "
-              f"offers_checked={sum(isinstance(d, m.Offer) for d in ref_decisions)}")
-    value = statistics.median(fast_rates)
-    peer = statistics.median(ref_rates)
+        ref_runs.append(ref)
+        fast_runs.append(fast)
+        print(f"run={rep} compiled={fast['rate']:,.0f}/s p99={fast['p99_ms']:.3f}ms "
+              f"reference={ref['rate']:,.0f}/s p99={ref['p99_ms']:.3f}ms "
+              f"offers_compared={ref['offers']}")
+
+    def med(runs: list[dict[str, object]], key: str) -> float:
+        return statistics.median(float(r[key]) for r in runs)
+
+    value = med(fast_runs, "rate")
+    peer = med(ref_runs, "rate")
     print(json.dumps({
         "bench": "acd_route",
         "value": round(value, 1),
-        "unit": "routing decisions/s (CPU)",
+        "unit": "routing decisions/s (router time)",
         "peer": "edgecc reference router (CPython)",
         "peer_value": round(peer, 1),
         "ratio": round(value / peer, 2),
         "detail": {
             "queues": N_QUEUES, "agents": N_AGENTS, "waiting_calls": N_WAITING,
-            "queues_per_agent": QUEUES_PER_AGENT, "repeats": REPEATS,
+            "queues_per_agent": QUEUES_PER_AGENT, "skills": len(SKILLS),
+            "relax_steps": "30 s lower_by 3, 90 s drop the second skill",
+            "repeats": REPEATS, "cycles": {"compiled": CYCLES_COMPILED,
+                                           "reference": CYCLES_REFERENCE},
             "cycle": "call ends -> offer -> answer -> new caller joins -> next_timer",
-            "compiled_runs": [round(x, 1) for x in fast_rates],
-            "reference_runs": [round(x, 1) for x in ref_rates],
-            "clock": "process CPU time",
+            "clock": "perf_counter_ns around the router calls only",
+            "p50_cycle_ms": round(med(fast_runs, "p50_ms"), 4),
+            "p99_cycle_ms": round(med(fast_runs, "p99_ms"), 4),
+            "reference_p99_cycle_ms": round(med(ref_runs, "p99_ms"), 3),
+            "compiled_runs": [round(float(r["rate"]), 1) for r in fast_runs],
+            "reference_runs": [round(float(r["rate"]), 1) for r in ref_runs],
+            "compiled_cpu_with_driver": round(med(fast_runs, "rate_cpu_with_driver"), 1),
+            "state": memory,
             "python": sys.version.split()[0],
         },
     }))

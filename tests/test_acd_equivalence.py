@@ -11,6 +11,7 @@ callers in the global order).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -85,6 +86,25 @@ def configs(draw: st.DrawFn) -> m.RouterConfig:
     )
 
 
+@st.composite
+def many_queue_configs(draw: st.DrawFn) -> m.RouterConfig:
+    """A small configuration grown to 9-12 queues sharing their agents: with more than eight
+    queues staffed at once the compiled router walks the global order instead of merging the
+    staffed queues' orders, and both ways must decide alike."""
+    cfg = draw(configs())
+    base = cfg.queues[0]
+    agents = [a.agent for a in cfg.agents]
+    queues = list(cfg.queues)
+    for qi in range(len(queues), draw(st.integers(9, 12))):
+        ids = draw(st.permutations(agents))
+        queues.append(dataclasses.replace(
+            base, name=f"q{qi}", overflow_target=f"voicemail-{qi}",
+            members=tuple(m.Member(a, penalty=draw(st.sampled_from((0, 0, 1)))) for a in ids),
+            strategy=draw(st.sampled_from(list(m.Strategy)))))
+    return dataclasses.replace(cfg, queues=tuple(queues),
+                               max_waiting=draw(st.integers(4, 30)))
+
+
 def _outcome(router: object, call) -> tuple[str, object]:
     try:
         return ("ok", call(router))
@@ -105,6 +125,8 @@ def _check_invariants(cfg: m.RouterConfig, snap: dict, what: str) -> None:
     for a in snap["agents"]:
         assert a.ringing == ringing[a.agent], f"{what}: ringing count of {a.agent}"
         assert a.interactions + a.ringing <= caps[a.agent], f"{what}: {a.agent} beyond its cap"
+        # Outside calls may take an agent over the cap (they dial anyway): only offers wait.
+        assert a.outside == sum(1 for agent, _ in snap["outside"] if agent == a.agent)
     keys = [(-c.priority, c.place_time) for c in snap["callers"]]
     assert keys == sorted(keys), f"{what}: callers out of the global order"
 
@@ -123,13 +145,16 @@ def _check_same(ref: ReferenceRouter, fast: Router, call, what: str) -> object:
 
 
 EVENT_KINDS = ("join", "login", "logout", "pause", "unpause", "accept", "reject", "timeout",
-               "end", "wrap", "abandon", "callback", "cb-result", "announce", "misuse")
-EVENT_WEIGHTS = (6, 2, 0.5, 0.5, 1, 6, 1, 1, 6, 2, 1, 1, 2, 1, 0.5)
+               "end", "wrap", "abandon", "callback", "cb-result", "announce", "misuse",
+               "outside-start", "outside-end")
+EVENT_WEIGHTS = (6, 2, 0.5, 0.5, 1, 6, 1, 1, 6, 2, 1, 1, 2, 1, 0.5, 1.5, 1.5)
+OUTSIDE_CALLS = ("o1", "o2", "o3")
 ACTIONS = ("event", "tick", "to-timer", "query", "backwards")
 ACTION_WEIGHTS = (12, 3, 2, 1, 0.3)
 
 
-def _draw_event(rnd: random.Random, cfg: m.RouterConfig, snap: dict, n_calls: int) -> object:
+def _draw_event(rnd: random.Random, cfg: m.RouterConfig, snap: dict, n_calls: int,
+                now: float = 0.0) -> object:
     """An event that the state mostly allows (answer what rings, end what is connected), with
     some misuse mixed in."""
     agents = [a.agent for a in cfg.agents]
@@ -171,6 +196,23 @@ def _draw_event(rnd: random.Random, cfg: m.RouterConfig, snap: dict, n_calls: in
         return m.CallbackResult(call, rnd.random() < 0.5)
     if kind == "announce":
         return m.AnnounceRequest(rnd.choice(known_calls))
+    if kind == "outside-start":
+        # Mostly a new call; sometimes a duplicate, an unknown agent or a time in the future.
+        roll = rnd.random()
+        if roll < 0.05:
+            return m.OutsideCallStarted("nobody", "o1", now)
+        if roll < 0.1:
+            return m.OutsideCallStarted(rnd.choice(agents), "o9", now + 1.0)
+        if roll < 0.13:
+            return m.OutsideCallStarted(rnd.choice(agents), "", now)
+        return m.OutsideCallStarted(rnd.choice(agents), rnd.choice(OUTSIDE_CALLS),
+                                    rnd.choice((now, max(0.0, now - 3.0))))
+    if kind == "outside-end":
+        outside = list(snap["outside"])
+        if outside and rnd.random() < 0.85:
+            agent, call = rnd.choice(outside)
+            return m.OutsideCallEnded(agent, call, now)
+        return m.OutsideCallEnded(rnd.choice(agents), rnd.choice(OUTSIDE_CALLS), now)
     return rnd.choice((
         m.CallerJoin("bad", "no-such-queue"),
         m.CallerJoin("bad", queues[0], priority=2**40),
@@ -180,10 +222,11 @@ def _draw_event(rnd: random.Random, cfg: m.RouterConfig, snap: dict, n_calls: in
     ))
 
 
-def _run(data: st.DataObject, steps: int) -> None:
+def _run(data: st.DataObject, steps: int, config_strategy: st.SearchStrategy | None = None,
+         ) -> None:
     """Hypothesis picks the configuration and a seed; the seed drives the events (uniform
     choices reach deep states that Hypothesis' small-value bias would rarely reach)."""
-    cfg = data.draw(configs())
+    cfg = data.draw(config_strategy if config_strategy is not None else configs())
     rnd = random.Random(data.draw(st.integers(0, 2**32 - 1), label="event seed"))
     ref = ReferenceRouter(cfg)
     fast = Router(cfg)
@@ -195,7 +238,7 @@ def _run(data: st.DataObject, steps: int) -> None:
     for _ in range(steps):
         action = rnd.choices(ACTIONS, ACTION_WEIGHTS)[0]
         if action == "event":
-            ev = _draw_event(rnd, cfg, ref.snapshot(), n_calls)
+            ev = _draw_event(rnd, cfg, ref.snapshot(), n_calls, now)
             if isinstance(ev, m.CallerJoin) and ev.call == f"c{n_calls}":
                 n_calls += 1
             _check_same(ref, fast, lambda r, ev=ev, now=now: r.handle(ev, now), repr(ev))
@@ -226,6 +269,40 @@ def test_same_decisions_and_state(data: st.DataObject) -> None:
     _run(data, steps=100)
 
 
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_same_decisions_and_state_many_queues(data: st.DataObject) -> None:
+    _run(data, steps=100, config_strategy=many_queue_configs())
+
+
+@settings(max_examples=15, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_same_decisions_over_long_runs_between_snapshots(data: st.DataObject) -> None:
+    """Hundreds of events with no query in between (queries tidy the compiled router's
+    order and timers): decisions and next timers must still match, and the state at the end."""
+    cfg = data.draw(many_queue_configs())
+    rnd = random.Random(data.draw(st.integers(0, 2**32 - 1), label="event seed"))
+    ref, fast = ReferenceRouter(cfg), Router(cfg)
+    now, n_calls = 0.0, 0
+    for a in cfg.agents:
+        assert ref.handle(m.AgentLogin(a.agent), now) == fast.handle(m.AgentLogin(a.agent), now)
+    for step in range(600):
+        if rnd.random() < 0.15:
+            now += rnd.choice((0.5, 1.0, 5.0, 12.5))
+            got = [_outcome(r, lambda r, now=now: r.handle_timer(now)) for r in (ref, fast)]
+        else:
+            ev = _draw_event(rnd, cfg, ref.snapshot(), n_calls, now)
+            if isinstance(ev, m.CallerJoin) and ev.call == f"c{n_calls}":
+                n_calls += 1
+            got = [_outcome(r, lambda r, ev=ev, now=now: r.handle(ev, now))
+                   for r in (ref, fast)]
+        assert got[0] == got[1], f"step {step}: reference {got[0]} != compiled {got[1]}"
+        assert ref.next_timer() == fast.next_timer(), f"step {step}: next timer differs"
+    assert ref.snapshot() == fast.snapshot()
+
+
 @pytest.mark.long
 @settings(max_examples=3000, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -239,6 +316,7 @@ def test_the_runs_reach_the_interesting_paths() -> None:
     seeds reaches every decision, and strategy picks among several agents."""
     seen: set[type] = set()
     multi: set[str] = set()
+    freed_by_outside_end = 0
 
     @settings(max_examples=200, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -260,14 +338,20 @@ def test_the_runs_reach_the_interesting_paths() -> None:
                 snap = ref.snapshot()
                 free = {v.agent for v in snap["agents"]
                         if v.presence == m.READY and not v.in_wrap_up and v.ringing == 0
-                        and v.interactions == 0}
-                ev = _draw_event(rnd, cfg, snap, n_calls)
+                        and v.interactions == 0 and v.outside == 0}
+                ev = _draw_event(rnd, cfg, snap, n_calls, now)
                 if isinstance(ev, m.CallerJoin) and ev.call == f"c{n_calls}":
                     n_calls += 1
                 try:
                     decisions = ref.handle(ev, now)
                 except m.LocalProtocolError:
                     continue
+                if isinstance(ev, m.OutsideCallEnded) and any(
+                        isinstance(d, m.Offer | m.DialCallback) and ev.agent in (
+                            d.agents if isinstance(d, m.Offer) else (d.agent,))
+                        for d in decisions):
+                    nonlocal freed_by_outside_end
+                    freed_by_outside_end += 1
                 if isinstance(ev, m.CallerJoin) and len(free) >= 2:
                     members = {mb.agent for q in cfg.queues if q.name == ev.queue
                                for mb in q.members}
@@ -279,3 +363,4 @@ def test_the_runs_reach_the_interesting_paths() -> None:
     assert {m.Offer, m.CancelOffer, m.Overflow, m.DialCallback, m.CallbackOutcome,
             m.AutoPause, m.Announce} <= seen
     assert multi == {s.value for s in m.Strategy}
+    assert freed_by_outside_end > 0  # an agent freed by the end of an outside call is offered

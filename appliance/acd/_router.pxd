@@ -1,6 +1,14 @@
 # Typed state of the compiled ACD router (see _router.pyx and appliance/acd/reference.py).
 
+from cpython.ref cimport PyObject
 from libc.stdint cimport uint64_t
+
+
+cdef struct _Timer:
+    double t
+    long long tie                     # push order: equal times come out first pushed first
+    int kind                          # K_RING ... (see _router.pyx)
+    PyObject* what                    # the caller or agent, a reference owned by the heap
 
 
 cdef class _Agent:
@@ -12,9 +20,11 @@ cdef class _Agent:
     cdef public bint in_wrap
     cdef public double wrap_until
     cdef public dict active           # call -> (queue index, answered at)
+    cdef public set outside           # calls outside the queues
     cdef public int ringing
     cdef public int missed
     cdef public double idle_since
+    cdef public int free_pos          # index in Router._free, -1 when not available
 
 
 cdef class _Member:
@@ -50,6 +60,7 @@ cdef class _Queue:
     cdef public int rr_last
     cdef public list samples
     cdef public long long n_callers   # callers of this queue in the order
+    cdef public list order            # the callers of this queue, in the global order
 
 
 cdef class _Caller:
@@ -73,7 +84,8 @@ cdef class Router:
     cdef object _config
     cdef list _agents
     cdef list _queues
-    cdef list _order
+    cdef list _order                  # every queued caller in the global order, and holes:
+    cdef Py_ssize_t _holes            #   removed callers (S_GONE) not yet compacted away
     cdef dict _agent_by_id
     cdef dict _queue_by_name
     cdef dict _callers
@@ -98,9 +110,27 @@ cdef class Router:
     cdef int* _req_min
     cdef int* _avail
     cdef int* _cand
+    cdef int* _free                   # the available agents (unordered), _n_free of them
+    cdef int _n_free
+    cdef int* _sq                     # staffed queues merged by _route, and where each stands
+    cdef Py_ssize_t* _sq_at
+    cdef _Timer* _timers              # binary min-heap by (t, tie); stale entries are
+    cdef Py_ssize_t _n_timers         #   dropped when they reach the top
+    cdef Py_ssize_t _timers_cap
+    cdef long long _timer_tie
+    cdef Py_ssize_t _timer_limit
     cdef char* _staffed               # per queue: an available agent is a member
 
+    cdef list _live(self)
     cdef bint _available(self, _Agent a) noexcept
+    cdef void _refresh(self, _Agent a) noexcept
+    cdef int _try_route(self, _Caller c, int n_avail, double now, list out) except -1
+    cdef int _push_timer(self, double t, int kind, object what) except -1
+    cdef int _arm_steps(self, _Caller c, double now) except -1
+    cdef bint _timer_live(self, _Timer* entry) noexcept
+    cdef void _pop_timer(self) noexcept
+    cdef void _clear_timers(self) noexcept
+    cdef int _rebuild_timers(self) except -1
     cdef int _collect_avail(self) noexcept
     cdef int _route(self, double now, list out) except -1
     cdef void _mark_staffed(self, int n_avail) noexcept
@@ -114,7 +144,6 @@ cdef class Router:
     cdef bint _is_empty(self, _Queue q, int rule) noexcept
     cdef long long _position(self, _Caller c) except -1
     cdef double _ewt(self, _Queue q, long long position) noexcept
-    cdef Py_ssize_t _find(self, _Caller c) except -1
     cdef int _insert(self, _Caller c) except -1
     cdef int _remove(self, _Caller c) except -1
     cdef double _check_now(self, now) except? -1.0
@@ -137,3 +166,4 @@ cdef class Router:
     cdef _on_callback(self, ev, double now, list out)
     cdef _on_callback_result(self, ev, double now, list out)
     cdef _on_announce(self, ev, double now, list out)
+    cdef _on_outside(self, ev, double now, bint started, list out)

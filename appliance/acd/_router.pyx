@@ -1,16 +1,19 @@
 # cython: language_level=3
 """The compiled ACD router: the rules of ``appliance.acd.reference``, to the letter, with typed
-state and C arrays on the routing path (eligibility, skills, strategy picks).
+state and C arrays on the routing path (eligibility, skills, strategy picks), the available
+agents kept as they change, each queue's callers in the global order (a freed agent looks at
+the heads of their own queues) and a heap of timers, so that routing and ``next_timer()`` do
+not scan every waiting caller (docs/acd.md, "Numbers").
 
 The reference's module docstring states the rules; ``tests/test_acd_equivalence.py`` drives
 both with the same random event sequences and requires the same decisions and state.
 """
 
-import bisect
 import math
 
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.stdint cimport uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 
 from appliance.acd.model import (
     AUTO_PAUSE_REASON,
@@ -49,6 +52,8 @@ from appliance.acd.model import (
     OfferAccepted,
     OfferRejected,
     OfferTimeout,
+    OutsideCallEnded,
+    OutsideCallStarted,
     Overflow,
     OverflowReason,
     Strategy,
@@ -110,6 +115,18 @@ _EMPTY_CODE = {EmptyRule.NEVER: E_NEVER, EmptyRule.UNSTAFFED: E_UNSTAFFED,
 
 cdef double INF = math.inf
 
+# Kinds of timer in Router._timers; an entry is live while the state still holds that timer.
+cdef enum:
+    K_RING = 0      # a ringing offer's ring timeout (caller offered, deadline)
+    K_OVERFLOW = 1  # a waiting or ringing caller's max_wait
+    K_RETRY = 2     # a failed callback's next attempt
+    K_STEP = 3      # a skill relaxation step of a waiting caller or callback
+    K_WRAP = 4      # an agent's wrap-up end
+
+# _route merges the callers of the staffed queues when there are at most this many staffed
+# queues; with more, one walk of the global order costs less than the merge.
+cdef int MERGE_MAX = 8
+
 
 cdef class _Agent:
     pass
@@ -151,6 +168,22 @@ cdef int _caller_next(_Caller c, str what) except -2:
     return nxt
 
 
+cdef inline bint _timer_before(_Timer* x, _Timer* y) noexcept:
+    return x.t < y.t or (x.t == y.t and x.tie < y.tie)
+
+
+cdef Py_ssize_t _find_in(list order, _Caller c) except -1:
+    """Index where ``c`` is (or belongs) in ``order``: the first caller not ahead of it."""
+    cdef Py_ssize_t lo = 0, hi = len(order), mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if _before(<_Caller>order[mid], c):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef void* _alloc(size_t n, size_t size) except NULL:
     cdef void* p = malloc((n if n > 0 else 1) * size)
     if p == NULL:
@@ -173,6 +206,12 @@ cdef class Router:
         self._avail = NULL
         self._cand = NULL
         self._staffed = NULL
+        self._free = NULL
+        self._sq = NULL
+        self._sq_at = NULL
+        self._timers = NULL
+        self._n_timers = 0
+        self._timers_cap = 0
 
     def __dealloc__(self):
         free(self._member_pos)
@@ -186,6 +225,11 @@ cdef class Router:
         free(self._avail)
         free(self._cand)
         free(self._staffed)
+        free(self._free)
+        free(self._sq)
+        free(self._sq_at)
+        self._clear_timers()
+        free(self._timers)
 
     def __init__(self, config):
         cdef int i, qi, k, n_steps_total, n_reqs_total, n_starts, si, ri, st
@@ -206,6 +250,12 @@ cdef class Router:
         self._avail = <int*>_alloc(self._na, sizeof(int))
         self._cand = <int*>_alloc(self._na, sizeof(int))
         self._staffed = <char*>_alloc(self._nq, sizeof(char))
+        self._free = <int*>_alloc(self._na, sizeof(int))
+        self._n_free = 0
+        self._sq = <int*>_alloc(self._nq, sizeof(int))
+        self._sq_at = <Py_ssize_t*>_alloc(self._nq, sizeof(Py_ssize_t))
+        self._timer_tie = 0
+        self._timer_limit = 1024
         for i in range(self._na * self._nq):
             self._member_pos[i] = -1
         self._agents = []
@@ -219,9 +269,11 @@ cdef class Router:
             a.in_wrap = False
             a.wrap_until = 0.0
             a.active = {}
+            a.outside = set()
             a.ringing = 0
             a.missed = 0
             a.idle_since = 0.0
+            a.free_pos = -1
             for k in range(self._ns):
                 self._levels[i * self._ns + k] = plan.agent_levels[i][k]
             self._agents.append(a)
@@ -268,6 +320,7 @@ cdef class Router:
             q.rr_last = -1
             q.samples = []
             q.n_callers = 0
+            q.order = []
             q.members = []
             for k, (ai, penalty, weight) in enumerate(plan.queue_members[qi]):
                 m = _Member()
@@ -298,6 +351,7 @@ cdef class Router:
         self._queue_by_name = {q.name: q for q in self._queues}
         self._callers = {}
         self._order = []
+        self._holes = 0
         self._seq = 0
         self._rng = <uint64_t>(config.seed & 0xFFFFFFFFFFFFFFFF)
         self._now = -INF
@@ -343,9 +397,15 @@ cdef class Router:
             self._on_callback_result(event, t, out)
         elif kind is AnnounceRequest:
             self._on_announce(event, t, out)
+        elif kind is OutsideCallStarted:
+            self._on_outside(event, t, True, out)
+        elif kind is OutsideCallEnded:
+            self._on_outside(event, t, False, out)
         else:
             raise LocalProtocolError(f"not an ACD event: {kind.__name__}")
         self._now = t
+        if self._n_timers > self._timer_limit:
+            self._rebuild_timers()
         return out
 
     def handle_timer(self, now):
@@ -357,7 +417,7 @@ cdef class Router:
         cdef _Agent a
         cdef list agents
         self._now = t
-        due = sorted([(c.deadline, c.seq, c.id) for c in self._order
+        due = sorted([(c.deadline, c.seq, c.id) for c in self._live()
                       if c.state == S_OFFERED and c.deadline <= t])
         for _, _, call_id in due:
             c = self._callers.get(call_id)
@@ -370,57 +430,38 @@ cdef class Router:
             for a in agents:
                 a.ringing -= 1
                 c.tried.add(a.index)
+                self._refresh(a)
+            self._arm_steps(c, t)
             for a in agents:
                 self._missed(a, out)
         for _, _, a in sorted([(a.wrap_until, a.index, a) for a in self._agents
                                if a.in_wrap and a.wrap_until <= t]):
             a.in_wrap = False
             a.idle_since = a.wrap_until
-        for _, _, call_id in sorted([(c.retry_at, c.seq, c.id) for c in self._order
+            self._refresh(a)
+        for _, _, call_id in sorted([(c.retry_at, c.seq, c.id) for c in self._live()
                                      if c.state == S_CB_RETRY and c.retry_at <= t]):
             c = self._callers[call_id]
             c.state = _caller_next(c, "retry-due")
-        for _, _, call_id in sorted([(c.overflow_at, c.seq, c.id) for c in self._order
+            self._arm_steps(c, t)
+        for _, _, call_id in sorted([(c.overflow_at, c.seq, c.id) for c in self._live()
                                      if (c.state == S_WAITING or c.state == S_OFFERED)
                                      and c.overflow_at <= t]):
             c = self._callers.get(call_id)
             if c is not None and (c.state == S_WAITING or c.state == S_OFFERED):
                 self._overflow(c, OverflowReason.TIMEOUT, out)
         self._route(t, out)
+        if self._n_timers > self._timer_limit:
+            self._rebuild_timers()
         return out
 
     def next_timer(self):
         """When ``handle_timer`` next needs to run, or None when nothing is pending."""
-        cdef double best = INF
-        cdef double tt
-        cdef _Caller c
-        cdef _Agent a
-        cdef int st, k, base
-        for c in self._order:
-            st = c.state
-            if st == S_OFFERED:
-                if c.deadline < best:
-                    best = c.deadline
-                if c.overflow_at < best:
-                    best = c.overflow_at
-            elif st == S_WAITING:
-                if c.overflow_at < best:
-                    best = c.overflow_at
-            elif st == S_CB_RETRY:
-                if c.retry_at < best:
-                    best = c.retry_at
-            if st == S_WAITING or st == S_CB_WAITING:
-                base = self._step_base[c.queue.index]
-                for k in range(c.queue.n_steps):
-                    tt = c.place_time + self._step_after[base + k]
-                    if tt > self._now:
-                        if tt < best:
-                            best = tt
-                        break
-        for a in self._agents:
-            if a.in_wrap and a.wrap_until < best:
-                best = a.wrap_until
-        return None if best == INF else best
+        while self._n_timers:
+            if self._timer_live(&self._timers[0]):
+                return self._timers[0].t
+            self._pop_timer()  # stale: the state no longer holds this timer
+        return None
 
     def position(self, call):
         """1-based place of the caller among those of their queue, in the global order."""
@@ -436,7 +477,7 @@ cdef class Router:
         cdef _Queue q = self._queue(queue)
         cdef _Caller c
         cdef long long behind = 0
-        for c in self._order:
+        for c in self._live():
             if c.queue is q and c.priority >= 0:
                 behind += 1
         return self._ewt(q, behind + 1)
@@ -445,7 +486,7 @@ cdef class Router:
         """Calls of ``queue`` in the global order (callbacks included)."""
         cdef _Queue q = self._queue(queue)
         cdef _Caller c
-        return tuple([c.id for c in self._order if c.queue is q])
+        return tuple([c.id for c in self._live() if c.queue is q])
 
     def agent_view(self, agent):
         """The agent's routing state."""
@@ -467,7 +508,7 @@ cdef class Router:
             "now": self._now,
             "rng": int(self._rng),
             "agents": tuple([self._agent_view(a) for a in self._agents]),
-            "callers": tuple([self._caller_view(c) for c in self._order]),
+            "callers": tuple([self._caller_view(c) for c in self._live()]),
             "queues": tuple([
                 (q.name, q.rr_last, tuple(q.samples),
                  tuple([(m.calls, m.talk_time) for m in q.members]))
@@ -477,6 +518,7 @@ cdef class Router:
             "interactions": tuple(sorted([
                 (a.id, call, (<_Queue>self._queues[v[0]]).name, v[1])
                 for a in self._agents for call, v in a.active.items()])),
+            "outside": tuple(sorted([(a.id, call) for a in self._agents for call in a.outside])),
         }
 
     # ---------------------------------------------------------------- event handlers
@@ -487,6 +529,7 @@ cdef class Router:
         a.pause_reason = ""
         a.missed = 0
         a.idle_since = now
+        self._refresh(a)
         self._route(now, out)
 
     cdef _on_logout(self, ev, double now, list out):
@@ -495,7 +538,8 @@ cdef class Router:
         a.presence = _presence_next(a, "logout")
         a.pause_reason = ""
         a.in_wrap = False
-        for c in list(self._order):
+        self._refresh(a)
+        for c in list(self._live()):
             if c.state == S_OFFERED and a in c.offered:
                 out.append(CancelOffer(c.id, (a.id,)))
                 self._decline(c, a, False, out)
@@ -506,6 +550,7 @@ cdef class Router:
         cdef _Agent a = self._agent(ev.agent)
         a.presence = _presence_next(a, "pause")
         a.pause_reason = ev.reason
+        self._refresh(a)
         self._leave_empty(a, out)
         self._route(now, out)
 
@@ -514,6 +559,7 @@ cdef class Router:
         a.presence = _presence_next(a, "unpause")
         a.pause_reason = ""
         a.missed = 0
+        self._refresh(a)
         self._route(now, out)
 
     cdef _on_join(self, ev, double now, list out):
@@ -540,7 +586,7 @@ cdef class Router:
             out.append(Overflow(call, q.name, OverflowReason.NO_AGENTS, q.target))
             return
         if ((q.max_length >= 0 and q.n_callers >= q.max_length)
-                or len(self._order) >= self._max_waiting):
+                or len(self._order) - self._holes >= self._max_waiting):
             out.append(Overflow(call, q.name, OverflowReason.MAX_LENGTH, q.target))
             return
         place_time = now
@@ -569,7 +615,7 @@ cdef class Router:
         c.retry_at = 0.0
         if q.has_max_ewt:
             ahead = 0
-            for other in self._order:
+            for other in self._live():
                 if other.queue is q and _before(other, c):
                     ahead += 1
             if self._ewt(q, ahead + 1) > q.max_ewt:
@@ -581,8 +627,10 @@ cdef class Router:
             self._seq += 1
         if q.has_max_wait:
             c.overflow_at = now + q.max_wait
+            self._push_timer(c.overflow_at, K_OVERFLOW, c)
         self._callers[call] = c
         self._insert(c)
+        self._arm_steps(c, now)
         self._route(now, out)
 
     cdef _on_abandon(self, ev, double now, list out):
@@ -594,8 +642,11 @@ cdef class Router:
             out.append(CancelOffer(c.id, tuple([a.id for a in c.offered])))
             for a in c.offered:
                 a.ringing -= 1
+                self._refresh(a)
         elif was == S_CB_DIALLING:
-            (<_Agent>c.offered[0]).ringing -= 1
+            a = c.offered[0]
+            a.ringing -= 1
+            self._refresh(a)
         self._remove(c)
         if (c.number and c.queue.rejoin_window > 0 and (was == S_WAITING or was == S_OFFERED)
                 and self._max_rejoin > 0):
@@ -616,6 +667,7 @@ cdef class Router:
             out.append(CancelOffer(c.id, others))
         for o in c.offered:
             o.ringing -= 1
+            self._refresh(o)
         self._connect(c, a, now)
         self._route(now, out)
 
@@ -647,8 +699,10 @@ cdef class Router:
             if not a.in_wrap or until > a.wrap_until:
                 a.wrap_until = until
             a.in_wrap = True
+            self._push_timer(a.wrap_until, K_WRAP, a)
         elif not a.in_wrap and not a.active:
             a.idle_since = now
+        self._refresh(a)
         self._route(now, out)
 
     cdef _on_wrap_up_ended(self, ev, double now, list out):
@@ -657,6 +711,7 @@ cdef class Router:
             raise LocalProtocolError(f"agent {a.id!r} is not in wrap-up")
         a.in_wrap = False
         a.idle_since = now
+        self._refresh(a)
         self._route(now, out)
 
     cdef _on_callback(self, ev, double now, list out):
@@ -671,9 +726,11 @@ cdef class Router:
             out.append(CancelOffer(c.id, tuple([a.id for a in c.offered])))
             for a in c.offered:
                 a.ringing -= 1
+                self._refresh(a)
             c.offered = []
         c.cb_number = ev.number
         c.overflow_at = INF
+        self._arm_steps(c, now)
         self._route(now, out)
 
     cdef _on_callback_result(self, ev, double now, list out):
@@ -686,12 +743,15 @@ cdef class Router:
             _caller_next(c, "answered")
             a = c.offered[0]
             a.ringing -= 1
+            self._refresh(a)
             self._connect(c, a, now)
             out.append(CallbackOutcome(c.id, q.name, True, c.attempts))
         else:
             final = c.attempts > q.retries
             nxt = _caller_next(c, "gave-up" if final else "failed")
-            (<_Agent>c.offered[0]).ringing -= 1
+            a = c.offered[0]
+            a.ringing -= 1
+            self._refresh(a)
             c.offered = []
             if final:
                 self._remove(c)
@@ -699,6 +759,7 @@ cdef class Router:
             else:
                 c.state = nxt
                 c.retry_at = now + q.retry_interval
+                self._push_timer(c.retry_at, K_RETRY, c)
         self._route(now, out)
 
     cdef _on_announce(self, ev, double now, list out):
@@ -708,109 +769,114 @@ cdef class Router:
         pos = self._position(c)
         out.append(Announce(c.id, pos, self._ewt(c.queue, pos)))
 
+    cdef _on_outside(self, ev, double now, bint started, list out):
+        cdef _Agent a = self._agent(ev.agent)
+        call = ev.call_id
+        if not isinstance(call, str) or not call:
+            raise LocalProtocolError("call id must be a non-empty string")
+        at = ev.at
+        if (isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at)
+                or at > now):
+            raise LocalProtocolError(f"at must be a finite time not after {now}, got {at!r}")
+        if started:
+            if call in a.outside:
+                raise LocalProtocolError(f"agent {a.id!r} already has outside call {call!r}")
+            a.outside.add(call)
+        else:
+            if call not in a.outside:
+                raise LocalProtocolError(f"agent {a.id!r} has no outside call {call!r}")
+            a.outside.discard(call)
+        self._refresh(a)
+        self._route(now, out)
+
     # ---------------------------------------------------------------- rules
 
     cdef bint _available(self, _Agent a) noexcept:
         return (a.presence == P_READY and not a.in_wrap
-                and len(a.active) + a.ringing < a.cap)
+                and len(a.active) + len(a.outside) + a.ringing < a.cap)
+
+    cdef void _refresh(self, _Agent a) noexcept:
+        """Keep ``_free`` in step with the agent's availability; called after every change of
+        presence, wrap-up, calls or ringing offers, so routing never scans every agent."""
+        cdef int last
+        if self._available(a):
+            if a.free_pos < 0:
+                a.free_pos = self._n_free
+                self._free[self._n_free] = a.index
+                self._n_free += 1
+        elif a.free_pos >= 0:
+            self._n_free -= 1
+            last = self._free[self._n_free]
+            self._free[a.free_pos] = last
+            (<_Agent>self._agents[last]).free_pos = a.free_pos
+            a.free_pos = -1
 
     cdef int _collect_avail(self) noexcept:
-        cdef int i, n = 0
-        cdef _Agent a
-        for i in range(self._na):
-            a = <_Agent>self._agents[i]
-            if self._available(a):
-                self._avail[n] = i
-                n += 1
-        return n
+        # The order of _avail does not matter: candidates are sorted by member position.
+        cdef int i
+        for i in range(self._n_free):
+            self._avail[i] = self._free[i]
+        return self._n_free
 
     cdef int _route(self, double now, list out) except -1:
+        """Offer each waiting caller, in the global order, to the agents free for them.
+
+        Only callers of a queue with an available member can be offered. With few such queues
+        their per-queue orders are merged (a freed agent looks only at their own queues);
+        otherwise the global order is walked. Both visit the same callers in the same order."""
         cdef int n_avail = self._collect_avail()
-        cdef int nq = self._nq, ns = self._ns
-        cdef int qi, k, steps, sb, rb, rs, re, n, j, ai, pos, low, picked, keep
-        cdef bint ok
-        cdef _Caller c
-        cdef _Queue q
-        cdef _Agent a
-        cdef _Member m
-        cdef list members
+        cdef int n_sq = 0, qi, k, best, j, keep
+        cdef Py_ssize_t at, n
+        cdef _Caller c, head
+        cdef list lst
         if n_avail == 0:
             return 0
         self._mark_staffed(n_avail)
-        for c in self._order:
-            if c.state != S_WAITING and c.state != S_CB_WAITING:
-                continue
-            q = c.queue
-            qi = q.index
-            if not self._staffed[qi]:
-                continue  # no available member at all: nothing to check
-            steps = 0
-            sb = self._step_base[qi]
-            for k in range(q.n_steps):
-                if c.place_time + self._step_after[sb + k] <= now:
-                    steps += 1
-            rb = self._req_base[qi] + steps
-            rs = self._req_start[rb]
-            re = self._req_start[rb + 1]
-            n = 0
-            for j in range(n_avail):
-                ai = self._avail[j]
-                if self._member_pos[ai * nq + qi] < 0:
+        for qi in range(self._nq):
+            if self._staffed[qi]:
+                self._sq[n_sq] = qi
+                self._sq_at[n_sq] = 0
+                n_sq += 1
+        if n_sq > MERGE_MAX:
+            for c in self._live():
+                if not self._staffed[c.queue.index]:
+                    continue  # no available member at all: nothing to check
+                if not self._try_route(c, n_avail, now, out):
                     continue
-                ok = True
-                for k in range(rs, re):
-                    if self._levels[ai * ns + self._req_skill[k]] < self._req_min[k]:
-                        ok = False
-                        break
-                if ok:
-                    self._cand[n] = ai
-                    n += 1
-            if n == 0:
-                continue
-            if c.tried:
                 keep = 0
-                for j in range(n):
-                    if self._cand[j] not in c.tried:
-                        self._cand[keep] = self._cand[j]
+                for j in range(n_avail):
+                    if self._available(<_Agent>self._agents[self._avail[j]]):
+                        self._avail[keep] = self._avail[j]
                         keep += 1
-                if keep:
-                    n = keep
-                else:
-                    c.tried.clear()
-            # agent indices -> member positions, in member order (insertion sort: n is small)
-            for j in range(n):
-                pos = self._member_pos[self._cand[j] * nq + qi]
-                k = j
-                while k > 0 and self._cand[k - 1] > pos:
-                    self._cand[k] = self._cand[k - 1]
-                    k -= 1
-                self._cand[k] = pos
-            members = q.members
-            low = (<_Member>members[self._cand[0]]).penalty
-            for j in range(1, n):
-                m = <_Member>members[self._cand[j]]
-                if m.penalty < low:
-                    low = m.penalty
-            keep = 0
-            for j in range(n):
-                if (<_Member>members[self._cand[j]]).penalty == low:
-                    self._cand[keep] = self._cand[j]
-                    keep += 1
-            picked = self._pick(q, keep)
-            if c.state == S_CB_WAITING:
-                a = (<_Member>members[self._cand[0]]).agent
-                c.state = _caller_next(c, "dial")
-                c.attempts += 1
-                c.offered = [a]
-                a.ringing += 1
-                out.append(DialCallback(c.id, a.id, q.name, c.cb_number, c.attempts))
-            else:
-                c.state = _caller_next(c, "offer")
-                c.offered = [(<_Member>members[self._cand[j]]).agent for j in range(picked)]
-                c.deadline = now + q.ring_timeout
-                for a in c.offered:
-                    a.ringing += 1
-                out.append(Offer(c.id, tuple([a.id for a in c.offered]), q.name))
+                n_avail = keep
+                if n_avail == 0:
+                    return 0
+                self._mark_staffed(n_avail)
+            return 0
+        while True:
+            head = None
+            best = -1
+            for k in range(n_sq):
+                qi = self._sq[k]
+                if not self._staffed[qi]:
+                    continue
+                lst = (<_Queue>self._queues[qi]).order
+                n = len(lst)
+                at = self._sq_at[k]
+                while at < n:
+                    c = <_Caller>lst[at]
+                    if c.state == S_WAITING or c.state == S_CB_WAITING:
+                        break
+                    at += 1
+                self._sq_at[k] = at
+                if at < n and (head is None or _before(c, head)):
+                    head = c
+                    best = k
+            if head is None:
+                return 0
+            self._sq_at[best] += 1
+            if not self._try_route(head, n_avail, now, out):
+                continue
             keep = 0
             for j in range(n_avail):
                 if self._available(<_Agent>self._agents[self._avail[j]]):
@@ -820,7 +886,92 @@ cdef class Router:
             if n_avail == 0:
                 return 0
             self._mark_staffed(n_avail)
-        return 0
+
+    cdef int _try_route(self, _Caller c, int n_avail, double now, list out) except -1:
+        """Offer (or dial for) caller ``c`` if any of the first ``n_avail`` agents of
+        ``_avail`` may take them; 1 when an offer or a callback dial was made."""
+        cdef int nq = self._nq, ns = self._ns
+        cdef int qi, k, steps, sb, rb, rs, re, n, j, ai, pos, low, picked, keep
+        cdef bint ok
+        cdef _Queue q
+        cdef _Agent a
+        cdef _Member m
+        cdef list members
+        if c.state != S_WAITING and c.state != S_CB_WAITING:
+            return 0
+        q = c.queue
+        qi = q.index
+        steps = 0
+        sb = self._step_base[qi]
+        for k in range(q.n_steps):
+            if c.place_time + self._step_after[sb + k] <= now:
+                steps += 1
+        rb = self._req_base[qi] + steps
+        rs = self._req_start[rb]
+        re = self._req_start[rb + 1]
+        n = 0
+        for j in range(n_avail):
+            ai = self._avail[j]
+            if self._member_pos[ai * nq + qi] < 0:
+                continue
+            ok = True
+            for k in range(rs, re):
+                if self._levels[ai * ns + self._req_skill[k]] < self._req_min[k]:
+                    ok = False
+                    break
+            if ok:
+                self._cand[n] = ai
+                n += 1
+        if n == 0:
+            return 0
+        if c.tried:
+            keep = 0
+            for j in range(n):
+                if self._cand[j] not in c.tried:
+                    self._cand[keep] = self._cand[j]
+                    keep += 1
+            if keep:
+                n = keep
+            else:
+                c.tried.clear()
+        # agent indices -> member positions, in member order (insertion sort: n is small)
+        for j in range(n):
+            pos = self._member_pos[self._cand[j] * nq + qi]
+            k = j
+            while k > 0 and self._cand[k - 1] > pos:
+                self._cand[k] = self._cand[k - 1]
+                k -= 1
+            self._cand[k] = pos
+        members = q.members
+        low = (<_Member>members[self._cand[0]]).penalty
+        for j in range(1, n):
+            m = <_Member>members[self._cand[j]]
+            if m.penalty < low:
+                low = m.penalty
+        keep = 0
+        for j in range(n):
+            if (<_Member>members[self._cand[j]]).penalty == low:
+                self._cand[keep] = self._cand[j]
+                keep += 1
+        picked = self._pick(q, keep)
+        if c.state == S_CB_WAITING:
+            a = (<_Member>members[self._cand[0]]).agent
+            c.state = _caller_next(c, "dial")
+            c.attempts += 1
+            c.offered = [a]
+            a.ringing += 1
+            self._refresh(a)
+            out.append(DialCallback(c.id, a.id, q.name, c.cb_number, c.attempts))
+        else:
+            c.state = _caller_next(c, "offer")
+            c.offered = [(<_Member>members[self._cand[j]]).agent for j in range(picked)]
+            c.deadline = now + q.ring_timeout
+            self._push_timer(c.deadline, K_RING, c)
+            for a in c.offered:
+                a.ringing += 1
+                self._refresh(a)
+            out.append(Offer(c.id, tuple([a.id for a in c.offered]), q.name))
+        return 1
 
     cdef void _mark_staffed(self, int n_avail) noexcept:
         """Per queue, whether any of the first ``n_avail`` agents of ``_avail`` is a member."""
@@ -912,6 +1063,9 @@ cdef class Router:
         c.offered = remaining
         c.tried.add(a.index)
         a.ringing -= 1
+        self._refresh(a)
+        if not remaining:
+            self._arm_steps(c, self._now)  # waiting again: its relaxation steps count again
         if missed:
             self._missed(a, out)
         return 0
@@ -921,6 +1075,7 @@ cdef class Router:
         if self._auto_pause_after and a.missed >= self._auto_pause_after and a.presence == P_READY:
             a.presence = _presence_next(a, "auto-pause")
             a.pause_reason = AUTO_PAUSE_REASON
+            self._refresh(a)
             out.append(AutoPause(a.id, a.missed))
             self._leave_empty(a, out)
         return 0
@@ -929,6 +1084,7 @@ cdef class Router:
         cdef _Queue q = c.queue
         a.active[c.id] = (q.index, now)
         a.missed = 0
+        self._refresh(a)
         (<_Member>q.members[self._member_pos[a.index * self._nq + q.index]]).calls += 1
         self._remove(c)
         return 0
@@ -941,6 +1097,7 @@ cdef class Router:
             out.append(CancelOffer(c.id, tuple([a.id for a in c.offered])))
             for a in c.offered:
                 a.ringing -= 1
+                self._refresh(a)
         self._remove(c)
         out.append(Overflow(c.id, c.queue.name, reason, c.queue.target))
         return 0
@@ -956,7 +1113,7 @@ cdef class Router:
                 empty.add(qi)
         if not empty:
             return 0
-        for c in list(self._order):
+        for c in list(self._live()):
             if c.queue.index in empty and (c.state == S_WAITING or c.state == S_OFFERED):
                 self._overflow(c, OverflowReason.NO_AGENTS, out)
         return 0
@@ -975,7 +1132,7 @@ cdef class Router:
     cdef long long _position(self, _Caller c) except -1:
         cdef long long pos = 1
         cdef _Caller other
-        for other in self._order:
+        for other in self._live():
             if other is c:
                 return pos
             if other.queue is c.queue:
@@ -1002,29 +1159,148 @@ cdef class Router:
             handle = q.default_handle_time
         return handle * <double>position / <double>staffed
 
-    cdef Py_ssize_t _find(self, _Caller c) except -1:
-        """Index where ``c`` is (or belongs) in the order: the first caller not ahead of it."""
-        cdef Py_ssize_t lo = 0, hi = len(self._order), mid
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if _before(<_Caller>self._order[mid], c):
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
-
     cdef int _insert(self, _Caller c) except -1:
-        self._order.insert(self._find(c), c)
+        self._order.insert(_find_in(self._order, c), c)
+        c.queue.order.insert(_find_in(c.queue.order, c), c)
         c.queue.n_callers += 1
         return 0
 
     cdef int _remove(self, _Caller c) except -1:
-        cdef Py_ssize_t i = self._find(c)
-        if i >= len(self._order) or self._order[i] is not c:
+        cdef Py_ssize_t i = _find_in(self._order, c)
+        cdef Py_ssize_t k = _find_in(c.queue.order, c)
+        if (i >= len(self._order) or self._order[i] is not c
+                or k >= len(c.queue.order) or c.queue.order[k] is not c):
             raise AssertionError("order out of step")
-        del self._order[i]
+        del c.queue.order[k]
         del self._callers[c.id]
         c.queue.n_callers -= 1
+        # The caller stays in the global order as a hole (deleting near the front of a long
+        # list moves all of it); holes keep their place, so the binary search still holds.
+        c.state = S_GONE  # its timers still in the heap are stale now
+        self._holes += 1
+        if self._holes > 64 and 2 * self._holes > len(self._order):
+            self._live()
+        return 0
+
+    cdef list _live(self):
+        """The global order without holes (compacted on demand: amortised O(1) a removal)."""
+        cdef _Caller c
+        if self._holes:
+            self._order = [c for c in self._order if c.state != S_GONE]
+            self._holes = 0
+        return self._order
+
+    # ---------------------------------------------------------------- timers
+
+    cdef int _push_timer(self, double t, int kind, object what) except -1:
+        cdef Py_ssize_t i, parent, cap
+        cdef _Timer* grown
+        cdef _Timer e
+        if self._n_timers == self._timers_cap:
+            cap = self._timers_cap * 2 if self._timers_cap else 256
+            grown = <_Timer*>realloc(self._timers, cap * sizeof(_Timer))
+            if grown == NULL:
+                raise MemoryError()
+            self._timers = grown
+            self._timers_cap = cap
+        self._timer_tie += 1
+        e.t = t
+        e.tie = self._timer_tie
+        e.kind = kind
+        e.what = <PyObject*>what
+        Py_INCREF(what)
+        i = self._n_timers
+        self._n_timers += 1
+        while i > 0:
+            parent = (i - 1) >> 1
+            if not _timer_before(&e, &self._timers[parent]):
+                break
+            self._timers[i] = self._timers[parent]
+            i = parent
+        self._timers[i] = e
+        return 0
+
+    cdef void _pop_timer(self) noexcept:
+        """Drop the earliest entry."""
+        cdef Py_ssize_t i = 0, child, n
+        cdef PyObject* what = self._timers[0].what
+        cdef _Timer last
+        self._n_timers -= 1
+        n = self._n_timers
+        if n:
+            last = self._timers[n]
+            while True:
+                child = 2 * i + 1
+                if child >= n:
+                    break
+                if child + 1 < n and _timer_before(&self._timers[child + 1],
+                                                   &self._timers[child]):
+                    child += 1
+                if not _timer_before(&self._timers[child], &last):
+                    break
+                self._timers[i] = self._timers[child]
+                i = child
+            self._timers[i] = last
+        Py_DECREF(<object>what)
+
+    cdef void _clear_timers(self) noexcept:
+        cdef Py_ssize_t i
+        cdef Py_ssize_t n = self._n_timers
+        self._n_timers = 0
+        for i in range(n):
+            Py_DECREF(<object>self._timers[i].what)
+
+    cdef int _arm_steps(self, _Caller c, double now) except -1:
+        """Queue the caller's relaxation steps still ahead of ``now`` (on entering waiting or
+        callback-waiting, the states whose next step is a timer)."""
+        cdef int k, base = self._step_base[c.queue.index]
+        cdef double tt
+        for k in range(c.queue.n_steps):
+            tt = c.place_time + self._step_after[base + k]
+            if tt > now:
+                self._push_timer(tt, K_STEP, c)
+        return 0
+
+    cdef bint _timer_live(self, _Timer* entry) noexcept:
+        """Whether the state still holds this timer (what next_timer's rules count)."""
+        cdef double t = entry.t
+        cdef int kind = entry.kind
+        cdef _Caller c
+        cdef _Agent a
+        cdef int st
+        if kind == K_WRAP:
+            a = <_Agent>entry.what
+            return a.in_wrap and a.wrap_until == t
+        c = <_Caller>entry.what
+        st = c.state
+        if kind == K_RING:
+            return st == S_OFFERED and c.deadline == t
+        if kind == K_OVERFLOW:
+            return (st == S_WAITING or st == S_OFFERED) and c.overflow_at == t
+        if kind == K_RETRY:
+            return st == S_CB_RETRY and c.retry_at == t
+        return (st == S_WAITING or st == S_CB_WAITING) and t > self._now
+
+    cdef int _rebuild_timers(self) except -1:
+        """Drop the stale entries: the heap holds at most twice what the state needs."""
+        cdef _Caller c
+        cdef _Agent a
+        cdef int st
+        self._clear_timers()
+        for c in self._live():
+            st = c.state
+            if st == S_OFFERED:
+                self._push_timer(c.deadline, K_RING, c)
+            if (st == S_WAITING or st == S_OFFERED) and c.overflow_at != INF:
+                self._push_timer(c.overflow_at, K_OVERFLOW, c)
+            if st == S_CB_RETRY:
+                self._push_timer(c.retry_at, K_RETRY, c)
+            if st == S_WAITING or st == S_CB_WAITING:
+                self._arm_steps(c, self._now)
+        for a in self._agents:
+            if a.in_wrap:
+                self._push_timer(a.wrap_until, K_WRAP, a)
+        self._timer_limit = max(1024, 2 * self._n_timers)
         return 0
 
     # ---------------------------------------------------------------- lookups
@@ -1063,7 +1339,7 @@ cdef class Router:
 
     cdef _agent_view(self, _Agent a):
         return AgentView(a.id, _PRESENCE_NAMES[a.presence], a.pause_reason, a.in_wrap,
-                         len(a.active), a.ringing, a.missed, a.idle_since)
+                         len(a.active), a.ringing, a.missed, a.idle_since, len(a.outside))
 
     cdef _caller_view(self, _Caller c):
         cdef _Agent a

@@ -304,6 +304,33 @@ class AnnounceRequest:
     """Call id."""
 
 
+@dataclass(frozen=True)
+class OutsideCallStarted:
+    """A call the router did not route started for the agent (their own outbound or
+    click-to-dial call, a colleague's call, a transfer or IVR transfer ringing them, a
+    supervisor's session): it counts against their interaction cap while it lasts."""
+
+    agent: str
+    """Agent id."""
+    call_id: str
+    """Call id, unique among the agent's calls outside the queues."""
+    at: float
+    """When the agent's leg started; not later than the ``now`` the event is handled at."""
+
+
+@dataclass(frozen=True)
+class OutsideCallEnded:
+    """A call outside the queues ended for the agent: no wrap-up, no statistics, and the agent's
+    idle-since time is unchanged."""
+
+    agent: str
+    """Agent id."""
+    call_id: str
+    """Call id given to OutsideCallStarted."""
+    at: float
+    """When the agent's leg ended; not later than the ``now`` the event is handled at."""
+
+
 Event = (
     AgentLogin
     | AgentLogout
@@ -319,6 +346,8 @@ Event = (
     | CallbackRequested
     | CallbackResult
     | AnnounceRequest
+    | OutsideCallStarted
+    | OutsideCallEnded
 )
 
 
@@ -444,6 +473,8 @@ class AgentView:
     """Consecutive offers that rang out."""
     idle_since: float
     """When the agent last became free."""
+    outside: int = 0
+    """Calls outside the queues in progress (they count against the cap, like ``interactions``)."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ Rules of this file (the compiled ``_router.pyx`` follows them to the letter):
 - Ties in every strategy go to the earlier member in the queue's member list.
 - Timers fire in this order: ring timeouts, wrap-up ends, callback retries, wait timeouts; each
   group by (deadline, arrival sequence); then routing runs.
+- Calls outside the queues (``OutsideCallStarted`` .. ``OutsideCallEnded``) count against the
+  agent's cap like calls in progress, whatever the agent's presence; their end starts no wrap-up
+  and changes no statistic and no idle-since time.
 - Every event is checked before anything changes: a refused event leaves the state untouched.
 """
 
@@ -60,6 +63,8 @@ from appliance.acd.model import (
     OfferAccepted,
     OfferRejected,
     OfferTimeout,
+    OutsideCallEnded,
+    OutsideCallStarted,
     Overflow,
     OverflowReason,
     Plan,
@@ -73,7 +78,8 @@ from appliance.acd.model import (
 
 class _Agent:
     __slots__ = ("index", "id", "levels", "cap", "presence", "pause_reason", "in_wrap",
-                 "wrap_until", "active", "ringing", "missed", "idle_since", "member_pos")
+                 "wrap_until", "active", "outside", "ringing", "missed", "idle_since",
+                 "member_pos")
 
     def __init__(self, index: int, agent_id: str, levels: tuple[int, ...], cap: int,
                  n_queues: int) -> None:
@@ -86,6 +92,7 @@ class _Agent:
         self.in_wrap = False
         self.wrap_until = 0.0
         self.active: dict[str, tuple[int, float]] = {}  # call -> (queue index, answered at)
+        self.outside: set[str] = set()  # calls outside the queues
         self.ringing = 0
         self.missed = 0
         self.idle_since = 0.0
@@ -298,6 +305,7 @@ class ReferenceRouter:
             "interactions": tuple(sorted(
                 (a.id, call, self._queues[qi].cfg.name, t)
                 for a in self._agents for call, (qi, t) in a.active.items())),
+            "outside": tuple(sorted((a.id, call) for a in self._agents for call in a.outside)),
         }
 
     # ---------------------------------------------------------------- event handlers
@@ -500,6 +508,32 @@ class ReferenceRouter:
         pos = self._position(c)
         out.append(Announce(c.id, pos, self._ewt(c.queue, pos)))
 
+    def _on_outside_started(self, ev: OutsideCallStarted, now: float,
+                            out: list[Decision]) -> None:
+        a = self._outside_event(ev, now)
+        if ev.call_id in a.outside:
+            raise LocalProtocolError(f"agent {a.id!r} already has outside call {ev.call_id!r}")
+        a.outside.add(ev.call_id)
+        self._route(now, out)
+
+    def _on_outside_ended(self, ev: OutsideCallEnded, now: float, out: list[Decision]) -> None:
+        a = self._outside_event(ev, now)
+        if ev.call_id not in a.outside:
+            raise LocalProtocolError(f"agent {a.id!r} has no outside call {ev.call_id!r}")
+        a.outside.discard(ev.call_id)
+        self._route(now, out)
+
+    def _outside_event(self, ev: OutsideCallStarted | OutsideCallEnded, now: float) -> _Agent:
+        """Check an outside-call event; returns its agent."""
+        a = self._agent(ev.agent)
+        if not isinstance(ev.call_id, str) or not ev.call_id:
+            raise LocalProtocolError("call id must be a non-empty string")
+        at = ev.at
+        if (isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at)
+                or at > now):
+            raise LocalProtocolError(f"at must be a finite time not after {now}, got {at!r}")
+        return a
+
     _HANDLERS = {
         AgentLogin: _on_login,
         AgentLogout: _on_logout,
@@ -515,6 +549,8 @@ class ReferenceRouter:
         CallbackRequested: _on_callback,
         CallbackResult: _on_callback_result,
         AnnounceRequest: _on_announce,
+        OutsideCallStarted: _on_outside_started,
+        OutsideCallEnded: _on_outside_ended,
     }
 
     # ---------------------------------------------------------------- rules
@@ -686,7 +722,7 @@ class ReferenceRouter:
 
     def _available(self, a: _Agent) -> bool:
         return (a.presence == READY and not a.in_wrap
-                and len(a.active) + a.ringing < a.cap)
+                and len(a.active) + len(a.outside) + a.ringing < a.cap)
 
     def _position(self, c: _Caller) -> int:
         pos = 1
@@ -771,7 +807,7 @@ class ReferenceRouter:
     @staticmethod
     def _agent_view(a: _Agent) -> AgentView:
         return AgentView(a.id, a.presence, a.pause_reason, a.in_wrap, len(a.active), a.ringing,
-                         a.missed, a.idle_since)
+                         a.missed, a.idle_since, len(a.outside))
 
     @staticmethod
     def _caller_view(c: _Caller) -> CallerView:
