@@ -306,6 +306,8 @@ class Appliance:
             desk_db = open_site_db(config.storage.database)
             stack.append(("desk", desk_db.close))
             desk, _codes = desk_from_config(desk_db, config, on_event=feed)
+            # Stopped before its connection closes: commits the desk changes still queued.
+            stack.append(("desk-writer", lambda: asyncio.to_thread(desk.close)))
             # Call control: media engine, IVR, ACD and the B2BUA on the SIP service.
             calls = await start_call_control(config, sip, registrar=registrar, auth=auth,
                                              guard=guard, on_event=feed, desk=desk)

@@ -266,6 +266,18 @@ class SipLimits(_Model):
     """Per TCP/TLS connection receive buffer."""
 
 
+SkillName = Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+SkillLevel = Annotated[StrictInt, Field(ge=1, le=10)]
+"""A skill level: 1 (novice) to 10 (expert), as the ACD router takes it (docs/acd.md)."""
+
+
+class Skill(_Model):
+    """A skill agents have and queues may require (top-level ``skills:``)."""
+
+    name: SkillName
+    description: StrictStr | None = None
+
+
 class Account(_Model):
     """A SIP account (an agent's phone). Only digest HA1 values are stored, never passwords."""
 
@@ -278,6 +290,8 @@ class Account(_Model):
     """``sha256("user:realm:password")`` in hex (RFC 7616 §3.4.2, RFC 8760)."""
     role: Literal["agent", "supervisor"] = "agent"
     """What the phone's user may do: dial rules per role, supervisor feature codes."""
+    skills: dict[SkillName, SkillLevel] = Field(default_factory=dict)
+    """Skill name (one of the site's ``skills``) -> level 1-10."""
 
     @field_validator("ha1_md5", "ha1_sha256")
     @classmethod
@@ -485,6 +499,18 @@ class IvrConfig(_Model):
         return value
 
 
+class RelaxStepSettings(_Model):
+    """One step of skill relaxation (``queues[].relax``): once a caller has waited ``after``
+    seconds, the queue's required levels are lowered and/or some skills dropped for them."""
+
+    after: Seconds
+    """Seconds of waiting, from the caller's place in the queue."""
+    lower_by: Annotated[StrictInt, Field(ge=0, le=9)] = 0
+    """Every still required minimum level is lowered by this much (never below 1)."""
+    drop: tuple[SkillName, ...] = ()
+    """Required skills no longer required at all."""
+
+
 class QueueSettings(_Model):
     """One ACD queue (docs/acd.md)."""
 
@@ -509,6 +535,33 @@ class QueueSettings(_Model):
     announce_every: Seconds | None = None
     """Seconds between announcements of the waiting caller's position and estimated wait
     (between the music); None: no announcements."""
+    callback_retries: Annotated[StrictInt, Field(ge=0, le=20)] = 2
+    """Further dial attempts of a queued callback after its first attempt failed."""
+    callback_retry_interval: Annotated[StrictFloat | StrictInt, Field(gt=0, le=86400)] = 300.0
+    """Seconds between a failed callback attempt and the next one."""
+    required_skills: dict[SkillName, SkillLevel] = Field(default_factory=dict)
+    """Skill name (one of the site's ``skills``) -> the lowest level an agent needs to take
+    this queue's callers."""
+    relax: tuple[RelaxStepSettings, ...] = ()
+    """Skill relaxation as a caller waits, steps in increasing ``after`` order; steps add up
+    (docs/routing.md)."""
+
+    @model_validator(mode="after")
+    def _relax_steps(self) -> QueueSettings:
+        previous = 0.0
+        for index, step in enumerate(self.relax):
+            if step.after <= previous and index:
+                raise _KeyedValueError(("relax", index, "after"),
+                                       f"expected more than the step before ({previous} s), "
+                                       f"got {step.after}")
+            previous = step.after
+            for name in step.drop:
+                if name not in self.required_skills:
+                    raise _KeyedValueError(
+                        ("relax", index, "drop"),
+                        f"expected a skill this queue requires "
+                        f"({', '.join(self.required_skills) or 'none'}), got {name!r}")
+        return self
 
     @field_validator("record")
     @classmethod
@@ -617,6 +670,10 @@ class DiallingConfig(_Model):
     """Account role -> its rules; a role not listed may not dial out."""
 
 
+ClearAfter = Annotated[StrictFloat | StrictInt, Field(ge=0)]
+"""Seconds an alert's rule must stay back to normal before it clears (0: at once)."""
+
+
 class ServiceLevelAlert(_Model):
     """Alert when a queue's service level over a sliding window is below target."""
 
@@ -628,12 +685,34 @@ class ServiceLevelAlert(_Model):
     """Callers who left the queue within this many seconds count."""
     min_calls: PositiveInt = 10
     """Fewer callers than this in the window raise nothing."""
+    clear_above: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
+    """Back to normal at or above this level (null: target + 0.05, at most 1)."""
+    clear_after: ClearAfter = 30.0
+    """Seconds back to normal before the alert clears (docs/alerts.md, "Hysteresis")."""
+
+    @model_validator(mode="after")
+    def _clear_band(self) -> ServiceLevelAlert:
+        if self.clear_above is not None and self.clear_above < self.target:
+            raise _KeyedValueError(("clear_above",), f"expected clear_above >= target "
+                                   f"({self.target}), got {self.clear_above}")
+        return self
 
 
 class CountAlert(_Model):
     """Alert above a count."""
 
     above: Annotated[StrictInt, Field(ge=0)] = 10
+    clear_below: PositiveInt | None = None
+    """Back to normal below this count (null: 80 % of ``above``, at least 1)."""
+    clear_after: ClearAfter = 30.0
+    """Seconds back to normal before the alert clears."""
+
+    @model_validator(mode="after")
+    def _clear_band(self) -> CountAlert:
+        if self.clear_below is not None and self.clear_below > self.above + 1:
+            raise _KeyedValueError(("clear_below",), f"expected clear_below <= above + 1 "
+                                   f"({self.above + 1}), got {self.clear_below}")
+        return self
 
 
 class DurationAlert(_Model):
@@ -642,10 +721,36 @@ class DurationAlert(_Model):
     above: Seconds = 120.0
 
 
+class WaitAlert(DurationAlert):
+    """Alert on the longest wait of a queue, seconds."""
+
+    clear_below: Seconds | None = None
+    """Back to normal under this wait (null: 80 % of ``above``)."""
+    clear_after: ClearAfter = 30.0
+    """Seconds back to normal before the alert clears."""
+
+    @model_validator(mode="after")
+    def _clear_band(self) -> WaitAlert:
+        if self.clear_below is not None and self.clear_below > self.above:
+            raise _KeyedValueError(("clear_below",), f"expected clear_below <= above "
+                                   f"({self.above}), got {self.clear_below}")
+        return self
+
+
+class PauseAlert(DurationAlert):
+    """Alert on an agent paused too long, seconds."""
+
+    above: Seconds = 900.0
+    clear_after: ClearAfter = 30.0
+    """Seconds unpaused before the alert clears; a pause again within them continues."""
+
+
 class LinkDownAlert(_Model):
     """Alert when the cloud link has been offline this long."""
 
     after: Seconds = 60.0
+    clear_after: ClearAfter = 30.0
+    """Seconds back online before the alert clears; offline again within them continues."""
 
 
 class SecurityAlert(_Model):
@@ -653,6 +758,17 @@ class SecurityAlert(_Model):
 
     count: PositiveInt = 5
     window: Seconds = 300.0
+    clear_below: PositiveInt | None = None
+    """Back to normal with fewer events in the window (null: half of ``count``, at least 1)."""
+    clear_after: ClearAfter = 30.0
+    """Seconds back to normal before the alert clears."""
+
+    @model_validator(mode="after")
+    def _clear_band(self) -> SecurityAlert:
+        if self.clear_below is not None and self.clear_below > self.count:
+            raise _KeyedValueError(("clear_below",), f"expected clear_below <= count "
+                                   f"({self.count}), got {self.clear_below}")
+        return self
 
 
 class AlertsConfig(_Model):
@@ -661,10 +777,9 @@ class AlertsConfig(_Model):
     service_level: ServiceLevelAlert | None = Field(default_factory=ServiceLevelAlert)
     calls_waiting: CountAlert | None = Field(default_factory=CountAlert)
     """Callers waiting in one queue."""
-    longest_wait: DurationAlert | None = Field(default_factory=DurationAlert)
+    longest_wait: WaitAlert | None = Field(default_factory=WaitAlert)
     """Seconds the longest-waiting caller of a queue has waited."""
-    agent_paused: DurationAlert | None = Field(
-        default_factory=lambda: DurationAlert(above=900.0))
+    agent_paused: PauseAlert | None = Field(default_factory=PauseAlert)
     """Seconds an agent has been paused."""
     long_call: DurationAlert | None = Field(default_factory=lambda: DurationAlert(above=3600.0))
     """Seconds a call has lasted."""
@@ -705,6 +820,8 @@ class SiteConfig(_Model):
     dialling: DiallingConfig = _section()
     alerts: AlertsConfig = _section()
     webhooks: tuple[WebhookTarget, ...] = ()
+    skills: tuple[Skill, ...] = ()
+    """Skills agents have (``sip.accounts[].skills``) and queues require (``required_skills``)."""
 
     _site_dir: Path | None = PrivateAttr(default=None)
 
@@ -745,7 +862,29 @@ class SiteConfig(_Model):
                 raise _KeyedValueError(
                     ("queues", index, "members"), "expected each agent once per queue"
                 )
+        self._check_skills()
         return self
+
+    def _check_skills(self) -> None:
+        """Every skill an account has or a queue requires is one of ``skills``, named once."""
+        known: dict[str, int] = {}
+        for index, skill in enumerate(self.skills):
+            if skill.name in known:
+                raise _KeyedValueError(
+                    ("skills", index, "name"),
+                    f"expected a unique skill name, {skill.name!r} is already "
+                    f"skills[{known[skill.name]}]")
+            known[skill.name] = index
+        listed = ", ".join(known) or "none"
+        for where, items in (("sip", self.sip.accounts), ("queues", self.queues)):
+            for index, item in enumerate(items):
+                key = "skills" if where == "sip" else "required_skills"
+                for name in getattr(item, key):
+                    if name not in known:
+                        path = (("sip", "accounts", index, key, name) if where == "sip"
+                                else ("queues", index, key, name))
+                        raise _KeyedValueError(
+                            path, f"expected a skill listed in skills ({listed}), got {name!r}")
 
     @property
     def site_dir(self) -> Path | None:

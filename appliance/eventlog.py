@@ -43,8 +43,9 @@ MAX_KIND_CHARS = 64
 ESSENTIAL, NORMAL, DROPPABLE = 0, 1, 2
 """Outbox priorities: lower is more important; only ``DROPPABLE`` and above may be dropped."""
 
-ESSENTIAL_PREFIXES = ("call.", "queue.", "agent.")
-"""Call records, queue and agent events: never dropped, whatever the caller asks."""
+ESSENTIAL_PREFIXES = ("call.", "queue.", "agent.", "callback.", "voicemail.")
+"""Call records, queue, agent, queued-callback and voicemail events: never dropped, whatever
+the caller asks."""
 DROPPABLE_PREFIXES = ("stats.",)
 
 _KIND = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")

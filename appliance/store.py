@@ -317,6 +317,85 @@ MIGRATIONS: tuple[Migration, ...] = (
             " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
         ),
     ),
+    Migration(
+        11,
+        "queued callbacks (pending ones survive a restart), the attempt's request, voicemail",
+        (
+            # appliance/calls/callbacks.py: one row per request, its id the requesting call's.
+            "CREATE TABLE callback_requests (call_id TEXT PRIMARY KEY, queue TEXT NOT NULL,"
+            " number TEXT NOT NULL, caller TEXT NOT NULL, priority INTEGER NOT NULL,"
+            " requested_at REAL NOT NULL, place_at REAL NOT NULL, state TEXT NOT NULL"
+            " CHECK (state IN ('waiting', 'dialling', 'answered', 'failed', 'cancelled')),"
+            " attempts INTEGER NOT NULL, variables TEXT NOT NULL, updated_at REAL NOT NULL)",
+            "CREATE INDEX callback_requests_pending ON callback_requests (state, place_at)",
+            # Call records gain the direction "callback" (SQLite cannot change a CHECK: the
+            # table is rebuilt, rows kept) and name the request an attempt dials for.
+            """CREATE TABLE call_records_next (
+                call_id TEXT PRIMARY KEY,
+                sip_call_id TEXT NOT NULL,
+                caller TEXT,
+                dialled TEXT,
+                flow TEXT,
+                queue TEXT,
+                agent TEXT,
+                started_at REAL NOT NULL,
+                offered_at REAL,
+                answered_at REAL,
+                ended_at REAL NOT NULL,
+                end_reason TEXT NOT NULL,
+                end_code INTEGER,
+                recording_id TEXT,
+                ivr_trace TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(ivr_trace)),
+                legs TEXT NOT NULL CHECK (json_valid(legs)),
+                direction TEXT NOT NULL DEFAULT 'inbound'
+                    CHECK (direction IN ('inbound', 'outbound', 'callback')),
+                holds TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(holds)),
+                ended_by TEXT,
+                recording_decision TEXT,
+                callback_of TEXT
+            )""",
+            "INSERT INTO call_records_next (call_id, sip_call_id, caller, dialled, flow, queue,"
+            " agent, started_at, offered_at, answered_at, ended_at, end_reason, end_code,"
+            " recording_id, ivr_trace, legs, direction, holds, ended_by, recording_decision)"
+            " SELECT call_id, sip_call_id, caller, dialled, flow, queue, agent, started_at,"
+            " offered_at, answered_at, ended_at, end_reason, end_code, recording_id, ivr_trace,"
+            " legs, direction, holds, ended_by, recording_decision FROM call_records",
+            "DROP TABLE call_records",
+            "ALTER TABLE call_records_next RENAME TO call_records",
+            "CREATE INDEX call_records_started_at ON call_records (started_at)",
+            "CREATE INDEX call_records_agent ON call_records (agent, started_at)",
+            "CREATE INDEX call_records_callback_of ON call_records (callback_of)"
+            " WHERE callback_of IS NOT NULL",
+            # appliance/calls/voicemail.py: which recordings are voice messages, and for whom.
+            "CREATE TABLE voicemail_messages (recording_id TEXT PRIMARY KEY,"
+            " call_id TEXT NOT NULL, mailbox TEXT NOT NULL, queue TEXT, caller TEXT,"
+            " variables TEXT NOT NULL CHECK (json_valid(variables)), duration_s REAL NOT NULL,"
+            " left_at REAL NOT NULL)",
+            "CREATE INDEX voicemail_messages_mailbox ON voicemail_messages (mailbox, left_at)",
+        ),
+    ),
+    Migration(
+        12,
+        "calls the router held for each agent, as the desk's watchdog last saw them",
+        (
+            # appliance/acd/desk.py: cleared (and audited) at the next start, since no call
+            # outlives the process that carried it.
+            "CREATE TABLE agent_desk_calls (agent TEXT NOT NULL, call_id TEXT NOT NULL,"
+            " kind TEXT NOT NULL CHECK (kind IN ('on-call', 'ringing', 'dialling')),"
+            " since REAL NOT NULL, PRIMARY KEY (agent, call_id))",
+        ),
+    ),
+    Migration(
+        13,
+        "calls in progress, so that a crash leaves a trace the next start records",
+        (
+            # appliance/calls/control.py: a row from a call's start until its record is
+            # written (in the record's transaction); rows found at start were interrupted.
+            "CREATE TABLE calls_in_progress (call_id TEXT PRIMARY KEY, sip_call_id TEXT NOT NULL,"
+            " caller TEXT, dialled TEXT, flow TEXT, direction TEXT NOT NULL,"
+            " started_at REAL NOT NULL, queue TEXT, agent TEXT, answered_at REAL)",
+        ),
+    ),
 )
 
 _BUSY_TIMEOUT_S = 10.0

@@ -238,6 +238,9 @@ AGENT_SCRIPT = textwrap.dedent(
                     op = pj.CallOpParam(True)
                     op.statusCode = 200
                     calls[-1].answer(op)
+                elif event[1] == "hangup":
+                    calls[-1].hangup(pj.CallOpParam())
+                    say(event="hanging_up")
                 elif event[1].startswith("dtmf "):
                     calls[-1].dialDtmf(event[1][5:])  # RFC 4733 events by default
                     say(event="dtmf_sent", digits=event[1][5:])
@@ -551,6 +554,7 @@ class LiveAppliance:
             desk_db = open_site_db(config.storage.database)
             self._closers.append(desk_db.close)
             self.desk = desk_from_config(desk_db, config, on_event=self._on_event)[0]
+            self._closers.append(lambda: asyncio.to_thread(self.desk.close))
             extra["desk"] = self.desk
         self.calls = await start_call_control(config, sip, registrar=registrar, auth=auth,
                                               guard=guard, on_event=self._on_event, **extra)

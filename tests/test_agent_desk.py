@@ -1,10 +1,21 @@
 """The agent desk on a real SQLite file: every transition of the presence table, the rows each
-change writes (desk, audit, event log) in one transaction, persistence across a reopen,
-restore into a fresh router, the watchdog, and feature-code parsing."""
+change writes (desk, audit, event log) in one transaction, committed in order by the desk's
+writer thread without blocking the event loop, flushed at stop, whole after a kill -9;
+persistence across a reopen, restore into a fresh router, the watchdog, and feature-code
+parsing."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +56,41 @@ class Events:
         self.seen.append((kind, payload))
 
 
+_OPEN: list[AgentDesk] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_desks() -> Iterator[None]:
+    yield
+    while _OPEN:
+        shut(_OPEN.pop())
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "edgecc.db"
 
 
 def open_desk(path: Path, on_event: Any = None, **kwargs: Any) -> AgentDesk:
-    return AgentDesk(open_site_db(path), agents=AGENTS,
+    desk = AgentDesk(open_site_db(path), agents=AGENTS,
                      pause_reasons={"1": "break", "2": "lunch", "3": "training"},
                      dispositions={"1": "resolved", "2": "follow-up"}, site_id="demo",
                      on_event=on_event, **kwargs)
+    _OPEN.append(desk)
+    return desk
+
+
+def shut(desk: AgentDesk) -> None:
+    """Stop the desk as the appliance does: flush and stop the writer, close the connection."""
+    if desk in _OPEN:
+        _OPEN.remove(desk)
+    assert desk.close(10)
+    desk._db.close()
 
 
 def rows(desk: AgentDesk, sql: str) -> list[tuple[Any, ...]]:
+    """Rows as committed once every change so far is written."""
+    assert desk.flush(10)
     return desk._db.conn.execute(sql).fetchall()
 
 
@@ -134,7 +167,8 @@ def test_every_pair_of_the_table(db_path: Path, start: Presence, action: str) ->
     assert f"before={start.value}" in detail and f"after={after.value}" in detail
     last_kind, last = events.seen[-1]
     assert last_kind == kind and last["agent"] == "1001" and last["at"] == T0 + 5
-    assert last["seq"] == eventlog.last_seq(desk._db)
+    # Told at once, before the commit: the event log's seq is not known yet.
+    assert "seq" not in last and eventlog.last_seq(desk._db) == before[2] + 1
 
 
 def test_pause_payload_names_the_reason_given_by_code_or_name(db_path: Path) -> None:
@@ -147,7 +181,7 @@ def test_pause_payload_names_the_reason_given_by_code_or_name(db_path: Path) -> 
         m.AgentPause("1002", "training")]
     assert desk.reason("1002") == "training"
     assert events.seen[-1] == ("agent.pause", {"agent": "1002", "reason": "training",
-                                               "actor": "a", "source": "s", "seq": 3,
+                                               "actor": "a", "source": "s",
                                                "at": T0 + 2})
     # No reason at all is a pause too.
     assert desk.pause("1002", None, T0 + 3, actor="a", source="s") == [m.AgentPause("1002", "")]
@@ -190,18 +224,21 @@ def test_disposition_is_audited_and_logged(db_path: Path) -> None:
     assert payload["disposition"] == "follow-up" and payload["agent"] == "1003"
 
 
-def test_a_failing_write_rolls_back_all_three_rows(db_path: Path) -> None:
+def test_a_failing_write_rolls_back_all_three_rows(db_path: Path, caplog: Any) -> None:
     desk = open_desk(db_path)
     conn = desk._db.conn
     conn.execute("CREATE TRIGGER no_audit BEFORE INSERT ON audit_log "
                  "BEGIN SELECT RAISE(ABORT, 'audit refused'); END")
-    with pytest.raises(sqlite3.IntegrityError):
-        desk.login("1001", T0, actor="a", source="s")
-    assert counts(desk) == (0, 0, 0)
-    assert desk.presence("1001") is Presence.LOGGED_OUT
-    conn.execute("DROP TRIGGER no_audit")
     desk.login("1001", T0, actor="a", source="s")
+    # The desk row and the event were written before the audit row failed: both rolled back.
+    assert counts(desk) == (0, 0, 0)
+    assert (desk.writer.failed, desk.writer.committed) == (1, 0)
+    assert "event=agent_desk_write_failed" in caplog.text and "audit refused" in caplog.text
+    conn.execute("DROP TRIGGER no_audit")
+    # The writer goes on with the next change.
+    desk.pause("1001", "1", T0 + 1, actor="a", source="s")
     assert counts(desk) == (1, 1, 1)
+    assert rows(desk, "SELECT presence, reason FROM agent_desk") == [("paused", "break")]
 
 
 def test_a_failing_callback_changes_nothing(db_path: Path) -> None:
@@ -223,7 +260,7 @@ def test_presence_survives_a_reopen_and_restores_the_router(db_path: Path) -> No
     desk.pause("1002", "2", T0 + 2, actor="a", source="s")
     desk.login("1003", T0 + 3, actor="a", source="s")
     desk.logout("1003", T0 + 4, actor="a", source="s")
-    desk._db.conn.close()
+    shut(desk)
 
     again = open_desk(db_path)
     assert [again.presence(a) for a in AGENTS] == [
@@ -246,8 +283,9 @@ def test_presence_survives_a_reopen_and_restores_the_router(db_path: Path) -> No
 def test_agents_no_longer_configured_are_left_alone(db_path: Path) -> None:
     desk = open_desk(db_path)
     desk.login("1003", T0, actor="a", source="s")
-    desk._db.conn.close()
+    shut(desk)
     fewer = AgentDesk(open_site_db(db_path), agents=("1001",), site_id="demo")
+    _OPEN.append(fewer)
     assert fewer.restore(T0) == []
     with pytest.raises(DeskError):
         fewer.presence("1003")
@@ -329,7 +367,7 @@ def test_restore_with_an_agent_on_a_call_and_the_watchdog(db_path: Path,
     router.handle(m.CallerJoin("c1", "sales"), 2.0)
     router.handle(m.OfferAccepted("c1", "1001"), 3.0)
     router.handle(m.CallerJoin("c2", "sales"), 4.0)  # rings at 1002
-    desk._db.conn.close()
+    shut(desk)
 
     # The appliance restarts its desk; the router still holds c1 at 1001 and c2 at 1002, but
     # call control lost c1 (no live call explains it) and still knows c2.
@@ -468,6 +506,7 @@ def test_desk_from_site_yaml(db_path: Path) -> None:
         "  pause_reasons: {'4': coaching}\n  dispositions: {'7': sale}\n"
         "  watchdog_grace: 3\n")
     desk, codes = desk_from_config(open_site_db(db_path), config)
+    _OPEN.append(desk)
     assert desk.agents == ("1001",)
     assert desk.watchdog_grace == 3
     assert parse_feature_code("*90", codes) == FeatureCode("login", None)
@@ -498,6 +537,7 @@ def test_parsing_random_digits_never_raises_anything_but_desk_error(digits: str)
 
 def test_an_agent_in_no_queue_has_a_presence_but_no_routing(db_path: Path) -> None:
     desk = AgentDesk(open_site_db(db_path), agents=(*AGENTS, "1009"), site_id="demo")
+    _OPEN.append(desk)
     router = ReferenceRouter(router_config())
     service = RouterDeskService(desk, router, clock=lambda: 1.0)
     service.apply(desk.login("1009", T0, actor="a", source="s"))
@@ -535,7 +575,7 @@ def test_desk_and_router_agree_on_any_sequence(steps: list[tuple[str, str, str |
                 router.handle(item, float(n))
             assert desk.view(agent, router.agent_view(agent))["in_sync"]
         assert counts(desk)[1:] == (accepted, accepted)
-        desk._db.conn.close()
+        shut(desk)
         again = open_desk(path)
         fresh = ReferenceRouter(router_config())
         for item in again.restore(T0 + 100):
@@ -543,7 +583,7 @@ def test_desk_and_router_agree_on_any_sequence(steps: list[tuple[str, str, str |
         for agent in AGENTS:
             assert fresh.agent_view(agent).presence == router.agent_view(agent).presence
             assert fresh.agent_view(agent).pause_reason == router.agent_view(agent).pause_reason
-        again._db.conn.close()
+        shut(again)
 
 
 def test_desk_audit_rows_extend_the_hash_chain(db_path: Path) -> None:
@@ -552,6 +592,251 @@ def test_desk_audit_rows_extend_the_hash_chain(db_path: Path) -> None:
     desk = open_desk(db_path)
     for step, action in enumerate(("login", "pause", "unpause", "logout")):
         go(desk, "1001", action, T0 + step, reason="1" if action == "pause" else None)
+    assert desk.flush(10)
     report = verify(sqlite3.connect(db_path))
     assert report.ok, report.problem
     assert report.rows >= 4 and report.legacy == 0
+
+
+# ---------------------------------------------------------------------------- the writer thread
+
+
+class WriteLock:
+    """Another connection holding the database's write lock (``BEGIN IMMEDIATE``), as a
+    backup or the edge agent may: the desk's writer waits for it (busy timeout)."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, timeout=5, isolation_level=None)
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def committed(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    """What another reader sees committed now (WAL readers never wait for the writer)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_change_does_not_block_the_event_loop(db_path: Path) -> None:
+    events = Events()
+    desk = open_desk(db_path, events)
+    lock = WriteLock(db_path)
+    try:
+        async def scenario() -> tuple[list[str], Presence, int, list[tuple[Any, ...]]]:
+            order: list[str] = []
+            ran = asyncio.Event()
+
+            def change() -> None:
+                desk.login("1001", T0, actor="api:sam", source="127.0.0.1:5000")
+                order.append("changed")
+                asyncio.get_running_loop().call_soon(other)
+
+            def other() -> None:
+                order.append("other callback")
+                ran.set()
+
+            asyncio.get_running_loop().call_soon(change)
+            await asyncio.wait_for(ran.wait(), 5)
+            # The writer is still held by the lock: nothing is committed, yet the loop ran on
+            # and the desk already shows the change.
+            return (order, desk.presence("1001"), desk.writer.pending,
+                    committed(db_path, "SELECT * FROM agent_desk"))
+
+        order, presence, pending, rows_now = asyncio.run(scenario())
+        assert order == ["changed", "other callback"]
+        assert presence is Presence.AVAILABLE and pending == 1 and rows_now == []
+        assert events.seen[-1][0] == "agent.login"
+    finally:
+        lock.release()
+    assert desk.flush(10)
+    assert committed(db_path, "SELECT agent, presence FROM agent_desk") == [("1001", "available")]
+    assert desk.writer.pending == 0 and desk.writer.committed == 1
+
+
+def test_changes_commit_in_the_order_they_were_made(db_path: Path) -> None:
+    from appliance.audit import verify
+
+    desk = open_desk(db_path, watchdog_grace=0.0)
+    lock = WriteLock(db_path)  # everything queues up behind the lock, then drains in order
+    try:
+        desk.login("1001", T0, actor="a", source="s")
+        desk.login("1002", T0 + 1, actor="a", source="s")
+        desk.pause("1001", "2", T0 + 2, actor="a", source="s")
+        desk.disposition("1002", "call-7", "1", T0 + 3, actor="a", source="s")
+        desk.watchdog({}, {}, T0 + 4, held={"1002": {"call-8": "on-call"}})
+        desk.unpause("1001", T0 + 5, actor="a", source="s")
+        desk.logout("1002", T0 + 6, actor="a", source="s")
+        assert desk.writer.pending == 7
+    finally:
+        lock.release()
+    expected = [("agent.login", "a"), ("agent.login", "a"), ("agent.pause", "a"),
+                ("agent.disposition", "a"), ("agent.watchdog", "watchdog"),
+                ("agent.unpause", "a"), ("agent.logout", "a")]
+    audit = rows(desk, "SELECT action, actor FROM audit_log ORDER BY id")
+    assert audit == expected
+    events = rows(desk, "SELECT kind, occurred_at, payload FROM events ORDER BY seq")
+    assert [(k, at) for k, at, _ in events] == [
+        ("agent.login", T0), ("agent.login", T0 + 1), ("agent.pause", T0 + 2),
+        ("agent.disposition", T0 + 3), ("agent.unpause", T0 + 5), ("agent.logout", T0 + 6)]
+    assert json.loads(events[2][2])["reason"] == "lunch"
+    assert rows(desk, "SELECT agent, presence FROM agent_desk ORDER BY agent") == [
+        ("1001", "available"), ("1002", "logged-out")]
+    report = verify(sqlite3.connect(db_path))
+    assert report.ok and report.rows == 7, report.problem
+
+
+def test_close_flushes_everything_and_then_refuses(db_path: Path) -> None:
+    desk = open_desk(db_path)
+    lock = WriteLock(db_path)
+    for agent in AGENTS:
+        desk.login(agent, T0, actor="a", source="s")
+    desk.pause("1003", "3", T0 + 1, actor="a", source="s")
+    closing = threading.Thread(target=lambda: setattr(closing, "done", desk.close(10)))
+    closing.start()
+    # close() waits for the writer; nothing is committed while the lock is held.
+    assert committed(db_path, "SELECT COUNT(*) FROM agent_desk") == [(0,)]
+    lock.release()
+    closing.join(15)
+    assert not closing.is_alive() and closing.done  # type: ignore[attr-defined]
+    assert committed(db_path, "SELECT agent, presence, reason FROM agent_desk ORDER BY agent") == [
+        ("1001", "available", None), ("1002", "available", None), ("1003", "paused", "training")]
+    assert committed(db_path, "SELECT COUNT(*) FROM events") == [(4,)]
+    # Stopped: a change is refused whole (nothing in memory, nothing written).
+    with pytest.raises(DeskError) as err:
+        desk.logout("1001", T0 + 2, actor="a", source="s")
+    assert err.value.status == 503
+    assert desk.presence("1001") is Presence.AVAILABLE
+    shut(desk)
+
+
+def test_a_close_that_times_out_says_so_and_loses_only_what_waited(db_path: Path,
+                                                                   caplog: Any) -> None:
+    desk = open_desk(db_path)
+    lock = WriteLock(db_path)
+    try:
+        desk.login("1001", T0, actor="a", source="s")  # the writer is on this one
+        desk.login("1002", T0, actor="a", source="s")  # this one waits behind it
+        assert desk.close(0.2) is False
+        assert "event=agent_desk_stop_unflushed" in caplog.text and "pending=2" in caplog.text
+        assert desk.flush(0) is False
+    finally:
+        lock.release()
+    desk.writer._pool.shutdown(wait=True)  # the change in progress completes
+    assert committed(db_path, "SELECT agent FROM agent_desk") == [("1001",)]
+    assert committed(db_path, "SELECT COUNT(*) FROM audit_log") == [(1,)]
+    _OPEN.remove(desk)
+    desk.writer._db.close()
+    desk._db.close()
+
+
+def test_too_many_waiting_changes_are_refused_whole(db_path: Path) -> None:
+    events = Events()
+    desk = open_desk(db_path, events, max_pending=2)
+    lock = WriteLock(db_path)
+    try:
+        desk.login("1001", T0, actor="a", source="s")
+        desk.login("1002", T0, actor="a", source="s")
+        with pytest.raises(DeskError) as err:
+            desk.login("1003", T0, actor="a", source="s")
+        assert err.value.status == 503 and "waiting" in err.value.message
+        with pytest.raises(DeskError):
+            desk.disposition("1001", "c-1", "1", T0, actor="a", source="s")
+        assert desk.presence("1003") is Presence.LOGGED_OUT
+        assert [k for k, _ in events.seen] == ["agent.login", "agent.login"]
+    finally:
+        lock.release()
+    assert desk.flush(10)
+    desk.login("1003", T0 + 1, actor="a", source="s")  # room again
+    assert counts(desk) == (3, 3, 3)
+
+
+CRASH_SCRIPT = r"""
+import sys, time
+from appliance.acd.desk import AgentDesk
+from appliance.store import open_site_db
+desk = AgentDesk(open_site_db(sys.argv[1]), agents=("1001", "1002", "1003"), site_id="demo")
+print("ready", flush=True)
+for n in range(100000):
+    agent = ("1001", "1002", "1003")[n % 3]
+    if desk.presence(agent).value == "logged-out":
+        desk.login(agent, 1.0 + n, actor="a", source="s")
+    else:
+        desk.logout(agent, 1.0 + n, actor="a", source="s")
+    if desk.writer.pending > 50:
+        desk.flush(5)  # keep the queue short: the kill lands with changes in flight
+"""
+
+
+def test_a_kill_mid_write_leaves_every_change_whole(db_path: Path) -> None:
+    from appliance.audit import verify
+
+    open_site_db(db_path).close()
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, str(db_path)],
+                            stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 30
+        while committed(db_path, "SELECT COUNT(*) FROM events")[0][0] < 20:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)  # polling the committed rows of another process
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    # Every committed change has its three rows; the desk rows match the last event per agent.
+    events = committed(db_path, "SELECT kind, payload FROM events ORDER BY seq")
+    audit = committed(db_path, "SELECT action FROM audit_log ORDER BY id")
+    assert len(events) >= 20 and [(k,) for k, _ in events] == audit
+    last = {json.loads(p)["agent"]: k for k, p in events}
+    desk_rows = dict(committed(db_path, "SELECT agent, presence FROM agent_desk"))
+    assert desk_rows == {a: "available" if k == "agent.login" else "logged-out"
+                         for a, k in last.items()}
+    report = verify(sqlite3.connect(db_path))
+    assert report.ok, report.problem
+    again = open_desk(db_path)
+    assert {a: again.presence(a).value for a in desk_rows} == desk_rows
+
+
+def test_calls_held_at_a_crash_are_cleared_and_audited_at_restore(db_path: Path) -> None:
+    from appliance.audit import verify
+
+    desk = open_desk(db_path, watchdog_grace=10.0)
+    desk.login("1001", T0, actor="a", source="s")
+    desk.login("1002", T0, actor="a", source="s")
+    held = {"1001": {"c1": "on-call"}, "1002": {"c2": "ringing"}}
+    live = {"1001": {"c1"}, "1002": {"c2"}}
+    assert desk.watchdog({}, live, T0 + 1, held=held) == []
+    assert rows(desk, "SELECT agent, call_id, kind, since FROM agent_desk_calls ORDER BY agent"
+                ) == [("1001", "c1", "on-call", T0 + 1), ("1002", "c2", "ringing", T0 + 1)]
+    # c2 is answered by 1002, c1 ends: the rows follow (c2's since is when it became a call).
+    held = {"1002": {"c2": "on-call"}}
+    assert desk.watchdog({}, {"1002": {"c2"}}, T0 + 2, held=held) == []
+    assert rows(desk, "SELECT agent, call_id, kind, since FROM agent_desk_calls") == [
+        ("1002", "c2", "on-call", T0 + 2)]
+    audits = counts(desk)[1]
+    # Unchanged: nothing written.
+    assert desk.watchdog({}, {"1002": {"c2"}}, T0 + 3, held=held) == []
+    assert desk.writer.committed == 4 and counts(desk)[1] == audits
+    # The appliance dies with c2 up; at the next start the desk clears it.
+    shut(desk)
+    again = open_desk(db_path)
+    assert again.restore(T0 + 60) == [m.AgentLogin("1001"), m.AgentLogin("1002")]
+    [(actor, action, detail)] = rows(
+        again, "SELECT actor, action, detail FROM audit_log ORDER BY id DESC LIMIT 1")
+    assert (actor, action) == ("watchdog", "agent.watchdog")
+    assert "agent=1002" in detail and "call_id=c2" in detail and "cleared=on-call" in detail
+    assert "source=restart" in detail
+    assert rows(again, "SELECT * FROM agent_desk_calls") == []
+    # A second start finds nothing more to clear.
+    shut(again)
+    third = open_desk(db_path)
+    third.restore(T0 + 120)
+    assert counts(third)[1] == audits + 1
+    assert verify(sqlite3.connect(db_path)).ok

@@ -39,8 +39,9 @@ def connect(engine: AlertEngine, cid: str, at: float, queue: str = "sales") -> N
     engine.feed("queue.connect", {"call_id": cid, "queue": queue, "agent": "1001"}, at)
 
 
-def test_calls_waiting_raises_above_the_limit_and_clears() -> None:
-    engine = only(calls_waiting=CallsWaitingRule(above=3))
+def test_calls_waiting_raises_above_the_limit_holds_in_the_band_and_clears() -> None:
+    rule = CallsWaitingRule(above=3, clear_below=2, clear_after_s=30)
+    engine = only(calls_waiting=rule)
     for i in range(3):
         enter(engine, f"c{i}", T0 + i)
         enter(engine, f"s{i}", T0 + i, queue="support")
@@ -53,12 +54,40 @@ def test_calls_waiting_raises_above_the_limit_and_clears() -> None:
     assert "4 callers waiting, limit 3" in raised.message
     assert engine.tick(T0 + 6) == []  # raised once only
     assert engine.active() == [raised]
+    # Hold: 2 waiting is under the limit but not under clear_below.
     connect(engine, "c0", T0 + 7)
     engine.feed("queue.abandon", {"call_id": "c1", "queue": "sales", "wait_s": 8}, T0 + 8)
-    (cleared,) = engine.tick(T0 + 9)
+    assert engine.tick(T0 + 100) == [] and engine.next_timer() is None
+    # Back to normal (1 waiting) for 20 s, then 2 again: the wait starts over.
+    connect(engine, "c2", T0 + 110)
+    assert engine.tick(T0 + 110) == []
+    assert engine.next_timer() == pytest.approx(T0 + 140)
+    enter(engine, "c4", T0 + 130)
+    assert engine.tick(T0 + 130) == [] and engine.next_timer() is None
+    connect(engine, "c4", T0 + 150)
+    assert engine.tick(T0 + 150) == []
+    assert engine.tick(T0 + 179) == []
+    # Clear: back to normal for clear_after_s without a break.
+    (cleared,) = engine.tick(engine.next_timer())
     assert cleared == Alert("calls_waiting", "sales", Severity.WARNING, raised.message, T0 + 5,
-                            T0 + 9)
+                            cleared.cleared_at)
+    assert cleared.cleared_at == pytest.approx(T0 + 180)
     assert engine.active() == []
+
+
+def test_calls_waiting_defaults_leave_a_band() -> None:
+    assert CallsWaitingRule(above=10).clear_level == 8
+    assert CallsWaitingRule(above=0).clear_level == 1
+    engine = only(calls_waiting=CallsWaitingRule(above=10))
+    for i in range(11):
+        enter(engine, f"c{i}", T0)
+    assert keys(engine.tick(T0)) == [("calls_waiting", "sales", True)]
+    for i in range(3):  # 8 waiting: under the limit, not under 8
+        connect(engine, f"c{i}", T0 + 1)
+    assert engine.tick(T0 + 1000) == []
+    connect(engine, "c3", T0 + 1001)  # 7 waiting
+    assert engine.tick(T0 + 1001) == []
+    assert keys(engine.tick(T0 + 1031)) == [("calls_waiting", "sales", False)]
 
 
 def test_three_waiting_at_a_limit_of_two_raises() -> None:
@@ -72,21 +101,31 @@ def test_three_waiting_at_a_limit_of_two_raises() -> None:
     assert engine2.tick(T0 + 1) == []
 
 
-def test_longest_wait_follows_the_clock() -> None:
-    engine = only(longest_wait=LongestWaitRule(above_s=120))
+def test_longest_wait_follows_the_clock_and_clears_under_its_band() -> None:
+    engine = only(longest_wait=LongestWaitRule(above_s=120, clear_below_s=60,
+                                               clear_after_s=10))
     enter(engine, "c1", T0)
     enter(engine, "c2", T0 + 60)
     assert engine.tick(T0 + 120) == []
     timer = engine.next_timer()
     assert timer is not None and T0 + 120 < timer < T0 + 120.001
     assert keys(engine.tick(timer)) == [("longest_wait", "sales", True)]
-    connect(engine, "c1", T0 + 130)  # c2 has waited 70 s: below the limit
-    assert keys(engine.tick(T0 + 131)) == [("longest_wait", "sales", False)]
-    assert keys(engine.tick(T0 + 181)) == [("longest_wait", "sales", True)]  # c2 at 121 s
+    # c1 answered: c2 has waited 70 s, under the limit but not under 60 s: held.
+    connect(engine, "c1", T0 + 130)
+    assert engine.tick(T0 + 131) == []
+    assert engine.tick(T0 + 200) == []  # c2 at 140 s: over the limit, still the same alert
+    connect(engine, "c2", T0 + 210)
+    enter(engine, "c3", T0 + 210)
+    assert engine.tick(T0 + 210) == []  # c3 at 0 s: back to normal, 10 s to go
+    assert keys(engine.tick(T0 + 220)) == [("longest_wait", "sales", False)]
+    assert engine.tick(T0 + 330) == []  # c3 at 120 s: not over yet
+    assert keys(engine.tick(T0 + 331)) == [("longest_wait", "sales", True)]
+    assert LongestWaitRule(above_s=120).clear_level == 96
 
 
 def test_service_level_over_a_sliding_window() -> None:
-    rule = ServiceLevelRule(target=0.8, threshold_s=20, window_s=1800, min_calls=4)
+    rule = ServiceLevelRule(target=0.8, threshold_s=20, window_s=1800, min_calls=4,
+                            clear_above=0.85, clear_after_s=60)
     engine = only(service_level=rule)
     waits = [5, 10, 30, 40]  # 2 of 4 within 20 s: 50 %
     for i, wait in enumerate(waits):
@@ -98,19 +137,28 @@ def test_service_level_over_a_sliding_window() -> None:
     # A short abandon counts nowhere.
     enter(engine, "s", T0 + 400)
     engine.feed("queue.abandon", {"call_id": "s", "queue": "sales"}, T0 + 402)
-    # Eight quick answers bring it to 10 / 12 = 83 %.
+    # Eight quick answers bring it to 10 / 12 = 83 %: over target, under clear_above: held.
     for i in range(8):
         enter(engine, f"q{i}", T0 + 500 + i)
         connect(engine, f"q{i}", T0 + 505 + i)
-    assert keys(engine.tick(T0 + 600)) == [("service_level", "sales", False)]
+    assert engine.tick(T0 + 600) == [] and len(engine.active()) == 1
+    # Two more: 12 / 14 = 86 %, back to normal; cleared 60 s later.
+    for i in range(2):
+        enter(engine, f"r{i}", T0 + 700)
+        connect(engine, f"r{i}", T0 + 701)
+    assert engine.tick(T0 + 701) == []
+    assert engine.next_timer() == pytest.approx(T0 + 761)
+    assert keys(engine.tick(T0 + 761)) == [("service_level", "sales", False)]
     # The window forgets the four first calls; the next one to age out is q0.
     assert engine.tick(T0 + 2300) == []
     assert engine.next_timer() == pytest.approx(T0 + 505 + 1800)
-    # Three slow answers against the eight quick ones left: 8 / 11 = 73 %.
-    for i in range(3):
+    # Four slow answers against the ten quick ones left: 10 / 14 = 71 %.
+    for i in range(4):
         enter(engine, f"z{i}", T0 + 2200)
         connect(engine, f"z{i}", T0 + 2290)
     assert keys(engine.tick(T0 + 2301)) == [("service_level", "sales", True)]
+    assert ServiceLevelRule(target=0.8).clear_level == pytest.approx(0.85)
+    assert ServiceLevelRule(target=0.99).clear_level == 1.0
 
 
 def test_service_level_needs_enough_calls() -> None:
@@ -121,18 +169,31 @@ def test_service_level_needs_enough_calls() -> None:
     assert engine.tick(T0 + 200) == []
 
 
-def test_agent_paused_too_long() -> None:
-    engine = only(agent_paused=AgentPausedRule(above_s=900))
+def test_agent_paused_too_long_holds_over_a_short_unpause() -> None:
+    engine = only(agent_paused=AgentPausedRule(above_s=900, clear_after_s=30))
     engine.feed("agent.login", {"agent": "1001"}, T0)
     engine.feed("agent.pause", {"agent": "1001", "reason": "lunch"}, T0 + 10)
     engine.feed("agent.pause", {"agent": "1002", "reason": "break"}, T0 + 20)
     assert engine.tick(T0 + 910) == []
     assert keys(engine.tick(T0 + 911)) == [("agent_paused", "1001", True)]
     assert keys(engine.tick(T0 + 921)) == [("agent_paused", "1002", True)]
+    # 1001 unpauses for 10 s and pauses again: the same pause goes on, the banner stays.
     engine.feed("agent.unpause", {"agent": "1001"}, T0 + 1000)
-    engine.feed("agent.logout", {"agent": "1002"}, T0 + 1000)
-    assert sorted(keys(engine.tick(T0 + 1001))) == [("agent_paused", "1001", False),
+    assert engine.tick(T0 + 1000) == []
+    engine.feed("agent.pause", {"agent": "1001", "reason": "break"}, T0 + 1010)
+    assert engine.tick(T0 + 1010) == []
+    assert engine.tick(T0 + 1100) == [] and len(engine.active()) == 2
+    # Unpaused (or logged out) for 30 s: cleared.
+    engine.feed("agent.unpause", {"agent": "1001"}, T0 + 1200)
+    engine.feed("agent.logout", {"agent": "1002"}, T0 + 1200)
+    assert engine.tick(T0 + 1200) == []
+    assert engine.tick(T0 + 1229) == []
+    assert sorted(keys(engine.tick(T0 + 1230))) == [("agent_paused", "1001", False),
                                                    ("agent_paused", "1002", False)]
+    # A pause well after that is a new one: 900 s again before any alert.
+    engine.feed("agent.pause", {"agent": "1001", "reason": "break"}, T0 + 1300)
+    assert engine.tick(T0 + 2200) == []
+    assert keys(engine.tick(T0 + 2201)) == [("agent_paused", "1001", True)]
 
 
 def test_long_calls_from_offer_to_end() -> None:
@@ -142,6 +203,8 @@ def test_long_calls_from_offer_to_end() -> None:
     connect(engine, "c2", T0 + 110)
     assert keys(engine.tick(T0 + 3601)) == [("long_call", "c1", True)]
     assert keys(engine.tick(T0 + 3701)) == [("long_call", "c2", True)]
+    assert engine.tick(T0 + 3900) == []  # held while the calls last
+    # A call's end is final: cleared at once (no hysteresis).
     engine.feed("call.ended", {"call_id": "c1", "end_reason": "caller-hung-up"}, T0 + 4000)
     engine.feed("queue.complete", {"call_id": "c2", "queue": "sales", "agent": "1001",
                                    "ended_by": "agent-hung-up"}, T0 + 4000)
@@ -149,8 +212,8 @@ def test_long_calls_from_offer_to_end() -> None:
                                                    ("long_call", "c2", False)]
 
 
-def test_cloud_link_down_after_a_grace_period() -> None:
-    engine = only(link_down=LinkDownRule(after_s=60))
+def test_cloud_link_down_after_a_grace_period_and_flaps_held() -> None:
+    engine = only(link_down=LinkDownRule(after_s=60, clear_after_s=30))
     engine.feed("link.state", {"state": "online", "since": T0}, T0)
     engine.feed("link.state", {"state": "offline", "since": T0 + 100}, T0 + 100)
     engine.feed("link.state", {"state": "offline", "since": T0 + 100}, T0 + 130)  # repeated
@@ -158,19 +221,59 @@ def test_cloud_link_down_after_a_grace_period() -> None:
     (raised,) = engine.tick(T0 + 161)
     assert (raised.rule, raised.key, raised.severity) == ("link_down", "cloud",
                                                           Severity.CRITICAL)
-    engine.feed("link.state", {"state": "degraded", "since": T0 + 200}, T0 + 200)
-    assert keys(engine.tick(T0 + 201)) == [("link_down", "cloud", False)]
+    # Up for 10 s, then down again: the same outage, the banner stays.
+    engine.feed("link.state", {"state": "online", "since": T0 + 200}, T0 + 200)
+    assert engine.tick(T0 + 200) == []
+    engine.feed("link.state", {"state": "offline", "since": T0 + 210}, T0 + 210)
+    assert engine.tick(T0 + 240) == [] and engine.active() == [raised]
+    # Degraded counts as up: cleared after 30 s of it.
+    engine.feed("link.state", {"state": "degraded", "since": T0 + 300}, T0 + 300)
+    assert engine.tick(T0 + 300) == []
+    assert engine.tick(T0 + 329) == []
+    assert keys(engine.tick(T0 + 330)) == [("link_down", "cloud", False)]
+    # Down again long after: a new outage, 60 s before the alert.
+    engine.feed("link.state", {"state": "offline", "since": T0 + 500}, T0 + 500)
+    assert engine.tick(T0 + 560) == []
+    assert keys(engine.tick(T0 + 561)) == [("link_down", "cloud", True)]
 
 
-def test_security_burst() -> None:
-    engine = only(security=SecurityRule(count=3, window_s=300))
+def test_security_burst_holds_until_the_window_calms_down() -> None:
+    engine = only(security=SecurityRule(count=3, window_s=300, clear_below=2,
+                                        clear_after_s=30))
     engine.feed("security.ban", {"host": "192.0.2.7"}, T0)
     engine.feed("security.login_failed", {"user": "admin"}, T0 + 100)
     assert engine.tick(T0 + 101) == []
     engine.feed("security.login_failed", {"user": "admin"}, T0 + 200)
     assert keys(engine.tick(T0 + 201)) == [("security", "site", True)]
     assert engine.next_timer() == pytest.approx(T0 + 300)
-    assert keys(engine.tick(T0 + 301)) == [("security", "site", False)]  # the ban aged out
+    assert engine.tick(T0 + 301) == []  # the ban aged out: 2 left, not under 2
+    assert engine.next_timer() == pytest.approx(T0 + 400)
+    assert engine.tick(T0 + 401) == []  # 1 left: back to normal, 30 s to go
+    assert keys(engine.tick(T0 + 431)) == [("security", "site", False)]
+    assert SecurityRule(count=5).clear_level == 2
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: CallsWaitingRule(above=3, clear_below=5), "clear_below"),
+    (lambda: CallsWaitingRule(above=3, clear_below=0), "clear_below"),
+    (lambda: LongestWaitRule(above_s=60, clear_below_s=90), "clear_below_s"),
+    (lambda: ServiceLevelRule(target=0.8, clear_above=0.7), "clear_above"),
+    (lambda: SecurityRule(count=3, clear_below=4), "clear_below"),
+    (lambda: LinkDownRule(clear_after_s=-1), "clear_after_s"),
+    (lambda: AgentPausedRule(clear_after_s=float("nan")), "clear_after_s"),
+])
+def test_clear_thresholds_on_the_wrong_side_are_refused(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_without_hysteresis_alerts_clear_at_once() -> None:
+    engine = only(calls_waiting=CallsWaitingRule(above=1, clear_below=2, clear_after_s=0))
+    enter(engine, "c1", T0)
+    enter(engine, "c2", T0)
+    assert keys(engine.tick(T0)) == [("calls_waiting", "sales", True)]
+    connect(engine, "c1", T0 + 1)
+    assert keys(engine.tick(T0 + 1)) == [("calls_waiting", "sales", False)]
 
 
 def test_bad_payloads_are_counted_not_raised() -> None:
@@ -212,6 +315,8 @@ def test_rules_come_from_site_yaml(tmp_path) -> None:
     assert rules.security is None and rules.calls_waiting == CallsWaitingRule(above=1)
     assert rules.agent_paused == AgentPausedRule(above_s=60.0)
     assert rules.service_level == ServiceLevelRule()  # defaults when not written
+    assert rules.longest_wait == LongestWaitRule()
+    assert rules.link_down == LinkDownRule() and rules.long_call == LongCallRule()
     engine = AlertEngine(rules)
     enter(engine, "c1", T0)
     enter(engine, "c2", T0)
@@ -221,3 +326,35 @@ def test_rules_come_from_site_yaml(tmp_path) -> None:
     with pytest.raises(ConfigError, match="alerts.calls_waiting.above"):
         parse_site_yaml("sip: {tls_port: null}\nalerts:\n  calls_waiting: {above: -1}\n",
                         site_dir=tmp_path)
+
+
+def test_hysteresis_keys_come_from_site_yaml(tmp_path) -> None:
+    from appliance.config import ConfigError, parse_site_yaml
+    from appliance.reporting.alerts import rules_from_config
+
+    config = parse_site_yaml(
+        "sip: {tls_port: null}\nalerts:\n"
+        "  service_level: {target: 0.9, clear_above: 0.95, clear_after: 120}\n"
+        "  calls_waiting: {above: 5, clear_below: 3, clear_after: 0}\n"
+        "  longest_wait: {above: 60, clear_below: 30, clear_after: 15}\n"
+        "  agent_paused: {clear_after: 45}\n"
+        "  link_down: {after: 30, clear_after: 90}\n"
+        "  security: {count: 4, clear_below: 1, clear_after: 600}\n", site_dir=tmp_path)
+    rules = rules_from_config(config.alerts)
+    assert rules.service_level == ServiceLevelRule(target=0.9, clear_above=0.95,
+                                                   clear_after_s=120.0)
+    assert rules.calls_waiting == CallsWaitingRule(above=5, clear_below=3, clear_after_s=0)
+    assert rules.longest_wait == LongestWaitRule(above_s=60.0, clear_below_s=30.0,
+                                                 clear_after_s=15)
+    assert rules.agent_paused == AgentPausedRule(above_s=900.0, clear_after_s=45)
+    assert rules.link_down == LinkDownRule(after_s=30.0, clear_after_s=90)
+    assert rules.security == SecurityRule(count=4, clear_below=1, clear_after_s=600)
+    for text, where in [
+        ("calls_waiting: {above: 5, clear_below: 7}", "alerts.calls_waiting.clear_below"),
+        ("longest_wait: {above: 60, clear_below: 61}", "alerts.longest_wait.clear_below"),
+        ("service_level: {target: 0.9, clear_above: 0.5}", "alerts.service_level.clear_above"),
+        ("security: {count: 2, clear_below: 3}", "alerts.security.clear_below"),
+        ("link_down: {clear_after: -5}", "alerts.link_down.clear_after"),
+    ]:
+        with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+            parse_site_yaml(f"sip: {{tls_port: null}}\nalerts:\n  {text}\n", site_dir=tmp_path)

@@ -14,6 +14,7 @@ from test_api_server import ApiServer
 from appliance.api import Role
 from appliance.api.calls import RecordingAccess
 from appliance.config import parse_site_yaml
+from appliance.config_edit import SiteEditor
 from appliance.recording import RecordingStore
 from appliance.store import open_site_db
 
@@ -43,12 +44,42 @@ ENDPOINTS = [
     ("GET", "/api/config/desk", Role.AGENT, 200),
     ("GET", "/api/recordings?caller=%2B331", Role.SUPERVISOR, 200),
     ("GET", "/api/recordings/r1/audio", Role.SUPERVISOR, 404),
+    # Configuration changes (test_api_config.py): supervisors read, admins write; a write
+    # without If-Match gets 428 once the role gate is passed.
+    ("GET", "/api/config/version", Role.SUPERVISOR, 200),
+    ("GET", "/api/config/queues", Role.SUPERVISOR, 200),
+    ("GET", "/api/config/queues/sales", Role.SUPERVISOR, 404),
+    ("POST", "/api/config/queues", Role.ADMIN, 428),
+    ("PUT", "/api/config/queues/sales", Role.ADMIN, 428),
+    ("DELETE", "/api/config/queues/sales", Role.ADMIN, 428),
+    ("GET", "/api/config/agents", Role.SUPERVISOR, 200),
+    ("GET", "/api/config/agents/1001", Role.SUPERVISOR, 404),
+    ("POST", "/api/config/agents", Role.ADMIN, 428),
+    ("PUT", "/api/config/agents/1001", Role.ADMIN, 428),
+    ("DELETE", "/api/config/agents/1001", Role.ADMIN, 428),
+    ("POST", "/api/config/agents/1001/password", Role.ADMIN, 428),
+    ("GET", "/api/config/skills", Role.SUPERVISOR, 200),
+    ("POST", "/api/config/skills", Role.ADMIN, 428),
+    ("PUT", "/api/config/skills/french", Role.ADMIN, 428),
+    ("DELETE", "/api/config/skills/french", Role.ADMIN, 428),
+    ("GET", "/api/config/flows", Role.SUPERVISOR, 200),
+    ("GET", "/api/config/flows/main", Role.SUPERVISOR, 404),
+    ("PUT", "/api/config/flows", Role.ADMIN, 428),
+    ("DELETE", "/api/config/flows/main", Role.ADMIN, 428),
 ]
 BODIES = {
     "/api/config/flows/check": {"yaml": "flows: {}"},
     "/api/calls/c1/transfer": {"target": "1002"},
     "/api/calls/dial": {"agent": "1001", "number": "+15551234"},
     "/api/supervise": {"agent": "1001", "mode": "listen"},
+    "/api/config/queues": {"name": "sales"},
+    "/api/config/queues/sales": {"name": "sales"},
+    "/api/config/agents": {"user": "1003", "password": "phone-secret"},
+    "/api/config/agents/1001": {"display_name": "Agent 1001"},
+    "/api/config/agents/1001/password": {"password": "phone-secret"},
+    "/api/config/skills": {"name": "french"},
+    "/api/config/skills/french": {"description": "French"},
+    "/api/config/flows": {"yaml": "flows:\n  f:\n    start: h\n    nodes:\n      h: {type: hangup}\n"},
 }
 CALLERS = ["none", "expired", "revoked", "agent", "supervisor", "admin"]
 NAMES = {Role.AGENT: "alex", Role.SUPERVISOR: "sam", Role.ADMIN: "ada"}
@@ -66,6 +97,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     server.context.recordings = recordings
     server.context.site = parse_site_yaml("site: {id: demo}")
     server.context.alerts = list
+    (directory / "site.yaml").write_text("site: {id: demo}\n")
+    server.context.site_editor = SiteEditor(directory, server.db_path)
     try:
         for role, name in NAMES.items():
             server.add(name, role)

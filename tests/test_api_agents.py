@@ -106,6 +106,7 @@ class AgentsApi:
         return self.request(method, path, body, token=self.tokens[name])
 
     def count(self, table: str) -> int:
+        assert self.desk.flush(10)  # the desk's writer commits behind the answers
         return int(self.call_soon(
             lambda: self.desk._db.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]))
 
@@ -123,6 +124,7 @@ class AgentsApi:
         finally:
             self._stop_loop()
             self.users.close()
+            self.desk.close()
             self.desk._db.conn.close()
 
 
@@ -214,6 +216,7 @@ def test_supervisor_pauses_an_agent_and_the_router_follows(api: AgentsApi) -> No
     assert api.as_("sam", "POST", "/api/agents/1002/unpause").body["presence"] == "available"
     assert api.as_("sam", "POST", "/api/agents/1002/logout").body["presence"] == "logged-out"
     assert api.call_soon(lambda: api.router.agent_view("1002")).presence == "logged-out"
+    assert api.desk.flush(10)  # the desk's writer commits behind the answers
     kinds = [r[0] for r in api.call_soon(lambda: api.desk._db.conn.execute(
         "SELECT kind FROM events ORDER BY seq").fetchall())]
     assert kinds == ["agent.login", "agent.pause", "agent.pause", "agent.unpause",

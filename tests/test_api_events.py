@@ -23,7 +23,7 @@ WAIT_S = 10.0
 def test_subscriber_receives_what_its_role_may_see() -> None:
     async def scenario() -> None:
         hub = Hub(clock=lambda: 1000.0)
-        agent, supervisor = hub.subscribe(Role.AGENT), hub.subscribe(Role.SUPERVISOR)
+        agent, supervisor = hub.subscribe(Role.AGENT, "a1"), hub.subscribe(Role.SUPERVISOR)
         hub.publish("queue", {"queue": "sales", "waiting": 3}, audience=Role.SUPERVISOR)
         hub.publish("agent", {"agent": "a1", "state": "available"})
         got = await supervisor.get(WAIT_S)
@@ -37,6 +37,38 @@ def test_subscriber_receives_what_its_role_may_see() -> None:
         assert await agent.get(0.01) is None
         agent.close()
         assert hub.subscribers == 1
+
+    asyncio.run(scenario())
+
+
+def test_an_agent_sees_only_the_calls_offered_to_it() -> None:
+    async def scenario() -> None:
+        hub = Hub(clock=lambda: 1000.0)
+        mine, other = hub.subscribe(Role.AGENT, "1001"), hub.subscribe(Role.AGENT, "1002")
+        unlinked, boss = hub.subscribe(Role.AGENT), hub.subscribe(Role.SUPERVISOR)
+        hub.publish("call.offered", {"call_id": "c1", "caller": "+15550111", "flow": "main"})
+        hub.publish("call.offered", {"call_id": "c2", "caller": "+15550122", "flow": "main"})
+        hub.publish("call.ringing", {"call_id": "c1", "agent": "1001", "queue": "support"})
+        hub.publish("call.hold", {"call_id": "c1", "by": "1001"})
+        hub.publish("call.hold", {"call_id": "c2", "by": "sam"})
+        hub.publish("agent.pause", {"agent": "1002", "reason": "lunch"})
+        hub.publish("link.state", {"state": "online"})
+        hub.publish("call.ended", {"call_id": "c1", "end_reason": "caller"})
+
+        async def drain(sub) -> list[tuple[str, str | None]]:
+            got = []
+            while (event := await sub.get(0.01)) is not None:
+                got.append((event.topic, json.loads(event.message)["data"].get("call_id")))
+            return got
+
+        # 1001's phone rang for c1: its offer (the caller's number) comes just before.
+        assert await drain(mine) == [("call.offered", "c1"), ("call.ringing", "c1"),
+                                     ("call.hold", "c1"), ("link.state", None),
+                                     ("call.ended", "c1")]
+        # 1002 never hears of c1 or c2 (nor of the other callers' numbers).
+        assert await drain(other) == [("agent.pause", None), ("link.state", None)]
+        assert await drain(unlinked) == [("link.state", None)]
+        assert len(await drain(boss)) == 8  # supervisors see everything
 
     asyncio.run(scenario())
 
@@ -94,6 +126,7 @@ def api(tmp_path: Path) -> Iterator[ApiServer]:
         server.add("ada", Role.ADMIN)
         server.add("sam", Role.SUPERVISOR)
         server.add("alex", Role.AGENT)
+        server.users.link_agent("alex", "1001")
         yield server
     finally:
         server.close()
@@ -136,12 +169,31 @@ def test_each_role_streams_events_meant_for_it(api: ApiServer, name: str) -> Non
                          "heartbeat_s": 0.3, "expires_at": pytest.approx(api.clock() + 600)}
         api.call_soon(lambda: api.hub.publish("queue", {"waiting": 2},
                                               audience=Role.SUPERVISOR))
-        api.call_soon(lambda: api.hub.publish("agent", {"agent": "a1"}))
+        api.call_soon(lambda: api.hub.publish("agent", {"agent": "1001"}))
         first = recv_until(ws, "event")
         if role.allows(Role.SUPERVISOR):
             assert (first["topic"], first["data"]) == ("queue", {"waiting": 2})
             first = recv_until(ws, "event")
-        assert (first["topic"], first["data"], first["seq"]) == ("agent", {"agent": "a1"}, 2)
+        assert (first["topic"], first["data"], first["seq"]) == ("agent", {"agent": "1001"}, 2)
+
+
+def test_an_agents_stream_carries_its_own_calls_only(api: ApiServer) -> None:
+    with connect(ws_url(api, f"?token={token_of(api, 'alex')}"), open_timeout=WAIT_S) as ws:
+        assert recv(ws)["type"] == "hello"
+        for topic, data in [
+                ("call.offered", {"call_id": "theirs", "caller": "+15550199"}),
+                ("call.offered", {"call_id": "ours", "caller": "+15550111"}),
+                ("call.ringing", {"call_id": "theirs", "agent": "1002", "queue": "support"}),
+                ("call.ringing", {"call_id": "ours", "agent": "1001", "queue": "support"}),
+                ("call.ended", {"call_id": "theirs", "end_reason": "agent"}),
+                ("call.ended", {"call_id": "ours", "end_reason": "caller"})]:
+            api.call_soon(lambda t=topic, d=data: api.hub.publish(t, d))
+        got = [recv_until(ws, "event") for _ in range(3)]
+        assert [(e["topic"], e["data"]["call_id"]) for e in got] == [
+            ("call.offered", "ours"), ("call.ringing", "ours"), ("call.ended", "ours")]
+        assert got[0]["data"]["caller"] == "+15550111"
+        # Nothing of the other call follows: the next message is a heartbeat.
+        assert recv(ws)["type"] == "heartbeat"
 
 
 def test_token_in_the_first_message_and_heartbeats(api: ApiServer) -> None:

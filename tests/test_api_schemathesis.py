@@ -9,6 +9,7 @@ tens of seconds.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,16 +19,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from test_api_server import ApiServer
+from test_register_peers import EDGECC
 
 from appliance.api import Role
 from appliance.api.calls import RecordingAccess
 from appliance.config import parse_site_yaml
+from appliance.config_edit import SiteEditor
 from appliance.recording import RecordingStore
 from appliance.store import open_site_db
 
 EXAMPLES_PER_OPERATION = 40
 LONG_EXAMPLES_PER_OPERATION = 300
 UNAVAILABLE_EXAMPLES = 15
+CONFIG_WRITE_EXAMPLES = 6
 OPERATIONS = {"POST /api/login", "POST /api/logout", "GET /api/me", "GET /api/wfm/staff",
               "GET /api/kpi/live", "GET /api/config/accounts", "GET /api/audit", "GET /health",
               "GET /api/config/site", "POST /api/config/flows/check", "GET /api/calls",
@@ -35,12 +39,29 @@ OPERATIONS = {"POST /api/login", "POST /api/logout", "GET /api/me", "GET /api/wf
               "POST /api/calls/{call_id}/resume", "POST /api/calls/{call_id}/transfer",
               "POST /api/calls/{call_id}/recording/pause",
               "POST /api/calls/{call_id}/recording/resume", "POST /api/calls/dial",
+              "POST /api/calls/{call_id}/consult", "POST /api/calls/{call_id}/consult/cancel",
+              "POST /api/calls/{call_id}/transfer/complete",
               "POST /api/supervise", "GET /api/recordings",
               "GET /api/recordings/{recording_id}/audio", "GET /api/config/desk",
               "GET /api/alerts",
               "GET /api/agents", "GET /api/agents/{agent}", "POST /api/agents/{agent}/login",
               "POST /api/agents/{agent}/logout", "POST /api/agents/{agent}/pause",
-              "POST /api/agents/{agent}/unpause", "POST /api/agents/{agent}/disposition"}
+              "POST /api/agents/{agent}/unpause", "POST /api/agents/{agent}/disposition",
+              "GET /api/config/version", "GET /api/config/queues", "POST /api/config/queues",
+              "GET /api/config/queues/{name}", "PUT /api/config/queues/{name}",
+              "DELETE /api/config/queues/{name}", "GET /api/config/agents",
+              "POST /api/config/agents", "GET /api/config/agents/{user}",
+              "PUT /api/config/agents/{user}", "DELETE /api/config/agents/{user}",
+              "POST /api/config/agents/{user}/password", "GET /api/config/skills",
+              "POST /api/config/skills", "PUT /api/config/skills/{name}",
+              "DELETE /api/config/skills/{name}", "GET /api/config/flows",
+              "PUT /api/config/flows", "GET /api/config/flows/{name}",
+              "DELETE /api/config/flows/{name}"}
+# Configuration changes need If-Match naming the installed version, which a generator cannot
+# know: a schema-valid change is rightly refused (412, 428) unless it guessed the version.
+CONFIG_WRITES = {op for op in OPERATIONS
+                 if op.startswith(("POST /api/config/", "PUT /api/config/", "DELETE /api/config/"))
+                 and op != "POST /api/config/flows/check"}
 # Call control and the agent desk do not run in this harness: these answer 503 (documented)
 # once a request passes validation and the role check (test_api_calls.py covers them).
 WITHOUT_SERVICE = {op for op in OPERATIONS
@@ -61,6 +82,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     server.context.recordings = recordings
     server.context.site = parse_site_yaml("site: {id: demo}")
     server.context.alerts = list
+    # A demo site whose configuration the generated requests may change.
+    subprocess.run([str(EDGECC), "init", "--demo", "--site-dir", str(directory / "site"),
+                    "--agents", "2", "--sip-port", "0", "--no-tls", "--http-port", "0"],
+                   check=True, capture_output=True, timeout=60)
+    server.context.site_editor = SiteEditor(directory / "site", server.db_path)
     try:
         server.add("ada", Role.ADMIN)
         yield server
@@ -77,6 +103,10 @@ def _runner(served: ApiServer, operation: schemathesis.APIOperation, mode: Gener
     # request may rightly get 422 there.
     excluded = ([schemathesis.checks.positive_data_acceptance]
                 if operation.path == "/api/wfm/staff" else [])
+    if label in CONFIG_WRITES:
+        excluded = [schemathesis.checks.positive_data_acceptance]
+        if examples == EXAMPLES_PER_OPERATION and mode is GenerationMode.POSITIVE:
+            examples = CONFIG_WRITE_EXAMPLES  # quick run: each accepted change is fsynced
     unavailable = label in WITHOUT_SERVICE
     if unavailable:
         excluded += [schemathesis.checks.not_a_server_error,
@@ -95,6 +125,9 @@ def _runner(served: ApiServer, operation: schemathesis.APIOperation, mode: Gener
         if mode is GenerationMode.POSITIVE or "Authorization" in (case.headers or {}):
             token, _ = served.users.issue_token(served.accounts["ada"].user_id)
             headers["Authorization"] = f"Bearer {token}"
+        if mode is GenerationMode.POSITIVE and label in CONFIG_WRITES:
+            # The installed version, so generated changes reach validation and installation.
+            headers["If-Match"] = f'"{served.context.site_editor.version()}"'
         response = case.call_and_validate(headers=headers, excluded_checks=excluded)
         assert response.status_code < 500 or (unavailable and response.status_code == 503)
         statuses.setdefault(label, set()).add(response.status_code)

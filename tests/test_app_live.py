@@ -31,7 +31,8 @@ def test_events_reach_hub_and_board_as_they_happen() -> None:
         hub, board = Hub(clock=lambda: T0 + 100), LiveBoard()
         feed = LiveFeed(hub, board, site="demo", clock=lambda: T0 + 100)
         supervisor = hub.subscribe(Role.SUPERVISOR)
-        agent = hub.subscribe(Role.AGENT)
+        agent = hub.subscribe(Role.AGENT, agent="1001")
+        colleague = hub.subscribe(Role.AGENT, agent="1002")
         feed("agent.login", {"agent": "1001", "actor": "1001", "source": "phone", "at": T0})
         feed("call.offered", {"call_id": "c1", "caller": "+331", "dialled": "+1555",
                               "flow": "main", "at": T0 + 1})
@@ -52,9 +53,11 @@ def test_events_reach_hub_and_board_as_they_happen() -> None:
                                               "queue.connect"]
         assert seen[2]["data"] == {"call_id": "c1", "queue": "support", "caller": "+331",
                                    "at": T0 + 2}
-        # Callers waiting are for supervisors; an agent's desk sees calls being answered.
+        # Callers waiting are for supervisors; an agent's desk sees its own calls being
+        # answered (the caller's details first), a colleague's desk sees none of it.
         assert [m["topic"] for m in await _drain(agent)] == ["agent.login", "call.offered",
                                                              "queue.connect"]
+        assert await _drain(colleague) == []
         assert (feed.delivered, feed.rejected) == (4, 0)
 
     asyncio.run(scenario())
@@ -120,12 +123,13 @@ def test_alerts_are_raised_and_cleared_live_logged_and_posted(tmp_path) -> None:
     async def scenario() -> None:
         hub, board = Hub(clock=lambda: now[0]), LiveBoard()
         posts = _Posts()
-        alerts = AlertLoop(AlertEngine(AlertRules(calls_waiting=CallsWaitingRule(above=1),
+        alerts = AlertLoop(AlertEngine(AlertRules(calls_waiting=CallsWaitingRule(
+                                                      above=1, clear_below=2, clear_after_s=0),
                                                   service_level=None, longest_wait=None)),
                            hub, db, poster=posts, clock=lambda: now[0])
         feed = LiveFeed(hub, board, alerts=alerts, clock=lambda: now[0])
         sub = hub.subscribe(Role.SUPERVISOR)
-        agent = hub.subscribe(Role.AGENT)
+        agent = hub.subscribe(Role.AGENT, agent="1001")
         for i in (1, 2):
             now[0] = T0 + i
             feed("queue.enter", {"call_id": f"c{i}", "queue": "sales", "caller": "+1",

@@ -3,8 +3,8 @@ to a number through the trunk (SIPp as the carrier), with the node's ``on_failur
 no answer, busy and a dial-rule refusal.
 
 The caller is pjsua2 from 127.0.0.2 (the test site's trunk source) and presses the menu digit;
-agents are pjsua2 (1001: 440 Hz, 1002: 660 Hz). The carrier is SIPp: ``carrier_uas`` (401, then
-answers and plays speech) or ``carrier_busy`` (486). The appliance runs in this process
+agents are pjsua2 (1001: 440 Hz, 1002: 660 Hz). The carrier is SIPp: ``carrier_uas_retry`` (401,
+then answers the retry in the same call and plays speech) or ``carrier_busy`` (486). The appliance runs in this process
 (``peers.LiveAppliance``).
 """
 
@@ -32,6 +32,10 @@ from peers import (
     read_heard,
     wait_for,
 )
+
+# The carrier challenges the first INVITE; the retry is in the same call when the dialog
+# layer can keep the From tag and raise the CSeq (RFC 3261 §8.1.3.5), else a new call.
+CHALLENGING_CARRIER = ("carrier_uas_retry", 1)
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp missing")]
@@ -132,7 +136,8 @@ def test_transfer_to_an_agent_extension(live, tmp_path) -> None:
 def test_no_answer_goes_on_to_the_number_through_the_carrier(live, carrier_port,
                                                              tmp_path) -> None:
     mark = len(live.log_text())
-    carrier = Carrier(tmp_path, "carrier_uas", calls=2, port=carrier_port)
+    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1],
+                      port=carrier_port)
     try:
         with _phone(tmp_path, live, "1002", "idle") as target:
             caller = Agent(tmp_path, live.site, live.port, "carrier", f"trunk:{DID}/2")
@@ -161,8 +166,14 @@ def test_no_answer_goes_on_to_the_number_through_the_carrier(live, carrier_port,
     record = _record(live, call_id)
     assert record["ivr_trace"] == ["welcome", "to_agent", "to_number"]
     assert record["agent"] is None
-    assert [leg["end_reason"] for leg in record["legs"][1:]][0] == "no-answer"
-    assert record["legs"][-1]["answered_at"] is not None  # the carrier's leg
+    caller_leg, rang, far = record["legs"]
+    # Every leg the node rang is in the record, with times and media figures.
+    assert (rang["agent"], rang["end_reason"], rang["answered_at"]) == (
+        "1002", "no-answer", None)
+    assert rang["started_at"] <= rang["ended_at"] and rang["media"] is not None
+    assert (far["number"], far["agent"]) == (NUMBER, None)  # the carrier's leg
+    assert far["answered_at"] is not None and far["ended_at"] >= far["answered_at"]
+    assert far["media"] is not None and far["media"]["rx_packets"] > 0
 
 
 def test_busy_number_goes_to_the_queue(live, carrier_port, tmp_path) -> None:

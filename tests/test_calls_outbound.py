@@ -1,8 +1,8 @@
 """Calls agents place through the carrier trunk: dial rules, the carrier's digest, the record.
 
 The agent is pjsua2 (its own process) dialling the appliance; the carrier is SIPp as a UAS
-(tests/sipp/carrier_uas.xml) that challenges the first INVITE with 401 and answers the one
-carrying credentials. The appliance runs in this process (``peers.LiveAppliance``).
+(tests/sipp/carrier_uas_retry.xml) that challenges the first INVITE with 401 and answers the
+retry carrying credentials in the same call (same Call-ID and From tag, CSeq one higher). The appliance runs in this process (``peers.LiveAppliance``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from peers import (
 from appliance.calls import CallControlError
 from appliance.calls.dialling import check_dial, normalize_number, trunk_authorization
 from appliance.config import DiallingConfig, DialRole, TrunkAuth
+
+# The carrier challenges the first INVITE; the retry is in the same call when the dialog
+# layer can keep the From tag and raise the CSeq (RFC 3261 §8.1.3.5), else a new call.
+CHALLENGING_CARRIER = ("carrier_uas_retry", 1)
 
 NUMBER = "+15551230000"
 TRUNK_USER, TRUNK_REALM, TRUNK_PASSWORD = "site-trunk", "carrier.test", "trunk-secret"
@@ -126,7 +130,7 @@ def live(tmp_path_factory, carrier_port) -> Iterator[LiveAppliance]:
 @pytest.mark.timeout(120)
 def test_agent_dials_out_through_the_carrier(live, carrier_port, tmp_path) -> None:
     site = live.site
-    carrier = Carrier(tmp_path, "carrier_uas", calls=2, port=carrier_port)
+    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1], port=carrier_port)
     try:
         with agent_phone(tmp_path, site, live, f"dial:{NUMBER}", talk=3.0) as agent:
             dialling = live.wait_event("call.dialling")
@@ -142,6 +146,9 @@ def test_agent_dials_out_through_the_carrier(live, carrier_port, tmp_path) -> No
     messages = carrier.text()
     # The first INVITE was challenged; the second answered it with the trunk's user.
     assert "SIP/2.0 401" in messages and f'username="{TRUNK_USER}"' in messages
+    invites = _invites(messages)
+    assert len(invites) == 2
+    assert "authorization" in invites[1] and "authorization" not in invites[0]
     call_id = dialling["call_id"]
     ended = live.wait_event("call.ended", match=lambda p: p["call_id"] == call_id)
     assert ended["end_reason"] == "agent-hung-up"
@@ -191,7 +198,7 @@ def test_click_to_dial_rings_the_agent_then_the_number(live, carrier_port, tmp_p
         with pytest.raises(CallControlError) as caught:
             live.run(calls.dial, agent, number, by="web")
         assert caught.value.status == status, (agent, number)
-    carrier = Carrier(tmp_path, "carrier_uas", calls=2, port=carrier_port)
+    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1], port=carrier_port)
     try:
         with agent_phone(tmp_path, live.site, live, "answer", talk=3.0, user="1001") as agent:
             call_id = live.run(calls.dial, "1001", "+1 555 123 0001", by="web")
@@ -212,3 +219,63 @@ def test_click_to_dial_rings_the_agent_then_the_number(live, carrier_port, tmp_p
         "call.dial", "call.connect", "call.record"]
     assert query(live.site, "SELECT actor FROM audit_log WHERE action = 'call.dial'") == [
         ("web",)]
+
+
+def _invites(messages: str) -> list[dict[str, str]]:
+    """The INVITEs in a SIPp message trace, each as {lower-case header: value}."""
+    out = []
+    for block in messages.split("INVITE sip:")[1:]:
+        head = block.split("\n\n", 1)[0]
+        fields = {}
+        for line in head.splitlines()[1:]:
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip().lower(), value.strip())
+        out.append(fields)
+    return out
+
+
+@needs_sipp
+@pytest.mark.timeout(120)
+def test_challenge_retry_keeps_from_tag_and_raises_cseq(live, carrier_port, tmp_path) -> None:
+    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1], port=carrier_port)
+    try:
+        with agent_phone(tmp_path, live.site, live, f"dial:{NUMBER}", talk=1.0) as agent:
+            agent.wait("answered")
+            agent.wait("closed")
+        assert carrier.finish() == 0, carrier.text()[-3000:]
+    finally:
+        carrier.close()
+    first, second = _invites(carrier.text())[:2]
+    # RFC 3261 §8.1.3.5 / §22.2: the same Call-ID, To and From (tag), CSeq one higher.
+    assert first["call-id"] == second["call-id"]
+    assert first["from"] == second["from"] and first["to"] == second["to"]
+    assert int(second["cseq"].split()[0]) == int(first["cseq"].split()[0]) + 1
+
+
+@needs_sipp
+@pytest.mark.timeout(120)
+def test_carrier_early_media_reaches_the_agent(live, carrier_port, tmp_path) -> None:
+    mark = len(live.log_text())
+    carrier = Carrier(tmp_path, "carrier_early", calls=1, port=carrier_port)
+    try:
+        with agent_phone(tmp_path, live.site, live, f"dial:{NUMBER}", talk=8.0) as agent:
+            # RFC 3960: the carrier's 183 with SDP becomes a 183 with ours to the phone, and
+            # the phone's audio starts before the answer.
+            while (state := agent.next("state"))["code"] != 183:
+                assert state["code"] < 200, state
+            agent.next("media")
+            agent.command(f"record {tmp_path / 'early.wav'} 1.5")
+            agent.next("recorded", timeout=20)
+            agent.wait("answered")
+            agent.wait("closed")
+        assert carrier.finish() == 0, carrier.text()[-3000:] + live.log_text()[-3000:]
+    finally:
+        carrier.close()
+    from peers import log_lines, read_heard
+
+    early, rate = read_heard(tmp_path / "early.wav")
+    assert early.size > rate * 0.5 and channel_rms(early) > 100  # the carrier's speech
+    (line,) = [e for e in log_lines(live, "early_media", mark)]
+    record = query(live.site, "SELECT end_reason, answered_at, started_at FROM call_records"
+                   " WHERE call_id = ?", (line["call"],))
+    assert record and record[0][0] == "agent-hung-up" and record[0][1] > record[0][2]

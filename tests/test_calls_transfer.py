@@ -27,6 +27,10 @@ from peers import (
 
 from appliance.calls import CallControlError
 
+# The carrier challenges the first INVITE; the retry is in the same call when the dialog
+# layer can keep the From tag and raise the CSeq (RFC 3261 §8.1.3.5), else a new call.
+CHALLENGING_CARRIER = ("carrier_uas_retry", 1)
+
 pytestmark = [pytest.mark.timeout(120)]
 
 
@@ -134,7 +138,8 @@ def test_blind_transfer_to_an_external_number(live_trunk, carrier_port, tmp_path
     live = live_trunk
     calls = live.calls
     number = "+15551230000"
-    carrier = Carrier(tmp_path, "carrier_uas", calls=2, port=carrier_port)
+    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1],
+                      port=carrier_port)
     try:
         with agent_phone(tmp_path, live.site, live, "answer", user="1001") as agent:
             caller = Agent(tmp_path, live.site, live.port, "carrier", f"trunk:{DID}")
@@ -172,3 +177,121 @@ def test_blind_transfer_to_an_external_number(live_trunk, carrier_port, tmp_path
     caller_leg, first, far = json.loads(legs)
     assert first["agent"] == "1001" and first["end_reason"] == "transferred"
     assert far["agent"] is None and far["answered_at"] is not None
+    # The external leg is in the record like an agent's: the number, times, media figures.
+    assert far["number"] == number and far["ended_at"] >= far["answered_at"]
+    assert far["media"] is not None and far["media"]["rx_packets"] > 0
+
+
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp missing")
+def test_attended_transfer_to_a_number_from_the_api(live_trunk, carrier_port, tmp_path) -> None:
+    from peers import Carrier, channel_rms
+
+    live = live_trunk
+    calls = live.calls
+    number = "+15551230002"
+    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1],
+                      port=carrier_port)
+    try:
+        with agent_phone(tmp_path, live.site, live, "answer", user="1001") as agent:
+            caller = Agent(tmp_path, live.site, live.port, "carrier", f"trunk:{DID}")
+            try:
+                call_id = live.wait_event("call.offered", match=lambda p: not any(
+                    k == "call.ended" and e["call_id"] == p["call_id"]
+                    for k, e in live.events))["call_id"]
+                agent.next("answered")
+                caller.next("answered")
+                # The agent's dial rules apply to the consultation too.
+                with pytest.raises(CallControlError) as caught:
+                    live.run(calls.consult, call_id, "+442071234567", by="sup1")
+                assert caught.value.status == 403
+                live.run(calls.consult, call_id, number, by="sup1")
+                live.wait_event("call.consult", timeout=30, match=lambda p: (
+                    p["call_id"] == call_id and p["state"] == "answered"))
+                # The agent talks to the number (its speech), the caller hears the music.
+                agent.command(f"record {tmp_path / 'consult.wav'} 1.5")
+                agent.next("recorded", timeout=20)
+                samples, _ = read_heard(tmp_path / "consult.wav")
+                assert channel_rms(samples) > 100
+                live.run(calls.complete_transfer, call_id, by="sup1")
+                moved = live.wait_event("call.transfer",
+                                        match=lambda p: p["call_id"] == call_id)
+                assert (moved["target"], moved["kind"], moved["by"]) == (
+                    number, "attended", "sup1")
+                agent.next("disconnected")
+                caller.command(f"record {tmp_path / 'far.wav'} 1.5")
+                caller.next("recorded", timeout=20)
+                samples, rate = read_heard(tmp_path / "far.wav")
+                assert channel_rms(samples) > 100 and abs(dominant_hz(samples, rate) - 440) > 20
+                live.run(calls.hangup, call_id, by="sup1")
+                caller.next("disconnected")
+            finally:
+                caller.close()
+                if caller.proc.returncode is None:
+                    caller.proc.kill()
+        assert carrier.finish() == 0, carrier.text()[-3000:] + live.log_text()[-3000:]
+    finally:
+        carrier.close()
+    live.wait_event("call.ended", match=lambda p: p["call_id"] == call_id)
+    (legs, holds) = query(live.site, "SELECT legs, holds FROM call_records WHERE call_id = ?",
+                          (call_id,))[0]
+    _, first, far = json.loads(legs)
+    assert first["agent"] == "1001" and first["end_reason"] == "transferred"
+    assert far["number"] == number and far["media"]["rx_packets"] > 0
+    (period,) = json.loads(holds)
+    assert period[0] < period[1]
+
+
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp missing")
+def test_attended_transfer_from_the_phone_to_a_number(live_trunk, carrier_port,
+                                                      tmp_path) -> None:
+    from peers import Carrier, channel_rms
+
+    live = live_trunk
+    number = "+15551230003"
+    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1],
+                      port=carrier_port)
+    try:
+        with agent_phone(tmp_path, live.site, live, "answer", user="1001") as agent:
+            caller = Agent(tmp_path, live.site, live.port, "carrier", f"trunk:{DID}")
+            try:
+                call_id = live.wait_event("call.offered", match=lambda p: not any(
+                    k == "call.ended" and e["call_id"] == p["call_id"]
+                    for k, e in live.events))["call_id"]
+                agent.next("answered")
+                caller.next("answered")
+                agent.command("hold")
+                live.wait_event("call.hold", match=lambda p: p["call_id"] == call_id)
+                # The consultation: the phone dials the number through the carrier.
+                agent.command(f"dial {number}")
+                consult = live.wait_event("call.dialling", match=lambda p: (
+                    p["number"] == number))
+                agent.next("answered")
+                agent.command("attxfer")
+                moved = live.wait_event("call.transfer",
+                                        match=lambda p: p["call_id"] == call_id)
+                assert (moved["target"], moved["kind"], moved["by"]) == (
+                    number, "attended", "1001")
+                live.wait_event("call.ended",
+                                match=lambda p: p["call_id"] == consult["call_id"])
+                caller.command(f"record {tmp_path / 'far.wav'} 1.5")
+                caller.next("recorded", timeout=20)
+                samples, rate = read_heard(tmp_path / "far.wav")
+                assert channel_rms(samples) > 100 and abs(dominant_hz(samples, rate) - 440) > 20
+                live.run(live.calls.hangup, call_id, by="sup1")
+                caller.next("disconnected")
+            finally:
+                caller.close()
+                if caller.proc.returncode is None:
+                    caller.proc.kill()
+        assert carrier.finish() == 0, carrier.text()[-3000:] + live.log_text()[-3000:]
+    finally:
+        carrier.close()
+    live.wait_event("call.ended", match=lambda p: p["call_id"] == call_id)
+    (legs,) = query(live.site, "SELECT legs FROM call_records WHERE call_id = ?",
+                    (call_id,))[0]
+    _, first, far = json.loads(legs)
+    assert first["agent"] == "1001" and first["end_reason"] == "transferred"
+    assert far["number"] == number and far["answered_at"] is not None
+    (reason,) = query(live.site, "SELECT end_reason FROM call_records WHERE call_id = ?",
+                      (consult["call_id"],))[0]
+    assert reason == "transferred"

@@ -284,6 +284,11 @@ def test_erasure_destroys_keys_everywhere(site) -> None:  # type: ignore[no-unty
     held = record(store, caller, T0 + 2 * DAY, stereo(0.5, 4))
     other = record(store, "+15550003", T0, stereo(0.5, 5))
     store.set_legal_hold(held, True, actor="legal", now=T0 + 3 * DAY)
+    # b is a voicemail message: its index row names the caller and the flow's variables.
+    with db.conn:
+        db.conn.execute("INSERT INTO voicemail_messages (recording_id, call_id, mailbox, caller,"
+                        " variables, duration_s, left_at) VALUES (?, 'c-vm', 'sales', ?, ?, 3, ?)",
+                        (b, caller, '{"account": "A-17"}', T0 + DAY))
     backup = store.path_of(a).read_bytes()           # a copy, as a backup would hold
     wrapped = [db.conn.execute("SELECT wrapped_key FROM recordings WHERE id=?", (r,)).fetchone()[0]
                for r in (a, b)]
@@ -301,6 +306,8 @@ def test_erasure_destroys_keys_everywhere(site) -> None:  # type: ignore[no-unty
         assert bytes(w) not in on_disk
     with pytest.raises(TamperedRecording):
         decrypt(backup, new_data_key(), a)
+    assert db.conn.execute("SELECT caller, variables FROM voicemail_messages").fetchall() == [
+        (None, "{}")]
     assert store.read_wav(held)                      # legal hold kept
     assert store.read_wav(other)                     # other callers untouched
     rows = db.conn.execute("SELECT actor, action, detail FROM audit_log "

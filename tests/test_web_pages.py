@@ -14,6 +14,7 @@ import itertools
 import json
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import time
@@ -320,6 +321,53 @@ def close_web_site(site: WebSite) -> None:
         site.users.close()
 
 
+def free_port_pair() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1, outside the media ports (SIP listens on
+    both transports)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        if not 20000 <= port <= 29999:
+            return port
+    raise RuntimeError("no free port")
+
+
+def fixed_ports(data: dict) -> None:
+    """Fixed SIP and HTTP ports: the appliance keeps them across the restarts that load
+    configuration changes (with port 0 each start would bind new ones)."""
+    data["sip"]["udp_port"] = data["sip"]["tcp_port"] = free_port_pair()
+    data["http"]["port"] = free_port_pair()
+
+
+def running_version(site: WebSite) -> int:
+    """The config version the appliance runs (/health), -1 while it is restarting."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(site.url + "/health", timeout=10) as reply:
+            return int(json.loads(reply.read())["config_version"])
+    except (urllib.error.URLError, ConnectionError):
+        return -1
+
+
+def wait_until_running(site: WebSite, version: int, within: float = 60.0) -> None:
+    """Read the start-up lines of the restarts until the appliance runs ``version`` (same
+    process, same ports)."""
+    deadline = time.monotonic() + within
+    while running_version(site) != version:
+        line = read_line(site.proc, max(0.0, deadline - time.monotonic()))
+        assert line, f"the appliance did not load version {version}:\n{site.log_text()[-3000:]}"
+        assert re.search(rf"sip=\S*udp:127\.0\.0\.1:{site.sip_port}\b", line), line
+        assert site.proc.poll() is None
+
+
 def log_in(browser: Browser, site: WebSite, name: str, password: str = PASSWORD) -> None:
     """Fill and send the login form (with a fresh TOTP code for admins and supervisors)."""
     browser.goto(site.url + "/")
@@ -469,3 +517,111 @@ def test_admin_sees_queues_and_agents_and_flow_errors_by_line(site: WebSite, bro
         problems[1])
     assert browser.eval("document.getElementById('flow-result').textContent") == (
         "2 problem(s):")
+
+
+@pytest.fixture(scope="module")
+def editable_site(tmp_path_factory) -> Iterator[WebSite]:
+    running = start_web_site(tmp_path_factory.mktemp("web-admin-site"), edit=fixed_ports)
+    try:
+        yield running
+    finally:
+        close_web_site(running)
+
+
+def test_admin_changes_queues_agents_skills_and_flows_with_errors_shown(
+        editable_site: WebSite, browser: Browser, tmp_path: Path) -> None:
+    site = editable_site
+    log_in(browser, site, "ada")
+    browser.wait_for("location.pathname === '/wallboard.html'", "the wallboard")
+    browser.goto(site.url + "/admin.html")
+    browser.wait_for("document.querySelector('#queues tr[data-queue=support]') !== null",
+                     "the support queue")
+    version = "document.getElementById('config-version').dataset.version"
+    assert browser.wait_for(version, "the config version") == "0"
+    error = "document.getElementById('{}').textContent"
+
+    def submit(form: str) -> None:
+        browser.eval(f"document.getElementById({json.dumps(form)}).requestSubmit()")
+
+    # A queue with an unknown member is refused: the message names the member, the field is
+    # marked, nothing is written.
+    browser.fill("#q-name", "sales")
+    browser.fill("#q-members", "1001, 1009")
+    submit("queue-form")
+    message = browser.wait_for(error.format("queue-error"), "the queue refusal")
+    assert message.startswith("queues[1].members[1]: ") and "1009" in message
+    assert browser.eval("document.getElementById('q-members').getAttribute('aria-invalid')"
+                        ) == "true"
+    assert browser.eval(version) == "0" and running_version(site) == 0
+    browser.fill("#q-members", "1001")
+    submit("queue-form")
+    browser.wait_for(f"{version} === '1'", "version 1")
+    assert browser.wait_for("document.querySelector('#queues tr[data-queue=sales]')"
+                            " && document.querySelector('#queues tr[data-queue=sales]')"
+                            ".children[2].textContent", "the sales row") == "1001"
+    wait_until_running(site, 1)
+
+    # An agent with a skill the site does not have: refused, naming the skill.
+    browser.fill("#a-user", "1003")
+    browser.fill("#a-name", "Agent 1003")
+    browser.fill("#a-queues", "sales")
+    browser.fill("#a-skills", "french:5")
+    browser.fill("#a-password", "new-phone-secret")
+    submit("agent-form")
+    message = browser.wait_for(error.format("agent-error"), "the agent refusal")
+    assert "skills.french" in message and "french" in message
+    assert browser.eval("document.getElementById('a-skills').getAttribute('aria-invalid')"
+                        ) == "true"
+    assert browser.eval("document.getElementById('a-password').value") == ""
+    # The skill added, the agent saved.
+    browser.fill("#s-name", "french")
+    browser.fill("#s-description", "French speakers")
+    submit("skill-form")
+    browser.wait_for(f"{version} === '2'", "version 2")
+    wait_until_running(site, 2)
+    browser.fill("#a-password", "new-phone-secret")
+    submit("agent-form")
+    browser.wait_for(f"{version} === '3'", "version 3")
+    row = "document.querySelector('#agents tr[data-agent=\"1003\"]')"
+    assert browser.wait_for(f"{row} && [...{row}.children].slice(0, 5).map(c => c.textContent)",
+                            "the new agent's row") == [
+        "1003", "Agent 1003", "agent", "sales", "french:5"]
+    assert browser.wait_for("document.querySelector('#skills tr[data-skill=french]')"
+                            ".children[2].textContent", "the skill's agents") == "1003:5"
+    assert "new-phone-secret" not in (site.directory / "site.yaml").read_text()
+    wait_until_running(site, 3)
+
+    # Deleting the queue the IVR routes to is refused (two clicks: delete, confirm).
+    delete = ("document.querySelector('#queues tr[data-queue=support]')"
+              ".querySelector('button:last-child')")
+    browser.eval(f"{delete}.click()")
+    assert browser.eval(f"{delete}.textContent") == "Confirm delete"
+    browser.eval(f"{delete}.click()")
+    message = browser.wait_for(error.format("queue-error"), "the delete refusal")
+    assert "'main'" in message and "support" in message
+
+    # A flow file with problems is not installed; each problem shows with its line and key.
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("flows:\n  sales_line:\n    start: hello\n    nodes:\n"
+                     "      hello: {type: play, prompt: no-such-prompt, next: q}\n"
+                     "      q: {type: queue, queue: no-such-queue}\n")
+    node = browser.send("DOM.getDocument")["root"]["nodeId"]
+    node = browser.send("DOM.querySelector", nodeId=node, selector="#flow-file")["nodeId"]
+    browser.send("DOM.setFileInputFiles", nodeId=node, files=[str(flows)])
+    browser.click("#flow-install")
+    problems = browser.wait_for("document.querySelectorAll('#flow-problems li').length === 2 &&"
+                                " [...document.querySelectorAll('#flow-problems li')]"
+                                ".map(li => li.textContent)", "the flow problems")
+    assert problems[0].startswith("line 5: flows.sales_line.hello: ")
+    assert problems[1].startswith("line 6: flows.sales_line.q: ")
+    assert browser.eval(version) == "3"
+    flows.write_text("flows:\n  sales_line:\n    start: q\n    nodes:\n"
+                     "      q: {type: queue, queue: sales}\n")
+    browser.send("DOM.setFileInputFiles", nodeId=node, files=[str(flows)])
+    browser.click("#flow-install")
+    assert browser.wait_for("document.getElementById('flow-result').textContent.startsWith("
+                            "'Installed') && document.getElementById('flow-result').textContent",
+                            "the installed flows") == "Installed flows sales_line as version 4."
+    assert browser.wait_for("document.getElementById('flow-list').textContent === "
+                            "'main, sales_line'", "the flow list")
+    wait_until_running(site, 4)

@@ -7,7 +7,11 @@ Rules of this file:
   input)``. A pair that is not in the table is refused with ``DeskError`` 409 and writes nothing.
 - Every change is one SQLite transaction: the ``agent_desk`` row (current presence), an
   ``audit_log`` row (who, when, from where) and an event-log row (``agent.*``). Either all three
-  are written or none; the in-memory copy changes only after the commit.
+  are written or none. The transactions are committed by one writer thread (``DeskWriter``),
+  in the order the changes were made, so a change never waits for an fsync on the caller's
+  thread (the event loop): the in-memory copy and ``on_event`` change at once, the rows follow.
+  ``flush()`` waits for them; ``close()`` flushes and stops the writer. A crash loses at most
+  the changes not committed yet, each whole.
 - The desk returns router inputs (``AgentLogin``, ``AgentPause``, ...); it never calls the router.
   The router keeps the operational state (ringing, on call, wrap-up); ``view()`` combines both.
 - ``restore()`` returns the inputs that bring a fresh router back to the persisted presence.
@@ -15,15 +19,19 @@ Rules of this file:
   dialled, a call in progress) that no live call explains, once it has stayed unexplained for
   the grace period; it is audited with actor ``watchdog``.
 
-Sans-IO: time is a parameter, the database is the one given; no clock, socket or event loop.
+Time is a parameter; no clock, socket or event loop. The writer thread has a connection of its
+own to the database file given (the given connection is only read, at start).
 See docs/routing.md ("Agent states") for what a supervisor sees.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import logging
 import re
+import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,6 +52,7 @@ from appliance.acd.model import (
     OfferRejected,
 )
 from appliance.log import kv
+from appliance.store import open_site_db
 
 log = logging.getLogger("edgecc.acd.desk")
 
@@ -66,6 +75,11 @@ DEFAULT_DISPOSITIONS: Mapping[str, str] = {"1": "resolved", "2": "follow-up", "3
 """Disposition code -> name, when ``site.yaml`` gives none."""
 DEFAULT_WATCHDOG_GRACE = 10.0
 """Seconds something the router holds must stay unexplained before the watchdog clears it."""
+MAX_PENDING_WRITES = 10_000
+"""Changes made but not committed yet beyond which the desk refuses more (503): the writer is
+stuck (disk full, database locked) and memory must not grow without bound."""
+DEFAULT_CLOSE_TIMEOUT = 10.0
+"""Seconds ``close()`` waits for the last changes to commit."""
 
 
 class DeskError(Exception):
@@ -344,14 +358,116 @@ def router_calls(snapshot: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     return held
 
 
+Write = Callable[[sqlite3.Connection, sqlite_utils.Database], None]
+"""One change's rows, written inside the transaction the writer opened."""
+
+
+class DeskWriter:
+    """The one thread that commits the desk's changes, one transaction each, in the order they
+    were handed over.
+
+    It writes through a connection of its own to the site database, so a stop that closes the
+    desk's connection first loses nothing still queued. At most ``limit`` changes wait; beyond
+    that ``submit`` refuses (DeskError 503) before anything changes.
+    """
+
+    def __init__(self, db: sqlite_utils.Database, *, limit: int = MAX_PENDING_WRITES) -> None:
+        self._db = _writer_connection(db)
+        self._own = self._db is not db
+        self._limit = limit
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "edgecc-desk-db")
+        self._lock = threading.Lock()
+        self._last: concurrent.futures.Future[None] | None = None
+        self._pending = 0
+        self._closed = False
+        self.committed = 0
+        """Changes committed since start."""
+        self.failed = 0
+        """Changes whose transaction failed and was rolled back (logged)."""
+
+    @property
+    def pending(self) -> int:
+        """Changes handed over and not committed (or failed) yet."""
+        return self._pending
+
+    def check_room(self) -> None:
+        """Raise DeskError 503 when no change can be taken now (closed, or too many waiting)."""
+        if self._closed:
+            raise DeskError(503, "the agent desk is stopped")
+        if self._pending >= self._limit:
+            raise DeskError(503, f"{self._pending} desk changes are waiting for the database; "
+                            "try again shortly")
+
+    def submit(self, what: str, write: Write) -> None:
+        """Queue ``write`` to run in a transaction of its own after every earlier one."""
+        with self._lock:
+            self.check_room()
+            self._pending += 1
+            self._last = self._pool.submit(self._run, what, write)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything handed over so far is committed (or failed); False when
+        ``timeout`` seconds passed first."""
+        with self._lock:
+            last = self._last
+        if last is None:
+            return True
+        try:
+            last.result(timeout)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            return False  # still waiting, or given up by a close() that timed out
+        return True
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
+        """Take no more changes, wait up to ``timeout`` s for the queued ones, stop the thread
+        and close the writer's connection. False (and logged) when some were still waiting."""
+        with self._lock:
+            self._closed = True
+        done = self.flush(timeout)
+        if not done:
+            log.error(kv(event="agent_desk_stop_unflushed", pending=self._pending))
+        self._pool.shutdown(wait=done, cancel_futures=not done)
+        if done and self._own:
+            self._db.close()
+        return done
+
+    def _run(self, what: str, write: Write) -> None:
+        try:
+            with eventlog.transaction(self._db) as conn:
+                write(conn, self._db)
+            self.committed += 1
+        except Exception as exc:  # rolled back whole; the next change still goes on
+            self.failed += 1
+            log.error(kv(event="agent_desk_write_failed", change=what, error=repr(exc)))
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+
+def _writer_connection(db: sqlite_utils.Database) -> sqlite_utils.Database:
+    """A connection of the writer's own to ``db``'s file (``db`` itself for a memory db)."""
+    row = db.conn.execute("PRAGMA database_list").fetchone()
+    path = row[2] if row is not None else ""
+    if not path:
+        return db
+    return open_site_db(path)
+
+
 class AgentDesk:
-    """The persistent, audited presence of every configured agent."""
+    """The persistent, audited presence of every configured agent.
+
+    Changes are checked, applied in memory and handed to ``on_event`` at once; their rows are
+    committed by ``writer`` (``DeskWriter``) in order. ``max_pending`` bounds the changes
+    waiting for the database (beyond it a change is refused with 503 and nothing changes).
+    Call ``close()`` at stop so that the last changes are committed.
+    """
 
     def __init__(self, db: sqlite_utils.Database, *, agents: Iterable[str],
                  pause_reasons: Mapping[str, str] = DEFAULT_PAUSE_REASONS,
                  dispositions: Mapping[str, str] = DEFAULT_DISPOSITIONS, site_id: str,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 watchdog_grace: float = DEFAULT_WATCHDOG_GRACE) -> None:
+                 watchdog_grace: float = DEFAULT_WATCHDOG_GRACE,
+                 max_pending: int = MAX_PENDING_WRITES) -> None:
         self._db = db
         self._agents = tuple(dict.fromkeys(agents))
         self.pause_reasons = dict(pause_reasons)
@@ -364,7 +480,22 @@ class AgentDesk:
         self.watchdog_grace = watchdog_grace
         self._rows: dict[str, _Row] = {}
         self._suspects: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], tuple[str, float]] = {}
+        """(agent, call) -> (kind, since): what the router held at the last watchdog run, as
+        persisted in ``agent_desk_calls``."""
         self._load()
+        self.writer = DeskWriter(db, limit=max_pending)
+        """Commits the changes, in order, off the caller's thread."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every change made so far is committed; False after ``timeout`` s."""
+        return self.writer.flush(timeout)
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
+        """Commit what is queued (waiting up to ``timeout`` s) and stop the writer; changes
+        are refused (503) from now on. The connection given at construction stays open (its
+        owner closes it)."""
+        return self.writer.close(timeout)
 
     # ------------------------------------------------------------------ reads
 
@@ -408,8 +539,26 @@ class AgentDesk:
 
     def restore(self, now: float) -> list[RouterInput]:
         """The inputs that bring a fresh router (everyone logged out) to the persisted presence:
-        ``AgentLogin`` for everyone logged in, then ``AgentPause`` for the paused."""
-        del now  # restoring changes nothing; the parameter keeps the sans-IO shape
+        ``AgentLogin`` for everyone logged in, then ``AgentPause`` for the paused.
+
+        Calls the watchdog last saw the router hold for an agent died with the process that
+        carried them: each is cleared now, audited as ``agent.watchdog`` by actor ``watchdog``
+        (source ``restart``), so no agent comes back on a call or ringing."""
+        if self._held:
+            stale = sorted(self._held.items())
+            self._held = {}
+
+            def write(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
+                for (agent, call), (kind, since) in stale:
+                    self._audit(conn, now, "watchdog", "agent.watchdog",
+                                {"agent": agent, "call_id": call, "cleared": kind,
+                                 "since": since, "source": "restart"})
+                conn.execute("DELETE FROM agent_desk_calls")
+
+            self.writer.submit("agent.watchdog:restart", write)
+            for (agent, call), (kind, _since) in stale:
+                log.warning(kv(event="agent_watchdog_cleared", agent=agent, call=call,
+                               cleared=kind, source="restart"))
         out: list[RouterInput] = []
         for agent in self._agents:
             row = self._rows[agent]
@@ -453,12 +602,16 @@ class AgentDesk:
         key = self._lookup(code, self.dispositions, "disposition", "code")
         payload = {"agent": agent, "call_id": call_id, "code": key,
                    "disposition": self.dispositions[key], "actor": actor, "source": source}
-        with eventlog.transaction(self._db) as conn:
+        site_id = self.site_id
+
+        def write(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
             self._audit(conn, now, actor, "agent.disposition", payload)
-            seq = eventlog.append(self._db, "agent.disposition", payload, occurred_at=now,
-                                  site_id=self.site_id, now=now)
+            eventlog.append(db, "agent.disposition", payload, occurred_at=now,
+                            site_id=site_id, now=now)
+
+        self.writer.submit(f"agent.disposition:{agent}", write)
         log.info(kv(event="agent_disposition", agent=agent, call=call_id, code=key))
-        self._emit("agent.disposition", payload, seq, now)
+        self._emit("agent.disposition", payload, now)
 
     def watchdog(self, router_views: Mapping[str, AgentView], live: Mapping[str, set[str]],
                  now: float, *, held: Mapping[str, Mapping[str, str]] | None = None
@@ -472,7 +625,8 @@ class AgentDesk:
         for ``watchdog_grace`` seconds: a call with ``CallEnded``, a ringing offer with
         ``OfferRejected`` (not counted as a missed offer, so it never auto-pauses anyone), a
         callback being dialled with a failed ``CallbackResult``. Each clearance is audited with
-        actor ``watchdog``.
+        actor ``watchdog``. What the router holds is kept in ``agent_desk_calls`` (written when
+        it changes) for ``restore()`` to clear after a crash.
         """
         if held is None:
             for agent, view in router_views.items():
@@ -483,8 +637,10 @@ class AgentDesk:
             return []
         suspects: dict[tuple[str, str], float] = {}
         due: list[tuple[str, str, str]] = []
+        holding: dict[tuple[str, str], str] = {}
         for agent in sorted(held):
             for call, kind in sorted(held[agent].items()):
+                holding[(agent, call)] = kind
                 if call in live.get(agent, ()):
                     continue
                 first = self._suspects.get((agent, call), now)
@@ -492,12 +648,32 @@ class AgentDesk:
                 if now - first >= self.watchdog_grace:
                     due.append((agent, call, kind))
         out: list[RouterInput] = []
-        if due:
-            with eventlog.transaction(self._db) as conn:
-                for agent, call, kind in due:
+        for agent, call, _kind in due:
+            del holding[(agent, call)]
+        # What the router holds now, kept for restore() after a crash; written when it changes.
+        noted: dict[tuple[str, str], tuple[str, float]] = {}
+        for key, kind in holding.items():
+            old = self._held.get(key)
+            noted[key] = (kind, old[1] if old is not None and old[0] == kind else now)
+        if due or noted != self._held:
+            self.writer.check_room()
+            cleared = tuple(due)
+            gone = tuple(key for key in self._held if key not in noted)
+            added = tuple((agent, call, kind, since) for (agent, call), (kind, since)
+                          in noted.items() if self._held.get((agent, call)) != (kind, since))
+
+            def write(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
+                for agent, call, kind in cleared:
                     self._audit(conn, now, "watchdog", "agent.watchdog",
                                 {"agent": agent, "call_id": call, "cleared": kind,
                                  "source": "watchdog"})
+                conn.executemany("DELETE FROM agent_desk_calls WHERE agent = ? AND call_id = ?",
+                                 gone)
+                conn.executemany("INSERT OR REPLACE INTO agent_desk_calls (agent, call_id, "
+                                 "kind, since) VALUES (?, ?, ?, ?)", added)
+
+            self.writer.submit("agent.watchdog", write)
+            self._held = noted
             for agent, call, kind in due:
                 suspects.pop((agent, call))
                 log.warning(kv(event="agent_watchdog_cleared", agent=agent, call=call,
@@ -525,6 +701,9 @@ class AgentDesk:
         gone = sorted(set(rows) - set(self._agents))
         if gone:
             log.info(kv(event="agent_desk_unconfigured", agents=",".join(gone)))
+        self._held = {(agent, call): (kind, float(since)) for agent, call, kind, since in
+                      self._db.conn.execute(
+                          "SELECT agent, call_id, kind, since FROM agent_desk_calls")}
 
     def _row(self, agent: str) -> _Row:
         row = self._rows.get(agent) if isinstance(agent, str) else None
@@ -563,7 +742,10 @@ class AgentDesk:
         if kind == "agent.pause":
             payload["reason"] = new.reason
         payload.update(extra or {})
-        with eventlog.transaction(self._db) as conn:
+        site_id = self.site_id
+
+        def write(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
+            # The three rows of one change, in one transaction (the writer opened it).
             conn.execute(
                 "INSERT INTO agent_desk (agent, presence, reason, since, actor, source) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (agent) DO UPDATE SET "
@@ -573,14 +755,15 @@ class AgentDesk:
             self._audit(conn, now, actor, kind,
                         {"agent": agent, "before": row.presence.value, "after": after.value,
                          "reason": new.reason or "", "source": source})
-            seq = eventlog.append(self._db, kind, payload, occurred_at=now,
-                                  site_id=self.site_id, now=now)
+            eventlog.append(db, kind, payload, occurred_at=now, site_id=site_id, now=now)
+
+        self.writer.submit(f"{kind}:{agent}", write)
         self._rows[agent] = new
         change = DeskChange(agent, row.presence, after, new.reason, actor, source, now)
         log.info(kv(event="agent_presence", agent=agent, before=change.before.value,
                     after=change.after.value, reason=change.reason or "", actor=actor,
                     source=source))
-        self._emit(kind, payload, seq, now)
+        self._emit(kind, payload, now)
         return make_inputs(agent, new.reason or "")
 
     @staticmethod
@@ -589,11 +772,12 @@ class AgentDesk:
         # Chained inside this transaction: the row commits with the desk row and the event.
         audit_chain.append(conn, now, actor, action, kv(**detail))
 
-    def _emit(self, kind: str, payload: dict[str, Any], seq: int, at: float) -> None:
+    def _emit(self, kind: str, payload: dict[str, Any], at: float) -> None:
+        # At once, before the commit (like call control's live-first kinds): no ``seq`` yet.
         if self.on_event is None:
             return
         try:
-            self.on_event(kind, {**payload, "seq": seq, "at": at})
+            self.on_event(kind, {**payload, "at": at})
         except Exception:
             log.exception(kv(event="on_event_failed", kind=kind))
 

@@ -20,6 +20,7 @@ from appliance.reporting.kpi import LiveBoard
 if TYPE_CHECKING:
     from appliance.api.calls import RecordingAccess
     from appliance.config import SiteConfig
+    from appliance.config_edit import SiteEditor
 
 __all__ = ["ApiContext", "Hub", "LoginPolicy", "Role", "UserStore", "install_api"]
 
@@ -51,6 +52,11 @@ class ApiContext:
     """Told of security events (``security.login_failed``); called from worker threads."""
     alerts: Callable[[], list[dict[str, Any]]] | None = None
     """The alerts active now (``Alert.as_dict()``), for ``/api/alerts``; None: 503."""
+    site_editor: SiteEditor | None = None
+    """Writes configuration changes (``/api/config/queues`` ...); None: one is made for
+    ``site.site_dir`` (no directory: those routes answer 503)."""
+    running_version: int | None = None
+    """The config version this run loaded; None: read from the database at install."""
 
 
 def install_api(app: FastAPI, context: ApiContext) -> None:
@@ -61,9 +67,13 @@ def install_api(app: FastAPI, context: ApiContext) -> None:
     from appliance.api.events import build_events_router
     from appliance.api.middleware import ApiMiddleware
     from appliance.api.routes import build_api_router
+    from appliance.api.siteconfig import build_site_config_router
 
+    if context.running_version is None and context.site is not None:
+        context.running_version = _loaded_version(context.site)
     install_error_handlers(app)
     app.include_router(build_api_router(context))
+    app.include_router(build_site_config_router(context))
     app.include_router(build_calls_router(context))
     app.include_router(build_agents_router(lambda: _desk_service(context), context.users,
                                            clock=context.clock))
@@ -75,3 +85,22 @@ def _desk_service(context: ApiContext) -> Any:
     """Call control as the desk's ``DeskService`` when it runs with a desk, else None."""
     calls = context.calls
     return calls if calls is not None and getattr(calls, "desk", None) is not None else None
+
+
+def _loaded_version(site: SiteConfig) -> int | None:
+    """The installed config version when the API is built, which is at start: the one this
+    run loaded (None when the database cannot be read)."""
+    import sqlite3
+
+    from appliance.store import running_config_version
+
+    try:
+        conn = sqlite3.connect(f"file:{site.storage.database}?mode=ro", uri=True, timeout=2.0)
+    except sqlite3.Error:
+        return None
+    try:
+        return running_config_version(conn)
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()

@@ -256,6 +256,33 @@ def build_calls_router(ctx: ApiContext) -> APIRouter:
         _act(_service(ctx, "calls"), "transfer", call_id, body.target, by=principal.name)
         return Done()
 
+    @router.post("/calls/{call_id}/consult", response_model=Done, tags=["calls"],
+                 summary="Attended transfer: hold the caller and ring the target",
+                 responses=refusals)
+    async def consult(call_id: CallId, body: TransferIn, request: Request,
+                      principal: Annotated[Principal, Depends(supervisor)]) -> Done:
+        note(request, action="call_consult", call=call_id, target=body.target)
+        _act(_service(ctx, "calls"), "consult", call_id, body.target, by=principal.name)
+        return Done()
+
+    @router.post("/calls/{call_id}/transfer/complete", response_model=Done, tags=["calls"],
+                 summary="Attended transfer: bridge the caller to the consulted target",
+                 responses=refusals)
+    async def complete_transfer(call_id: CallId, request: Request,
+                                principal: Annotated[Principal, Depends(supervisor)]) -> Done:
+        note(request, action="call_transfer_complete", call=call_id)
+        _act(_service(ctx, "calls"), "complete_transfer", call_id, by=principal.name)
+        return Done()
+
+    @router.post("/calls/{call_id}/consult/cancel", response_model=Done, tags=["calls"],
+                 summary="Attended transfer: give up the consultation, back to the caller",
+                 responses=refusals)
+    async def cancel_consult(call_id: CallId, request: Request,
+                             principal: Annotated[Principal, Depends(supervisor)]) -> Done:
+        note(request, action="call_consult_cancel", call=call_id)
+        _act(_service(ctx, "calls"), "cancel_consult", call_id, by=principal.name)
+        return Done()
+
     @router.post("/calls/dial", response_model=DialOut, tags=["calls"],
                  summary="Click-to-dial: ring the agent, then call the number",
                  responses=responses(400, *_AUTH, 404, 409, 413, 422, _UNAVAILABLE))

@@ -105,5 +105,9 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     text = {400: "Bad request", 401: "No valid bearer token (or wrong credentials at login)",
             403: "The token's role may not do this", 411: "Length required",
             413: "Request body too large", 422: "A parameter or body member is invalid; "
-            "field names it", 429: "Too many failed logins: the user is locked for a while"}
+            "field names it", 429: "Too many failed logins: the user is locked for a while",
+            409: "Conflicts with the current state (e.g. in use elsewhere); error says why",
+            412: "If-Match names a config version that is no longer the installed one",
+            428: "If-Match (the config version read) is required", 404: "Not found",
+            503: "Not available on this appliance"}
     return {s: {"model": ErrorBody, "description": text.get(s, "Error")} for s in statuses}

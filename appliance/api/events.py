@@ -16,7 +16,7 @@ import logging
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from appliance.api import ApiContext
-from appliance.api.users import Principal
+from appliance.api.users import Principal, Role
 from appliance.log import kv
 
 log = logging.getLogger("edgecc.api")
@@ -43,7 +43,10 @@ def build_events_router(ctx: ApiContext) -> APIRouter:
         principal = await _authenticate(ctx, websocket)
         if principal is None:
             return
-        subscription = ctx.hub.subscribe(principal.role)
+        # Below supervisor, only the events of the agent this user acts for (hub.py).
+        agent = (None if principal.role.allows(Role.SUPERVISOR) else
+                 await asyncio.to_thread(ctx.users.agent_of, principal.user_id))
+        subscription = ctx.hub.subscribe(principal.role, agent)
         reader = asyncio.create_task(_drain_client(websocket))
         try:
             await websocket.send_text(_dumps({

@@ -4,6 +4,12 @@ Parts of the appliance publish on the event loop; each WebSocket client holds a 
 with a bounded queue. A subscriber too slow to keep up is cut off rather than let its queue grow:
 it gets ``overflowed`` and the WebSocket ends it, so one stuck browser never costs memory.
 Events are serialised to JSON once, when published, and shared by every subscriber.
+
+Agents see their own calls only: a subscriber below the supervisor role gets no
+``call.offered`` as such, no event naming another agent, and no event of a call that was
+never offered to it. When a call rings at its agent (an event naming the agent and the call),
+the call's ``call.offered`` is delivered first, so the desk still has the caller's details.
+Supervisors and admins get everything.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +26,10 @@ from appliance.api.users import Role
 
 DEFAULT_QUEUE_LIMIT = 1000
 TOPIC_MAX_CHARS = 64
+OFFERED_MEMORY = 2000
+"""``call.offered`` events kept for agents whose phone rings later (oldest dropped first)."""
+CALLS_PER_AGENT = 64
+"""Calls an agent's subscription remembers as its own (oldest dropped first)."""
 
 
 @dataclass(frozen=True)
@@ -36,27 +47,62 @@ class HubEvent:
     message: str
     """The JSON text sent to WebSocket clients (``type``, ``seq``, ``topic``, ``at``,
     ``data``)."""
+    agent: str | None = None
+    """The agent the event names (its ``agent`` member), if any."""
+    call_id: str | None = None
+    """The call the event is about (its ``call_id`` member), if any."""
 
 
 class Subscription:
     """One subscriber's bounded queue of events; get them with :meth:`get`."""
 
-    def __init__(self, hub: Hub, role: Role, limit: int) -> None:
+    def __init__(self, hub: Hub, role: Role, limit: int, agent: str | None = None) -> None:
         self.role = role
         """Events whose audience is above this role are not delivered."""
+        self.agent = agent
+        """The agent this subscriber acts for; below the supervisor role only its own calls
+        and its own agent events are delivered (none when None)."""
         self.overflowed = False
         """True once an event was lost because the queue was full; then nothing more comes."""
         self._hub = hub
         self._queue: asyncio.Queue[HubEvent] = asyncio.Queue(limit)
+        self._scoped = not role.allows(Role.SUPERVISOR)
+        self._calls: OrderedDict[str, None] = OrderedDict()
 
     def _offer(self, event: HubEvent) -> None:
         if self.overflowed or not self.role.allows(event.audience):
+            return
+        if self._scoped and not self._mine(event):
+            return
+        self._put(event)
+
+    def _put(self, event: HubEvent) -> None:
+        if self.overflowed:
             return
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self.overflowed = True
             self._hub.unsubscribe(self)
+
+    def _mine(self, event: HubEvent) -> bool:
+        """Whether an agent-role subscriber may see ``event`` (its own agent and calls)."""
+        if event.topic == "call.offered":
+            return False  # every caller's number: delivered once the call rings here
+        if event.agent is not None:
+            if event.agent != self.agent:
+                return False
+            if event.call_id is not None and event.call_id not in self._calls:
+                self._calls[event.call_id] = None
+                if len(self._calls) > CALLS_PER_AGENT:
+                    self._calls.popitem(last=False)
+                offered = self._hub._offered.get(event.call_id)
+                if offered is not None:
+                    self._put(offered)
+            return True
+        if event.call_id is not None:
+            return event.call_id in self._calls
+        return True
 
     async def get(self, timeout: float) -> HubEvent | None:
         """The next event, or None when none came within ``timeout`` seconds."""
@@ -85,16 +131,18 @@ class Hub:
         self._subscribers: set[Subscription] = set()
         self._seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._offered: OrderedDict[str, HubEvent] = OrderedDict()
 
     @property
     def subscribers(self) -> int:
         """Current number of subscriptions."""
         return len(self._subscribers)
 
-    def subscribe(self, role: Role) -> Subscription:
-        """A new subscription receiving events meant for ``role``; call on the loop."""
+    def subscribe(self, role: Role, agent: str | None = None) -> Subscription:
+        """A new subscription receiving events meant for ``role`` (below supervisor: only
+        those of ``agent`` and its calls); call on the loop."""
         self._loop = asyncio.get_running_loop()
-        subscription = Subscription(self, role, self._limit)
+        subscription = Subscription(self, role, self._limit, agent)
         self._subscribers.add(subscription)
         return subscription
 
@@ -113,7 +161,17 @@ class Hub:
         message = json.dumps({"type": "event", "seq": self._seq + 1, "topic": topic, "at": at,
                               "data": data}, allow_nan=False, separators=(",", ":"))
         self._seq += 1
-        event = HubEvent(self._seq, topic, at, audience, message)
+        agent, call_id = data.get("agent"), data.get("call_id")
+        event = HubEvent(self._seq, topic, at, audience, message,
+                         agent if isinstance(agent, str) else None,
+                         call_id if isinstance(call_id, str) else None)
+        if event.call_id is not None:
+            if topic == "call.offered":
+                self._offered[event.call_id] = event
+                if len(self._offered) > OFFERED_MEMORY:
+                    self._offered.popitem(last=False)
+            elif topic == "call.ended":
+                self._offered.pop(event.call_id, None)
         for subscription in list(self._subscribers):
             subscription._offer(event)
         return event

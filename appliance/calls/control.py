@@ -52,6 +52,7 @@ import sqlite_utils
 from appliance import eventlog
 from appliance.acd import model as acd
 from appliance.calls import CallControlError, DialogSignalling
+from appliance.calls.callbacks import QueuedCallbacks
 from appliance.calls.leg import (
     Direction,
     EndReason,
@@ -75,6 +76,7 @@ from appliance.calls.model import (
 from appliance.calls.outbound import OutboundCalls
 from appliance.calls.supervision import Supervision
 from appliance.calls.transfer import Transfers
+from appliance.calls.voicemail import VoicemailTaking
 from appliance.config import SiteConfig
 from appliance.ivr import runner as ivr
 from appliance.ivr.flow import Flow
@@ -141,7 +143,7 @@ def trunk_networks(config: SiteConfig) -> tuple[ipaddress.IPv4Network | ipaddres
     return tuple(ipaddress.ip_network(n) for n in config.trunk.allowed_sources)
 
 
-class CallControl(OutboundCalls, Transfers, Supervision):
+class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Supervision):
     """The B2BUA: see the module docstring; its outbound calls, transfers and supervision are
     in ``outbound``, ``transfer`` and ``supervision``. Built and started by the composition root."""
 
@@ -215,6 +217,18 @@ class CallControl(OutboundCalls, Transfers, Supervision):
         self._scratch_given = scratch_dir
         self._scratch: Path | None = scratch_dir
         self.completed = 0
+        self.callbacks: dict[str, Any] = {}
+        """Request id -> the pending queued callback (``callbacks.CallbackRequest``)."""
+        self.callback_attempts: dict[str, Any] = {}
+        """Attempt call id -> its ``callbacks.CallbackAttempt``, until the call is written."""
+        self._late_offers: dict[DialogId, tuple[Call, AgentLeg | None, bool]] = {}
+        """Dialog -> (call, its agent leg or None for the call's own leg, initial INVITE) for
+        each 2xx we sent carrying our offer (late offer), until its ACK brings the answer."""
+        self.voicemails: dict[str, Any] = {}
+        """Call id -> the message being taken (``voicemail.VoicemailTake``)."""
+        self._outside_told: dict[str, set[str]] = {}
+        """Call id -> the agents the router has been told this call outside the queues busies
+        (``OutsideCallStarted`` given, ``OutsideCallEnded`` not yet)."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -230,11 +244,15 @@ class CallControl(OutboundCalls, Transfers, Supervision):
         """Read the engine's events; with a desk, bring the router to the persisted presence
         and run the watchdog, else keep presence in step with registrations."""
         self._events_task = asyncio.create_task(self._read_media_events())
+        # Calls the previous run left in progress (a crash): each gets its record now.
+        await asyncio.get_running_loop().run_in_executor(
+            self._db_thread, self._record_interrupted, time.time())
         if self.desk is not None:
             self.apply_router_inputs(self.desk.restore(time.time()))
             self._watchdog_task = asyncio.create_task(self._watchdog_loop())
         else:
             self._presence_task = asyncio.create_task(self._presence_loop())
+        self._restore_callbacks()
 
     async def close(self) -> None:
         """Hang up the live calls and write their records (``appliance-stopped``), then stop
@@ -337,7 +355,13 @@ class CallControl(OutboundCalls, Transfers, Supervision):
     def on_dialog_event(self, event: Output) -> None:
         """``DialogSignalling``'s ``on_event``: every call-control event of the dialog layer."""
         try:
+            before = self._event_call(event)
             self._dialog_event(event)
+            # Agents' own INVITEs admitted, phones rung or answered, legs ended: the router
+            # hears of the calls outside the queues that started or ended.
+            after = self._event_call(event)
+            for call in {id(c): c for c in (before, after) if c is not None}.values():
+                self._sync_outside(call)
         except Exception:
             log.exception(kv(event="call_internal_error", where=type(event).__name__))
 
@@ -368,9 +392,7 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             if entry is not None and entry[1] is None:
                 self._caller_cancelled(entry[0])
         elif isinstance(event, AckReceived):
-            entry = self._by_dialog.get(event.dialog)
-            if entry is not None and entry[1] is None and entry[0].leg.can_take(LegInput.ACK):
-                entry[0].leg.handle(LegInput.ACK, time.time())
+            self._ack_received(event)
         elif isinstance(event, DialogTerminated):
             entry = self._by_dialog.get(event.dialog)
             if entry is not None:
@@ -408,9 +430,7 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             signalling.answer(event.key, 404)
             return
         if not request.body:
-            # A late offer (INVITE without SDP) would need the offer in our 183/200; the
-            # trunks we serve send one in the INVITE.
-            signalling.answer(event.key, 488, reason="Offer Required")
+            self._late_offer_call(event, caller, dialled, flow_name)  # RFC 3261 §13.2.1
             return
         try:
             offer = sdp.parse(request.body)
@@ -453,6 +473,7 @@ class CallControl(OutboundCalls, Transfers, Supervision):
                     sip_call_id=request.call_id))
         self._emit("call.offered", {"call_id": call_id, "caller": caller, "dialled": dialled,
                                     "flow": flow_name}, now)
+        self._note_in_progress(call)
         call.run = ivr.FlowRun(self.flows[flow_name], now, caller, dialled=dialled,
                                customer=listed_customer(self.config.ivr.customers, caller))
         self._ivr_actions(call, call.run.take_actions())
@@ -518,6 +539,8 @@ class CallControl(OutboundCalls, Transfers, Supervision):
                else EndReason.CALLER_HUNG_UP)
         for agent_leg in list(call.agents.values()):
             self._hangup_agent(call, agent_leg, far)
+        self._callback_leg_gone(call)
+        self._voicemail_gone(call)
         self._maybe_finish(call)
 
     # -- the agent desk: feature codes, router inputs, watchdog --------------------------------
@@ -656,6 +679,9 @@ class CallControl(OutboundCalls, Transfers, Supervision):
                     live.setdefault(agent_leg.agent, set()).add(call.call_id)
             if call.agent:
                 live.setdefault(call.agent, set()).add(call.call_id)
+                request = self._callback_of(call)
+                if request is not None:  # the router knows an attempt by its request
+                    live[call.agent].add(request)
         return live
 
     async def _watchdog_loop(self) -> None:
@@ -702,11 +728,16 @@ class CallControl(OutboundCalls, Transfers, Supervision):
                 self._enter_queue(call, action)
             elif isinstance(action, ivr.Hangup):
                 self._stop_ivr(call)
-                call.end_reason = f"ivr-{action.reason}"
+                if call.end_reason != "callback-requested":
+                    call.end_reason = f"ivr-{action.reason}"
                 self._hangup_caller(call, EndReason.SYSTEM)
             elif isinstance(action, ivr.Transfer):
                 self._ivr_transfer(call, action)
-            else:  # Voicemail, OfferCallback: later issues
+            elif isinstance(action, ivr.OfferCallback):
+                self._request_callback(call, action)
+            elif isinstance(action, ivr.Voicemail):
+                self._take_voicemail(call, action)
+            else:
                 log.warning(kv(event="ivr_action_not_supported", call=call.call_id,
                                action=type(action).__name__))
                 self._stop_ivr(call)
@@ -915,6 +946,8 @@ class CallControl(OutboundCalls, Transfers, Supervision):
                 self._hangup_caller(call, EndReason.SYSTEM)
             elif isinstance(decision, acd.Announce) and call is not None:
                 self._announce(call, decision)
+            elif isinstance(decision, acd.DialCallback):
+                self._dial_callback(decision)
             elif isinstance(decision, acd.AutoPause):
                 log.info(kv(event="agent_auto_paused", agent=decision.agent,
                             missed=decision.missed))
@@ -945,9 +978,88 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             log.exception(kv(event="call_internal_error", where="router_timer"))
             self._arm_router_timer()
 
+    def _event_call(self, event: Output) -> Call | None:
+        """The call a dialog-layer event belongs to, if call control knows it."""
+        key = getattr(event, "key", None)
+        entry = self._by_invite.get(key) if key is not None else None
+        if entry is None:
+            dialog = getattr(event, "dialog", None)
+            entry = self._by_dialog.get(dialog) if dialog is not None else None
+        return entry[0] if entry is not None else None
+
+    def _outside_agents(self, call: Call) -> set[str]:
+        """The router's agents that ``call`` busies although the router did not route it
+        (docs/routing.md §6): their own outbound and click-to-dial calls, a colleague's call to
+        their extension, a transfer or an IVR ``transfer`` node ringing them, a supervisor's
+        session. Queued callbacks are the router's own; feature-code calls are not calls."""
+        found: set[str] = set()
+        if (self.router is None or self.calls.get(call.call_id) is not call or call.finishing
+                or call.ended_at is not None or call.direction in ("feature", "callback")):
+            return found
+        if call.direction in ("outbound", "supervise") and call.agent:
+            found.add(call.agent)
+        for leg in call.agents.values():
+            if (leg.number is None and leg.leg.state is not LegState.ENDED
+                    and (call.direction == "outbound" or leg.transfer
+                         or leg is call.ivr_transfer
+                         or (leg is call.connected and call.queue is None))):
+                found.add(leg.agent)
+        if found:
+            found &= {a.agent for a in self.router.config.agents}
+        return found
+
+    def _sync_outside(self, call: Call) -> None:
+        """Tell the router which agents ``call`` started or stopped busying outside the queues
+        since it was last told: ``OutsideCallEnded`` first (that agent may be offered the next
+        caller at once), then ``OutsideCallStarted``."""
+        live = self._outside_agents(call)
+        told = self._outside_told.get(call.call_id, set())
+        if live == told or self.router is None:
+            return
+        now = self._router_clock()
+        changes: list[Any] = [acd.OutsideCallEnded(agent, call.call_id, now)
+                              for agent in sorted(told - live)]
+        changes += [acd.OutsideCallStarted(agent, call.call_id, now)
+                    for agent in sorted(live - told)]
+        if live:
+            self._outside_told[call.call_id] = live
+        else:
+            self._outside_told.pop(call.call_id, None)
+        for change in changes:
+            log.info(kv(event="agent_outside_call", agent=change.agent, call=change.call_id,
+                        state="started" if isinstance(change, acd.OutsideCallStarted)
+                        else "ended"))
+            try:
+                self._route(self.router.handle(change, now))
+            except acd.LocalProtocolError as exc:
+                log.info(kv(event="router_input_refused", input=type(change).__name__,
+                            detail=str(exc)))
+
+    def _over_cap_outside(self, agent: str) -> bool:
+        """True when the router's offers and calls of ``agent``, counted with their calls
+        outside the queues, exceed their concurrent-interaction cap."""
+        view = self.router_view(agent)
+        if view is None or not view.outside:
+            return False
+        cap = next((a.max_interactions for a in self.router.config.agents if a.agent == agent),
+                   1)
+        return view.interactions + view.ringing + view.outside > cap
+
     def _offer(self, call: Call, agent: str, *, transfer: bool = False) -> AgentLeg | None:
         signalling = self._signalling()
         now = time.time()
+        if not transfer:
+            # The router counts calls outside the queues against the cap once told of them
+            # (docs/routing.md §6). A call that started since it was last told, and so is not
+            # yet counted, makes this offer one too many: it is refused without ringing, and
+            # the router, now counting that call, does not offer the agent again meanwhile.
+            for other in list(self.calls.values()):
+                if other is not call:
+                    self._sync_outside(other)
+            if self._over_cap_outside(agent):
+                log.info(kv(event="agent_busy_outside", call=call.call_id, agent=agent))
+                self._reject_offer(call.call_id, agent)
+                return None
         bindings = self.registrar.lookup(agent, self.service.clock())
         if not bindings and transfer:
             return None
@@ -999,6 +1111,8 @@ class CallControl(OutboundCalls, Transfers, Supervision):
                     contact=binding.contact))
         self._emit("call.ringing", {"call_id": call.call_id, "agent": agent,
                                     "queue": call.queue}, now)
+        if transfer:
+            self._sync_outside(call)  # a transfer rings the agent: a call outside the queues
         return agent_leg
 
     def _reject_offer(self, call_id: str, agent: str) -> None:
@@ -1075,6 +1189,7 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             "call_id": call.call_id, "queue": call.queue, "agent": agent_leg.agent,
             "wait_s": round(now - (call.queued_at or now), 3),
             "ring_s": round(now - agent_leg.leg.started_at, 3)}, now)
+        self._note_in_progress(call, agent=agent_leg.agent)
         settings = self.queues.get(call.queue or "")
         record, call.recording_decision = recording_decision(
             settings.record if settings is not None else False, random.random())
@@ -1172,8 +1287,7 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             session = agent_leg.session if agent_leg is not None else call.session
             media = agent_leg.media if agent_leg is not None else call.media
             if not event.request.body:
-                signalling.answer(event.key, 200, headers=SDP_HEADERS,
-                                  body=session.offer().to_bytes())
+                self._reoffer(event, call, agent_leg)  # we offer, the ACK answers
                 return
             try:
                 negotiated = session.answer(sdp.parse(event.request.body))
@@ -1400,6 +1514,8 @@ class CallControl(OutboundCalls, Transfers, Supervision):
 
     async def _finish(self, call: Call) -> None:
         now = call.ended_at or time.time()
+        self._sync_outside(call)  # an outside call over: the agent may be offered at once
+        self._callback_finished(call)
         if call.connected is not None and self.router is not None and (
                 call.direction == "inbound") and call.connected.number is None and (
                 call.queue is not None):
@@ -1431,8 +1547,12 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             del self._by_invite[key]
         for dialog in [d for d, v in self._by_dialog.items() if v[0] is call]:
             del self._by_dialog[dialog]
-        self._by_media.pop(call.media, None)
+        # The engine may already have given this leg id to a newer call (the release awaited
+        # above freed it): drop the mapping only while it is still this call's.
+        if self._by_media.get(call.media) is call:
+            del self._by_media[call.media]
         self.calls.pop(call.call_id, None)
+        self._sync_outside(call)  # its agents are free of it (if not told already)
         loop = asyncio.get_running_loop()
         if call.direction in ("feature", "supervise"):
             log.info(kv(event="feature_call_ended", call=call.call_id, agent=call.agent or "",
@@ -1487,16 +1607,21 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # never leave plaintext audio behind
         outbound = call.direction == "outbound"
-        legs = [(call.leg.record(), call.caller if outbound else None, call.media_figures)] + [
-            (a.leg.record(), None if outbound or a.number else a.agent, a.media_figures)
+        # Every leg, the carrier legs of outbound calls and transfers (with the number they
+        # called) as well as the agents'.
+        legs = [(call.leg.record(), call.caller if outbound else None, call.media_figures,
+                 None)] + [
+            (a.leg.record(), None if outbound or a.number else a.agent, a.media_figures,
+             a.number)
             for a in sorted([*call.finished_agents, *call.agents.values()],
                             key=lambda a: a.leg.started_at)]
         legs_json = [{
             "leg": r.leg_id, "direction": r.direction.value, "party": r.party.value,
-            "agent": agent, "started_at": r.started_at, "answered_at": r.answered_at,
-            "ended_at": r.ended_at, "end_reason": r.end_reason.value if r.end_reason else None,
+            "agent": agent, "number": number, "started_at": r.started_at,
+            "answered_at": r.answered_at, "ended_at": r.ended_at,
+            "end_reason": r.end_reason.value if r.end_reason else None,
             "end_code": r.end_code, "media": media,
-        } for r, agent, media in legs]
+        } for r, agent, media, number in legs]
         trace = list(call.run.trace) if call.run is not None else []
         end_reason = call.end_reason or "system"
         row = {
@@ -1507,21 +1632,24 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             "end_code": call.end_code, "recording_id": recording_id,
             "direction": call.direction, "holds": call.holds, "ended_by": call.ended_by,
             "recording_decision": call.recording_decision,
+            "callback_of": self._callback_of(call),
         }
         written: list[tuple[str, dict[str, Any], float, int]] = []
         with eventlog.transaction(self.db) as conn:
+            conn.execute("DELETE FROM calls_in_progress WHERE call_id = ?", (call.call_id,))
             conn.execute(
                 "INSERT INTO call_records (call_id, sip_call_id, caller, dialled, flow, queue,"
                 " agent, started_at, offered_at, answered_at, ended_at, end_reason, end_code,"
                 " recording_id, ivr_trace, legs, direction, holds, ended_by,"
-                " recording_decision) VALUES"
+                " recording_decision, callback_of) VALUES"
                 " (:call_id, :sip_call_id, :caller, :dialled, :flow, :queue, :agent,"
                 " :started_at, :offered_at, :answered_at, :ended_at, :end_reason, :end_code,"
                 " :recording_id, :ivr_trace, :legs, :direction, :holds, :ended_by,"
-                " :recording_decision)",
+                " :recording_decision, :callback_of)",
                 {**row, "ivr_trace": json.dumps(trace), "legs": json.dumps(legs_json),
                  "holds": json.dumps(call.holds)})
-            for kind, payload, at in call.events:
+            message = self._voicemail_rows(conn, call, recording_id, finished, now)
+            for kind, payload, at in [*call.events, *message]:
                 written.append((kind, payload, at,
                                 eventlog.append(self.db, kind, payload, occurred_at=at)))
             record = {**row, "legs": legs_json, "ivr_trace": trace}
@@ -1587,6 +1715,59 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             # The caller's leg could not take a hang-up (its INVITE not answered yet by any
             # final): end the call's side all the same.
             self._caller_gone(call, "hung-up-by-api")
+
+    def _note_in_progress(self, call: Call, *, agent: str | None = None) -> None:
+        """Keep the call in ``calls_in_progress`` (database thread) until its record is
+        written, so that a crash leaves a trace the next start turns into a record."""
+        row = (call.call_id, call.sip_call_id, call.caller, call.dialled, call.flow_name or None,
+               call.direction, call.started_at, call.queue, agent, call.answered_at)
+
+        def write() -> None:
+            try:
+                with eventlog.transaction(self.db) as conn:
+                    conn.execute(
+                        "INSERT INTO calls_in_progress (call_id, sip_call_id, caller, dialled,"
+                        " flow, direction, started_at, queue, agent, answered_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_id) DO UPDATE"
+                        " SET queue = excluded.queue, agent = excluded.agent,"
+                        " answered_at = excluded.answered_at", row)
+            except Exception:
+                log.exception(kv(event="call_in_progress_failed", call=call.call_id))
+
+        self._db_thread.submit(write)
+
+    def _record_interrupted(self, now: float) -> None:
+        """Database thread, at start: a call record (end reason ``appliance-crashed``) and its
+        ``call.record`` event for every call the previous run left in progress. It ended at
+        the last event the site committed before the crash (at least when it started)."""
+        rows = self.db.conn.execute(
+            "SELECT call_id, sip_call_id, caller, dialled, flow, direction, started_at, queue,"
+            " agent, answered_at FROM calls_in_progress ORDER BY started_at").fetchall()
+        if not rows:
+            return
+        last = self.db.conn.execute("SELECT MAX(occurred_at) FROM events").fetchone()[0]
+        with eventlog.transaction(self.db) as conn:
+            for (call_id, sip_call_id, caller, dialled, flow, direction, started_at, queue,
+                 agent, answered_at) in rows:
+                ended_at = max(started_at, answered_at or started_at, min(last or now, now))
+                record = {
+                    "call_id": call_id, "sip_call_id": sip_call_id, "caller": caller,
+                    "dialled": dialled, "flow": flow, "queue": queue, "agent": agent,
+                    "started_at": started_at, "offered_at": None, "answered_at": answered_at,
+                    "ended_at": ended_at, "end_reason": "appliance-crashed", "end_code": None,
+                    "recording_id": None, "direction": direction, "holds": [],
+                    "ended_by": None, "recording_decision": None}
+                conn.execute(
+                    "INSERT OR IGNORE INTO call_records (call_id, sip_call_id, caller, dialled,"
+                    " flow, queue, agent, started_at, answered_at, ended_at, end_reason, legs,"
+                    " direction) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', ?)",
+                    (call_id, sip_call_id, caller, dialled, flow, queue, agent, started_at,
+                     answered_at, ended_at, "appliance-crashed", direction))
+                eventlog.append(self.db, "call.record", {**record, "legs": [], "ivr_trace": []},
+                                occurred_at=ended_at)
+                log.warning(kv(event="call_interrupted", call=call_id, agent=agent or "",
+                               reason="appliance-crashed"))
+            conn.execute("DELETE FROM calls_in_progress")
 
     def _audit(self, actor: str, action: str, detail: str) -> None:
         """An audit-log row, written by the database thread (never on the loop)."""
@@ -1664,12 +1845,15 @@ class CallControl(OutboundCalls, Transfers, Supervision):
             if call is not None and call.connected is None:
                 log.info(kv(event="dtmf", call=call.call_id, digit=event.digit,
                             method=event.method))
-                self._feed_ivr(call, ivr.DigitPressed(event.digit))
+                if not self._voicemail_digit(call, event.digit):
+                    self._feed_ivr(call, ivr.DigitPressed(event.digit))
         elif isinstance(event, PromptFinished):
             call = self._by_media.get(event.leg)
             if call is not None and call.direction == "feature":
                 call.playing = None
                 self._hangup_caller(call, EndReason.SYSTEM)
+                return
+            if call is not None and self._voicemail_prompt_done(call, event):
                 return
             if call is not None and call.announce_play is not None and (
                     call.announce_play == event.prompt_id):
@@ -1783,12 +1967,18 @@ def build_router(config: SiteConfig) -> Any | None:
     if not config.queues:
         return None
     agents = sorted({m for q in config.queues for m in q.members})
+    skills = {a.user: tuple(a.skills.items()) for a in config.sip.accounts}
     return Router(acd.RouterConfig(
         queues=tuple(acd.QueueConfig(
             q.name, tuple(acd.Member(m) for m in q.members), strategy=acd.Strategy(q.strategy),
-            ring_timeout=q.ring_timeout, wrap_up=float(q.wrap_up), max_wait=q.max_wait)
+            ring_timeout=q.ring_timeout, wrap_up=float(q.wrap_up), max_wait=q.max_wait,
+            callback_retries=q.callback_retries,
+            callback_retry_interval=float(q.callback_retry_interval),
+            required_skills=tuple(q.required_skills.items()),
+            relax_steps=tuple(acd.RelaxStep(float(r.after), r.lower_by, tuple(r.drop))
+                              for r in q.relax))
             for q in config.queues),
-        agents=tuple(acd.AgentConfig(a) for a in agents)))
+        agents=tuple(acd.AgentConfig(a, skills=skills.get(a, ())) for a in agents)))
 
 
 def load_call_path(config: SiteConfig) -> tuple[dict[str, Flow], dict[str, np.ndarray]]:
@@ -1866,9 +2056,30 @@ class CallService:
         """Click-to-dial (``CallControl.dial``); returns the call id."""
         return self.control.dial(agent, number, by=by)
 
+    def pending_callbacks(self) -> list[dict[str, Any]]:
+        """The queued callbacks still to be made (``CallControl.pending_callbacks``)."""
+        return self.control.pending_callbacks()
+
+    def cancel_callback(self, call_id: str, *, by: str) -> None:
+        """Withdraw a pending callback (``CallControl.cancel_callback``); raises
+        ``CallControlError``."""
+        self.control.cancel_callback(call_id, by=by)
+
     def transfer(self, call_id: str, target: str, *, by: str) -> None:
         """Blind transfer to agent ``target`` (``CallControl.transfer``)."""
         self.control.transfer(call_id, target, by=by)
+
+    def consult(self, call_id: str, target: str, *, by: str) -> None:
+        """Attended transfer: hold the caller, ring ``target`` (``CallControl.consult``)."""
+        self.control.consult(call_id, target, by=by)
+
+    def complete_transfer(self, call_id: str, *, by: str) -> None:
+        """Bridge the caller to the consulted target (``CallControl.complete_transfer``)."""
+        self.control.complete_transfer(call_id, by=by)
+
+    def cancel_consult(self, call_id: str, *, by: str) -> None:
+        """Back to the caller (``CallControl.cancel_consult``)."""
+        self.control.cancel_consult(call_id, by=by)
 
     @property
     def desk(self) -> Any:

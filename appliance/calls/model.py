@@ -157,6 +157,8 @@ class Call:
     """Prompts of the announcement still to play."""
     announce_play: int | None = None
     """The engine prompt id of the announcement's prompt playing, if any."""
+    callback_request: str | None = None
+    """A queued callback's dial attempt: the call id of the caller's request."""
 
 
 def recording_decision(policy: bool | int, draw: float) -> tuple[bool, str]:

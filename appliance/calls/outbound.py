@@ -4,6 +4,8 @@ HA1) or another agent's extension."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -33,10 +35,14 @@ from appliance.calls.model import (
     http_status,
     relay_status,
 )
+from appliance.ivr import runner as ivr
+from appliance.ivr.lookup import listed_customer
 from appliance.log import kv
 from appliance.sip.dialog import (
+    AckReceived,
     DialogId,
     IncomingCall,
+    InDialogRequest,
 )
 from appliance.sip.source import Source
 from appliance.sip.transaction import TransactionKey
@@ -47,6 +53,13 @@ from media_core.engine import (
 from media_core.sip import SipMessage, build_response, new_tag
 
 log = logging.getLogger("edgecc.calls")
+
+def _retry_fields(challenged: SipMessage) -> dict[str, Any]:
+    """What the INVITE answering a challenge keeps of the challenged one (RFC 3261 §8.1.3.5:
+    the same Call-ID, To and From, CSeq one higher), read from the 401/407 that echoes it."""
+    return {"call_id": challenged.call_id, "from_tag": challenged.from_.tag,
+            "cseq": challenged.cseq[0] + 1}
+
 
 class OutboundCalls:
     """The outbound calls of ``CallControl`` (a part of it: the state lives there)."""
@@ -97,15 +110,18 @@ class OutboundCalls:
         if len(self.calls) >= MAX_CALLS:
             signalling.answer(event.key, 503, headers=[("Retry-After", "5")])
             return
-        if not request.body:
-            signalling.answer(event.key, 488, reason="Offer Required")
-            return
-        try:
-            offer = sdp.parse(request.body)
-        except sdp.SdpError as exc:
-            log.info(kv(event="call_refused", reason="bad-sdp", agent=agent, detail=str(exc)))
-            signalling.answer(event.key, 400, reason="Bad Session Description")
-            return
+        # Late offer (RFC 3261 §13.2.1): no description in the INVITE; our offer goes in the
+        # 200 when the far end answers and the phone's answer comes in the ACK.
+        late = not request.body
+        offer: sdp.SessionDescription | None = None
+        if not late:
+            try:
+                offer = sdp.parse(request.body)
+            except sdp.SdpError as exc:
+                log.info(kv(event="call_refused", reason="bad-sdp", agent=agent,
+                            detail=str(exc)))
+                signalling.answer(event.key, 400, reason="Bad Session Description")
+                return
         try:
             near = self.engine.allocate_leg(self.media_host)
         except (EngineError, OSError) as exc:
@@ -114,8 +130,10 @@ class OutboundCalls:
             return
         session = sdp.MediaSession(CAPABILITIES, self.media_host, near.rtp_port,
                                    rtcp_port=near.rtcp_port)
+        negotiated: sdp.Negotiated | None = None
         try:
-            negotiated = session.answer(offer)
+            if offer is not None:
+                negotiated = session.answer(offer)
         except sdp.NotAcceptable as exc:
             log.info(kv(event="call_refused", reason="no-common-codec", agent=agent,
                         detail=exc.reason))
@@ -129,13 +147,19 @@ class OutboundCalls:
             self._release_media(near.leg)
             signalling.answer(event.key, 503, headers=[("Retry-After", "5")])
             return
-        self._apply_media(near.leg, negotiated)
+        if negotiated is not None:
+            self._apply_media(near.leg, negotiated)
+            description = negotiated.sdp.to_bytes()
+        else:
+            description = session.offer().to_bytes()
         call_id = uuid.uuid4().hex
         leg = Leg(f"{call_id}:agent", Direction.INBOUND, Party.AGENT, now)
         call = Call(call_id, request.call_id, agent, decision.number, "", event.key,
-                    event.dialog, leg, near.leg, session, negotiated.sdp.to_bytes(), now,
+                    event.dialog, leg, near.leg, session, description, now,
                     agent=agent, direction="outbound", record_outbound=decision.record,
                     internal=getattr(decision, "internal", False))
+        if late:
+            self._await_answer(event.dialog, call, None, initial=True)
         self.calls[call_id] = call
         self._by_invite[event.key] = (call, None)
         self._by_dialog[event.dialog] = (call, None)
@@ -278,8 +302,11 @@ class OutboundCalls:
         self._dial_carrier(call, far_leg)
 
     def _dial_carrier(self, call: Call, far_leg: AgentLeg,
-                      authorization: tuple[str, str] | None = None) -> None:
-        """INVITE to ``trunk.carrier`` (again with ``authorization`` after a challenge)."""
+                      authorization: tuple[str, str] | None = None,
+                      challenged: SipMessage | None = None) -> None:
+        """INVITE to ``trunk.carrier``; after the ``challenged`` INVITE's 401/407, again with
+        ``authorization``, the same Call-ID and From tag and CSeq + 1 (RFC 3261 §22.2,
+        §8.1.3.5)."""
         carrier = self.config.trunk.carrier
         assert carrier is not None  # admission refused the call otherwise
         host = f"[{carrier.host}]" if ":" in carrier.host else carrier.host
@@ -297,7 +324,8 @@ class OutboundCalls:
             from_party=f"<sip:{from_user}@{host}>", to_party=f"<sip:{number}@{host}>",
             request_uri=uri, destination=destination,
             headers=[authorization] if authorization is not None else [],
-            body=far_leg.session.offer().to_bytes())
+            body=far_leg.session.offer().to_bytes(),
+            **(_retry_fields(challenged) if challenged is not None else {}))
         far_leg.key = key
         self._by_invite[key] = (call, far_leg)
 
@@ -320,12 +348,10 @@ class OutboundCalls:
         inp = response_input(status, response.body)
         if not leg.can_take(inp):
             return
+        was_early = leg.state is LegState.EARLY
         actions = leg.handle(inp, now, code=status)
-        if inp in (LegInput.RX_180, LegInput.RX_183) and call.direction == "outbound" and (
-                call.leg.can_take(LegInput.RING)):
-            # The agent's phone plays its own ringback on 180 (RFC 3261 §21.1.2).
-            call.leg.handle(LegInput.RING, now)
-            self._signalling().answer(call.key, 180)
+        if inp in (LegInput.RX_180, LegInput.RX_183):
+            self._carrier_progress(call, far_leg, response, inp, now)
         if inp is not LegInput.RX_2XX:
             return
         if LegAction.SEND_BYE in actions or call.ended_at is not None:
@@ -335,14 +361,17 @@ class OutboundCalls:
                 leg.handle(LegInput.HANGUP, now, reason=EndReason.AGENT_HUNG_UP)
             return
         try:
-            negotiated = far_leg.session.receive_answer(sdp.parse(response.body))
+            # After early media the 2xx may leave the answer out: the 183's stands (RFC 3261
+            # §13.2.1, the same answer in both).
+            if response.body or not was_early:
+                negotiated = far_leg.session.receive_answer(sdp.parse(response.body))
+                self._apply_media(far_leg.media, negotiated)
         except sdp.SdpError as exc:
             log.info(kv(event="carrier_answer_unusable", call=call.call_id, detail=str(exc)))
             call.end_reason = "carrier-answer-unusable"
             self._hangup_agent(call, far_leg, EndReason.SYSTEM)
             self._hangup_caller(call, EndReason.SYSTEM, code=488)
             return
-        self._apply_media(far_leg.media, negotiated)
         if call.ivr_transfer is far_leg:
             self._ivr_transfer_answered(call, far_leg, now)
             return
@@ -366,6 +395,38 @@ class OutboundCalls:
             self._start_recording(call, far_leg.media, call.media, now)
         log.info(kv(event="call_connected", call=call.call_id, agent=call.agent,
                     direction="outbound", recording=call.recording is not None))
+
+    def _carrier_progress(self, call: Call, far_leg: AgentLeg, response: SipMessage,
+                          inp: LegInput, now: float) -> None:
+        """A 180/183 from the carrier. A 183 with a description is early media (RFC 3960):
+        the carrier's leg takes that answer and is bridged to the agent's phone at once, which
+        gets a 183 with our description, so the agent hears the carrier's ringback and
+        announcements; a 180 (or a 183 we cannot use) gives the phone a 180 and it plays its
+        own ringback (RFC 3261 §21.1.2)."""
+        early = False
+        if inp is LegInput.RX_183:
+            # The 183's answer sets the leg's media whoever the leg is for (a 2xx after it may
+            # leave the answer out); only an outbound call's own leg is bridged early.
+            try:
+                negotiated = far_leg.session.receive_answer(sdp.parse(response.body))
+                self._apply_media(far_leg.media, negotiated)
+                if call.direction == "outbound" and call.connected is None and (
+                        not far_leg.transfer and call.ivr_transfer is not far_leg):
+                    self.engine.bridge(call.media, far_leg.media)
+                    early = True
+            except (sdp.SdpError, EngineError) as exc:
+                log.info(kv(event="early_media_unusable", call=call.call_id, detail=str(exc)))
+        if call.direction != "outbound":
+            return
+        # A phone that sent no offer cannot take ours in an unreliable 183 (no PRACK): 180.
+        if early and call.dialog not in self._late_offers and (
+                call.leg.can_take(LegInput.EARLY_MEDIA)):
+            call.leg.handle(LegInput.EARLY_MEDIA, now)
+            self._signalling().answer(call.key, 183, headers=SDP_HEADERS, body=call.answer_sdp)
+            log.info(kv(event="early_media", call=call.call_id, agent=call.agent or ""))
+        elif call.leg.can_take(LegInput.RING):
+            call.leg.handle(LegInput.RING, now)
+            self._signalling().answer(call.key, 180)
 
     def _answer_challenge(self, call: Call, far_leg: AgentLeg, response: SipMessage) -> bool:
         """Answer the carrier's 401/407 once with ``trunk.auth`` (RFC 3261 §22.2); False when
@@ -395,10 +456,21 @@ class OutboundCalls:
         if far_leg.key is not None:
             self._by_invite.pop(far_leg.key, None)
         log.info(kv(event="carrier_challenge_answered", call=call.call_id, status=status))
-        # A fresh INVITE (new Call-ID) carrying the credentials; the leg stays INVITING.
-        self._dial_carrier(call, far_leg, (
-            "Authorization" if status == 401 else "Proxy-Authorization", value))
+        # The INVITE again, carrying the credentials; the leg stays INVITING. Sent on the next
+        # turn of the loop, after the transaction layer's ACK of the 401/407 (§17.1.1.3).
+        asyncio.get_running_loop().call_soon(self._retry_carrier, call, far_leg, (
+            "Authorization" if status == 401 else "Proxy-Authorization", value), response)
         return True
+
+    def _retry_carrier(self, call: Call, far_leg: AgentLeg, authorization: tuple[str, str],
+                       challenged: SipMessage) -> None:
+        if call.ended_at is not None or call.finishing or (
+                far_leg.leg.state in (LegState.ENDED, LegState.TERMINATING)):
+            return  # the call ended while the challenge was being answered
+        try:
+            self._dial_carrier(call, far_leg, authorization, challenged)
+        except Exception:
+            log.exception(kv(event="call_internal_error", where="carrier_retry"))
 
     def _carrier_failed(self, call: Call, far_leg: AgentLeg, status: int) -> None:
         leg = far_leg.leg
@@ -425,3 +497,119 @@ class OutboundCalls:
             call.end_code = status
             self._hangup_caller(call, EndReason.REJECTED, code=relay_status(status))
         self._maybe_finish(call)
+
+    # -- late offer (RFC 3261 §13.2.1, RFC 3264 §5) --------------------------------------------
+
+    def _await_answer(self, dialog: DialogId, call: Call, agent_leg: AgentLeg | None, *,
+                      initial: bool) -> None:
+        pending = self._late_offers
+        if len(pending) >= MAX_CALLS:  # bounded: forget the calls that have ended
+            for stale in [d for d, v in pending.items() if v[0].finishing]:
+                del pending[stale]
+        pending[dialog] = (call, agent_leg, initial)
+
+    def _late_offer_call(self, event: IncomingCall, caller: str, dialled: str,
+                         flow_name: str) -> None:
+        """A carrier INVITE without a description: our offer goes in a 200 at once, the ACK
+        brings the caller's answer and the IVR starts then. An unreliable 183 cannot carry an
+        offer the caller could answer before the 2xx (§13.2.1; no PRACK), so such a call is
+        answered before the IVR instead of running it as early media."""
+        signalling = self._signalling()
+        request = event.request
+        now = time.time()
+        try:
+            address = self.engine.allocate_leg(self.media_host)
+        except (EngineError, OSError) as exc:
+            log.error(kv(event="call_refused", reason="no-media-ports", error=str(exc)))
+            signalling.answer(event.key, 503, headers=[("Retry-After", "5")])
+            return
+        session = sdp.MediaSession(CAPABILITIES, self.media_host, address.rtp_port,
+                                   rtcp_port=address.rtcp_port)
+        offer = session.offer().to_bytes()
+        call_id = uuid.uuid4().hex
+        leg = Leg(f"{call_id}:caller", Direction.INBOUND, Party.CALLER, now)
+        call = Call(call_id, request.call_id, caller, dialled, flow_name, event.key,
+                    event.dialog, leg, address.leg, session, offer, now)
+        self.calls[call_id] = call
+        self._by_invite[event.key] = (call, None)
+        self._by_dialog[event.dialog] = (call, None)
+        self._by_media[address.leg] = call
+        leg.handle(LegInput.INVITE_RECEIVED, now)
+        leg.handle(LegInput.ANSWER, now)
+        self._await_answer(event.dialog, call, None, initial=True)
+        signalling.answer(event.key, 200, headers=SDP_HEADERS, body=offer)
+        log.info(kv(event="call_started", call=call_id, caller=caller, dialled=dialled,
+                    flow=flow_name, offer="late", sip_call_id=request.call_id))
+        self._emit("call.offered", {"call_id": call_id, "caller": caller, "dialled": dialled,
+                                    "flow": flow_name}, now)
+
+    def _reoffer(self, event: InDialogRequest, call: Call, agent_leg: AgentLeg | None) -> None:
+        """A re-INVITE without a description (RFC 3264 §5, e.g. a session refresh): we offer
+        in the 200, the ACK answers."""
+        session = agent_leg.session if agent_leg is not None else call.session
+        self._await_answer(event.dialog, call, agent_leg, initial=False)
+        self._signalling().answer(event.key, 200, headers=SDP_HEADERS,
+                                  body=session.offer().to_bytes())
+
+    def _ack_received(self, event: AckReceived) -> None:
+        """The ACK of our 2xx: the call's own leg is connected; when the 2xx carried our
+        offer, the ACK's answer sets the media (the IVR of a late-offer carrier call starts)
+        or, unusable, ends the call."""
+        now = time.time()
+        entry = self._by_dialog.get(event.dialog)
+        if entry is not None and entry[1] is None and entry[0].leg.can_take(LegInput.ACK):
+            entry[0].leg.handle(LegInput.ACK, now)
+        pending = self._late_offers.pop(event.dialog, None)
+        if pending is None:
+            return
+        call, agent_leg, initial = pending
+        if call.finishing or call.ended_at is not None:
+            return
+        session = agent_leg.session if agent_leg is not None else call.session
+        media = agent_leg.media if agent_leg is not None else call.media
+        body = event.request.body
+        try:
+            if not body:
+                raise sdp.NotAcceptable("the ACK carries no answer (RFC 3261 §13.2.1)")
+            try:
+                described = sdp.parse(body)
+            except sdp.SdpError as exc:
+                raise sdp.NotAcceptable(f"the ACK's answer is unreadable: {exc}") from exc
+            negotiated = session.receive_answer(described)
+            self._apply_media(media, negotiated)
+        except (sdp.SdpError, EngineError) as exc:
+            self._late_answer_refused(call, agent_leg, event.dialog, str(exc))
+            return
+        log.info(kv(event="late_offer_answered", call=call.call_id,
+                    leg=(agent_leg.leg if agent_leg is not None else call.leg).leg_id,
+                    codec=negotiated.codec.name, initial=initial))
+        if initial and call.direction == "inbound" and call.run is None:
+            call.run = ivr.FlowRun(self.flows[call.flow_name], now, call.caller,
+                                   dialled=call.dialled,
+                                   customer=listed_customer(self.config.ivr.customers,
+                                                            call.caller))
+            self._ivr_actions(call, call.run.take_actions())
+
+    def _late_answer_refused(self, call: Call, agent_leg: AgentLeg | None, dialog: DialogId,
+                             detail: str) -> None:
+        """No common codec (or no usable answer) in the ACK: BYE that leg with a Reason
+        (RFC 3326 §2: the 488 the offer would have got) and end the call; the record says
+        ``no-common-codec``."""
+        now = time.time()
+        log.info(kv(event="call_refused", reason="no-common-codec", call=call.call_id,
+                    offer="late", detail=detail))
+        if call.ended_at is None:
+            call.end_reason = "no-common-codec"
+            call.end_code = 488
+        leg = agent_leg.leg if agent_leg is not None else call.leg
+        if leg.can_take(LegInput.HANGUP):
+            actions = leg.handle(LegInput.HANGUP, now, code=488, reason=EndReason.SYSTEM)
+            if LegAction.SEND_BYE in actions:
+                text = detail.replace('"', "'").replace("\\", "/")[:120]
+                with contextlib.suppress(Exception):
+                    self._signalling().request(dialog, "BYE", headers=[
+                        ("Reason", f'SIP ;cause=488 ;text="{text}"')])
+        if agent_leg is None:
+            self._caller_gone(call, "no-common-codec")
+        else:
+            self._hangup_caller(call, EndReason.SYSTEM)

@@ -164,8 +164,8 @@ class Transfers:
     def _attended_transfer(self, event: InDialogRequest, call: Call, agent_leg: AgentLeg,
                            request: Any) -> None:
         """REFER with ``Replaces`` (RFC 3891, RFC 5589 §7) from the connected agent's phone,
-        naming its own answered call to another agent: the customer is bridged to that agent
-        at once (both legs are ours, no new INVITE is needed), and the transferring phone's
+        naming its own answered call to another agent or to a number through the carrier:
+        the customer is bridged to that party at once (both legs are ours, no new INVITE is needed), and the transferring phone's
         two dialogs are ended (NOTIFY 200, then BYE on each)."""
         from appliance.sip.refer import refer_notify
 
@@ -185,7 +185,8 @@ class Transfers:
             refusal = 491, "Transfer In Progress"
         elif consult is None or consult.ended_at is not None or consult.finishing:
             refusal = 481, "Replaced Dialog Not Found"  # RFC 3891 §3
-        elif not consult.internal or consult.caller != agent_leg.agent:
+        elif consult.direction != "outbound" or consult.caller != agent_leg.agent:
+            # The phone's own call: to a colleague's extension, or a number via the carrier.
             refusal = 403, "Transfer Not Allowed"
         elif consult.connected is None:
             refusal = 486, "Consultation Not Answered"  # early dialogs are not replaced
@@ -217,11 +218,12 @@ class Transfers:
             self.engine.unbridge(target.media)
         if call.hold_started is not None:
             self._close_hold(call, now)
-        call.transfer = {"from": agent_leg, "to": target, "target": target.agent,
+        call.transfer = {"from": agent_leg, "to": target, "target": target.number or target.agent,
                          "by": agent_leg.agent, "kind": "attended", "notify": notify,
                          "started_at": now, "replaced": consult.call_id}
         log.info(kv(event="transfer_started", call=call.call_id, by=agent_leg.agent,
-                    target=target.agent, kind="attended", consultation=consult.call_id))
+                    target=target.number or target.agent, kind="attended",
+                    consultation=consult.call_id))
         self._transfer_answered(call, target, now)
         # RFC 5589 §7: the transferor's consultation ends too.
         consult.end_reason = "transferred"
@@ -307,6 +309,13 @@ class Transfers:
         if transfer is None or transfer["to"] is not new_leg:
             self._hangup_agent(call, new_leg, EndReason.SYSTEM)
             return
+        if transfer.get("consult") and not transfer.get("from_gone"):
+            self._consult_answered(call, new_leg, now)
+            return
+        if transfer.get("consult") and call.hold_started is not None:
+            # The agent hung up while the consultation rang: the caller goes to the target
+            # (RFC 5589 §6.1 spirit: hanging up completes the transfer).
+            self._close_hold(call, now)
         old: AgentLeg = transfer["from"]
         call.transfer = None
         call.hold_play = None
@@ -357,12 +366,21 @@ class Transfers:
         if transfer is None:
             return
         call.transfer = None
-        call.hold_play = None
         old: AgentLeg = transfer["from"]
         log.info(kv(event="transfer_failed", call=call.call_id, target=transfer["target"],
                     status=status))
         if call.ended_at is not None:
             return
+        if transfer.get("consult") and not (
+                transfer.get("from_gone") or old.leg.state is LegState.ENDED):
+            # The consultation failed (busy, no answer): the agent has the caller back.
+            self._emit("call.consult", {"call_id": call.call_id, "by": transfer["by"],
+                                        "target": transfer["target"], "state": "failed",
+                                        "status": status}, time.time())
+            if call.hold_started is not None:
+                self._end_hold(call, transfer["by"])
+            return
+        call.hold_play = None
         if transfer.get("from_gone") or old.leg.state is LegState.ENDED:
             call.end_reason = "transfer-failed"
             self._hangup_caller(call, EndReason.SYSTEM)
@@ -390,3 +408,96 @@ class Transfers:
             raise CallControlError(http_status(refusal[0]), refusal[1])
         self._audit(by, "call.transfer", kv(call=call_id, target=target))
         self._begin_transfer(call, target, by=by, notify=None)
+
+    # -- attended transfer from the API (RFC 5589 §7, carried out by us) -------------------------
+
+    def consult(self, call_id: str, target: str, *, by: str) -> None:
+        """Attended transfer, first step: the caller is put on hold (hold music) and a
+        consultation rings ``target`` (another agent's extension, or a number through the
+        carrier under the connected agent's dial rules); when it answers, the agent and the
+        target talk. 404 unknown call or target; 409 not connected, a transfer or
+        consultation in progress, target not registered; 403 dial rule."""
+        call = self._live_call(call_id)
+        if call.direction != "inbound":
+            raise CallControlError(409, f"call {call_id} is not a queue call")
+        refusal = self._transfer_refusal(call, target)
+        if refusal is not None:
+            raise CallControlError(http_status(refusal[0]), refusal[1])
+        assert call.connected is not None
+        self._audit(by, "call.consult", kv(call=call_id, target=target))
+        now = time.time()
+        if call.hold_started is None:
+            self._start_hold(call, by)
+        call.transfer = {"from": call.connected, "to": None, "target": target, "by": by,
+                         "kind": "attended", "notify": None, "started_at": now,
+                         "consult": True, "answered": False}
+        if target in self.config.sip.accounts_by_user:
+            new_leg = self._offer(call, target, transfer=True)
+        else:
+            new_leg = self._dial_transfer_target(call, target)
+        if new_leg is None:
+            call.transfer = None
+            self._end_hold(call, by)
+            raise CallControlError(409, f"the consultation to {target} could not be placed")
+        call.transfer["to"] = new_leg
+        log.info(kv(event="consult_started", call=call_id, by=by, target=target))
+        self._emit("call.consult", {"call_id": call_id, "by": by, "target": target,
+                                    "state": "ringing"}, now)
+
+    def _consult_answered(self, call: Call, target: AgentLeg, now: float) -> None:
+        """The consultation answered: the agent and the target hear each other; the caller
+        stays on hold."""
+        assert call.transfer is not None
+        call.transfer["answered"] = True
+        agent_media = call.transfer["from"].media
+        with contextlib.suppress(EngineError):
+            self.engine.bridge(agent_media, target.media)
+        self._arm_media_timeout(target.media)
+        log.info(kv(event="consult_answered", call=call.call_id, target=call.transfer["target"]))
+        self._emit("call.consult", {"call_id": call.call_id, "by": call.transfer["by"],
+                                    "target": call.transfer["target"], "state": "answered"},
+                   now)
+
+    def _consultation(self, call_id: str) -> tuple[Call, dict[str, Any]]:
+        call = self._live_call(call_id)
+        transfer = call.transfer
+        if transfer is None or not transfer.get("consult"):
+            raise CallControlError(409, f"call {call_id} has no consultation in progress")
+        return call, transfer
+
+    def complete_transfer(self, call_id: str, *, by: str) -> None:
+        """Attended transfer, last step: the caller is bridged to the answered consultation's
+        target and the agent's phone is released (BYE); the record's agent leg ends
+        ``transferred``, event ``call.transfer`` kind ``attended``. 404 unknown call; 409 no
+        consultation, or one not answered yet."""
+        call, transfer = self._consultation(call_id)
+        if not transfer.get("answered"):
+            raise CallControlError(409, f"the consultation of call {call_id} is not answered")
+        self._audit(by, "call.transfer", kv(call=call_id, target=transfer["target"],
+                                            kind="attended"))
+        now = time.time()
+        transfer["consult"] = False
+        transfer["by"] = by
+        with contextlib.suppress(EngineError):
+            self.engine.unbridge(transfer["from"].media)
+        if call.hold_started is not None:
+            self._close_hold(call, now)
+        self._transfer_answered(call, transfer["to"], now)
+
+    def cancel_consult(self, call_id: str, *, by: str) -> None:
+        """Give up the consultation: the target's leg is hung up (CANCEL while it rings, BYE
+        once answered) and the agent has the caller back, off hold. 404 unknown call; 409 no
+        consultation in progress."""
+        call, transfer = self._consultation(call_id)
+        self._audit(by, "call.consult_cancelled", kv(call=call_id, target=transfer["target"]))
+        call.transfer = None
+        target: AgentLeg | None = transfer["to"]
+        if target is not None:
+            with contextlib.suppress(EngineError):
+                self.engine.unbridge(target.media)
+            self._hangup_agent(call, target, EndReason.SYSTEM)
+        log.info(kv(event="consult_cancelled", call=call_id, by=by, target=transfer["target"]))
+        self._emit("call.consult", {"call_id": call_id, "by": by, "target": transfer["target"],
+                                    "state": "cancelled"}, time.time())
+        if call.hold_started is not None:
+            self._end_hold(call, by)

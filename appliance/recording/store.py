@@ -446,6 +446,11 @@ class RecordingStore:
                         + (", caller = NULL" if clear_caller else "") + " WHERE id = ?",
                         (now, rid),
                     )
+                    if clear_caller:
+                        # A voicemail's index row names the caller and what the flow learnt.
+                        conn.execute(
+                            "UPDATE voicemail_messages SET caller = NULL, variables = '{}'"
+                            " WHERE recording_id = ?", (rid,))
                 audit_id = _audit(self.db, now, actor, action, detail)
             # The WAL still holds the pages with the keys until a checkpoint copies them back.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,0 +1,63 @@
+"""Skills and their relaxation written in site.yaml reach the ACD router call control builds."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.acd.model import AgentLogin, CallerJoin, Offer
+from appliance.calls.control import build_router
+from appliance.config import ConfigError, parse_site_yaml
+
+MD5 = "0123456789abcdef0123456789abcdef"
+SHA = "0123456789abcdef" * 4
+
+
+def _site(queue_extra: str) -> str:
+    return f"""\
+site: {{id: lyon-1, name: "Lyon", timezone: Europe/Paris}}
+sip:
+  bind: 127.0.0.1
+  realm: lyon.example.com
+  accounts:
+    - {{user: "1001", ha1_md5: {MD5}, ha1_sha256: {SHA}, skills: {{french: 3}}}}
+    - {{user: "1002", ha1_md5: {MD5}, ha1_sha256: {SHA}, skills: {{french: 8}}}}
+skills: [{{name: french}}, {{name: billing}}]
+queues:
+  - name: support
+    members: ["1001", "1002"]
+    strategy: linear
+{queue_extra}
+"""
+
+
+def test_required_levels_and_relaxation_from_site_yaml_decide_the_offer() -> None:
+    config = parse_site_yaml(_site("    required_skills: {french: 6}\n"
+                                   "    relax: [{after: 10, lower_by: 4}]"))
+    router = build_router(config)
+    for agent in ("1001", "1002"):
+        router.handle(AgentLogin(agent), 0.0)
+    # 1001 comes first in member order, but only 1002 has french >= 6.
+    assert router.handle(CallerJoin("c1", "support"), 1.0) == [Offer("c1", ("1002",), "support")]
+    # 1002 is now ringing: c2 waits until its requirement falls to french >= 2 at 10 s.
+    assert router.handle(CallerJoin("c2", "support"), 2.0) == []
+    assert router.next_timer() == 12.0
+    assert router.handle_timer(12.0) == [Offer("c2", ("1001",), "support")]
+
+
+def test_without_skills_every_member_is_eligible() -> None:
+    router = build_router(parse_site_yaml(_site("")))
+    router.handle(AgentLogin("1001"), 0.0)
+    assert router.handle(CallerJoin("c1", "support"), 1.0) == [Offer("c1", ("1001",), "support")]
+
+
+@pytest.mark.parametrize(("relax", "key", "expected"), [
+    ("[{after: 20}, {after: 10}]", "queues[0].relax[1].after", "more than the step before"),
+    ("[{after: 10, drop: [billing]}]", "queues[0].relax[0].drop", "a skill this queue requires"),
+    ("[{after: 10, lower_by: 12}]", "queues[0].relax[0].lower_by", "a number <= 9"),
+])
+def test_a_bad_relaxation_step_is_refused_naming_its_key(relax: str, key: str,
+                                                         expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_site_yaml(_site(f"    required_skills: {{french: 6}}\n    relax: {relax}"))
+    message = str(caught.value)
+    assert key in message and expected in message, message
