@@ -545,6 +545,21 @@ class QueueSettings(_Model):
     relax: tuple[RelaxStepSettings, ...] = ()
     """Skill relaxation as a caller waits, steps in increasing ``after`` order; steps add up
     (docs/routing.md)."""
+    max_length: Annotated[StrictInt, Field(ge=1, le=100_000)] | None = None
+    """Callers waiting beyond which a new caller overflows at once; None: no limit."""
+    max_estimated_wait: Seconds | None = None
+    """A new caller whose estimated wait is above this overflows at once; None: never."""
+    join_empty: Literal["never", "unstaffed", "unavailable"] = "never"
+    """A new caller overflows when no member is logged in (``unstaffed``) or none is logged in
+    and unpaused (``unavailable``); ``never``: callers join whatever the staffing."""
+    leave_empty: Literal["never", "unstaffed", "unavailable"] = "never"
+    """Waiting callers overflow when the queue becomes empty in that sense."""
+    overflow: QueueName | None = None
+    """Queue an overflowing caller moves to (keeping their priority); None: the call ends
+    with end reason ``overflow-<reason>``."""
+    rejoin_window: Annotated[StrictFloat | StrictInt, Field(ge=0, le=86400)] = 0.0
+    """Seconds within which a caller who hung up while waiting and calls again gets their old
+    place back (0: off)."""
 
     @model_validator(mode="after")
     def _relax_steps(self) -> QueueSettings:
@@ -602,6 +617,9 @@ class AgentsConfig(_Model):
     """Disposition code (dialled after the disposition code) -> name."""
     watchdog_interval: Seconds = 30.0
     """Seconds between watchdog runs."""
+    auto_pause_after: Annotated[StrictInt, Field(ge=0, le=100)] = 3
+    """Offers in a row an agent lets ring out before being paused (reason ``auto-pause``);
+    0: never."""
     watchdog_grace: Annotated[StrictFloat | StrictInt, Field(ge=0)] = 10.0
     """Seconds a ringing offer or call the router holds must stay unexplained by a live call
     before the watchdog clears it."""
@@ -862,6 +880,13 @@ class SiteConfig(_Model):
                 raise _KeyedValueError(
                     ("queues", index, "members"), "expected each agent once per queue"
                 )
+        for index, queue in enumerate(self.queues):
+            if queue.overflow is not None and (queue.overflow not in names
+                                               or queue.overflow == queue.name):
+                others = ", ".join(n for n in names if n != queue.name) or "none"
+                raise _KeyedValueError(("queues", index, "overflow"),
+                                       f"expected another queue's name ({others}), "
+                                       f"got {queue.overflow!r}")
         self._check_skills()
         return self
 

@@ -61,3 +61,30 @@ def test_a_bad_relaxation_step_is_refused_naming_its_key(relax: str, key: str,
         parse_site_yaml(_site(f"    required_skills: {{french: 6}}\n    relax: {relax}"))
     message = str(caught.value)
     assert key in message and expected in message, message
+
+
+def test_overflow_rules_from_site_yaml_reach_the_router() -> None:
+    config = parse_site_yaml(_site("    max_length: 1\n    overflow: backup\n"
+                                   "    rejoin_window: 60\n"
+                                   "  - {name: backup, members: ['1001']}"))
+    router = build_router(config)
+    assert router.handle(CallerJoin("c1", "support"), 1.0) == []  # nobody logged in: waits
+    [moved] = router.handle(CallerJoin("c2", "support"), 2.0)
+    assert (type(moved).__name__, moved.reason.value, moved.target) == (
+        "Overflow", "max-length", "backup")
+    support = next(q for q in router.config.queues if q.name == "support")
+    assert support.rejoin_window == 60.0
+
+
+@pytest.mark.parametrize(("extra", "key", "expected"), [
+    ("    overflow: nowhere", "queues[0].overflow", "another queue's name"),
+    ("    overflow: support", "queues[0].overflow", "another queue's name"),
+    ("    join_empty: sometimes", "queues[0].join_empty", "never"),
+    ("    max_length: 0", "queues[0].max_length", ">= 1"),
+])
+def test_a_bad_overflow_rule_is_refused_naming_its_key(extra: str, key: str,
+                                                       expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_site_yaml(_site(extra))
+    message = str(caught.value)
+    assert key in message and expected in message, message

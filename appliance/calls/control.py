@@ -831,6 +831,7 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         self._sync_presence()
         call.queue = action.queue
         call.queued_at = now
+        call.priority = action.priority
         call.in_router = True
         self._log_event(call, "queue.enter", {
             "call_id": call.call_id, "queue": action.queue, "caller": call.caller,
@@ -942,6 +943,16 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
                     "call_id": call.call_id, "queue": decision.queue, "caller": call.caller,
                     "wait_s": round(now - (call.queued_at or now), 3),
                     "overflow": decision.reason.value}, now))
+                if (decision.target and call.ended_at is None
+                        and call.overflows < len(self.queues)):
+                    # The queue's `overflow`: the caller moves on with their priority.
+                    call.overflows += 1
+                    self._stop_queue_music(call)
+                    log.info(kv(event="queue_overflow", call=call.call_id, queue=decision.queue,
+                                target=decision.target, reason=decision.reason.value))
+                    self._enter_queue(call, ivr.RouteToQueue(
+                        decision.target, call.priority, None, {}))
+                    continue
                 call.end_reason = f"overflow-{decision.reason.value}"
                 self._hangup_caller(call, EndReason.SYSTEM)
             elif isinstance(decision, acd.Announce) and call is not None:
@@ -1976,9 +1987,13 @@ def build_router(config: SiteConfig) -> Any | None:
             callback_retry_interval=float(q.callback_retry_interval),
             required_skills=tuple(q.required_skills.items()),
             relax_steps=tuple(acd.RelaxStep(float(r.after), r.lower_by, tuple(r.drop))
-                              for r in q.relax))
+                              for r in q.relax),
+            max_length=q.max_length, max_estimated_wait=q.max_estimated_wait,
+            join_empty=acd.EmptyRule(q.join_empty), leave_empty=acd.EmptyRule(q.leave_empty),
+            overflow_target=q.overflow or "", rejoin_window=float(q.rejoin_window))
             for q in config.queues),
-        agents=tuple(acd.AgentConfig(a, skills=skills.get(a, ())) for a in agents)))
+        agents=tuple(acd.AgentConfig(a, skills=skills.get(a, ())) for a in agents),
+        auto_pause_after=config.agents.auto_pause_after))
 
 
 def load_call_path(config: SiteConfig) -> tuple[dict[str, Flow], dict[str, np.ndarray]]:

@@ -157,6 +157,10 @@ class Call:
     """Prompts of the announcement still to play."""
     announce_play: int | None = None
     """The engine prompt id of the announcement's prompt playing, if any."""
+    priority: int = 0
+    """The caller's priority in the queue (kept when they overflow to another queue)."""
+    overflows: int = 0
+    """Queues this caller overflowed from (bounded: no overflow loop between queues)."""
     callback_request: str | None = None
     """A queued callback's dial attempt: the call id of the caller's request."""
 
