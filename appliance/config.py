@@ -557,6 +557,13 @@ class QueueSettings(_Model):
     overflow: QueueName | None = None
     """Queue an overflowing caller moves to (keeping their priority); None: the call ends
     with end reason ``overflow-<reason>``."""
+    penalties: dict[StrictStr, Annotated[StrictInt, Field(ge=0, le=100)]] = Field(
+        default_factory=dict)
+    """Member -> penalty (default 0): members with a lower penalty are offered first, higher
+    tiers only when every lower one is busy."""
+    weights: dict[StrictStr, Annotated[StrictInt, Field(ge=1, le=1000)]] = Field(
+        default_factory=dict)
+    """Member -> weight (default 1): the share of calls under ``weighted-random``."""
     rejoin_window: Annotated[StrictFloat | StrictInt, Field(ge=0, le=86400)] = 0.0
     """Seconds within which a caller who hung up while waiting and calls again gets their old
     place back (0: off)."""
@@ -876,6 +883,13 @@ class SiteConfig(_Model):
                         ("queues", index, "members", position),
                         f"expected the user of a sip.accounts entry, got {member!r}",
                     )
+            for key in ("penalties", "weights"):
+                for member in getattr(queue, key):
+                    if member not in queue.members:
+                        raise _KeyedValueError(
+                            ("queues", index, key, member),
+                            f"expected a member of this queue "
+                            f"({', '.join(queue.members) or 'none'}), got {member!r}")
             if len(set(queue.members)) != len(queue.members):
                 raise _KeyedValueError(
                     ("queues", index, "members"), "expected each agent once per queue"

@@ -88,3 +88,23 @@ def test_a_bad_overflow_rule_is_refused_naming_its_key(extra: str, key: str,
         parse_site_yaml(_site(extra))
     message = str(caught.value)
     assert key in message and expected in message, message
+
+
+def test_member_penalties_from_site_yaml_make_tiers() -> None:
+    config = parse_site_yaml(_site("    penalties: {'1001': 2}\n    weights: {'1002': 5}"))
+    support = config.queues[0]
+    router = build_router(config)
+    for agent in ("1001", "1002"):
+        router.handle(AgentLogin(agent), 0.0)
+    # linear order puts 1001 first, but its penalty puts it behind 1002.
+    assert router.handle(CallerJoin("c1", "support"), 1.0) == [Offer("c1", ("1002",), "support")]
+    assert router.handle(CallerJoin("c2", "support"), 1.0) == [Offer("c2", ("1001",), "support")]
+    members = next(q for q in router.config.queues if q.name == "support").members
+    assert [(m.agent, m.penalty, m.weight) for m in members] == [("1001", 2, 1), ("1002", 0, 5)]
+    assert support.weights == {"1002": 5}
+
+
+def test_a_penalty_for_someone_not_in_the_queue_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_site_yaml(_site("    penalties: {'1003': 1}"))
+    assert "queues[0].penalties.1003: expected a member of this queue" in str(caught.value)

@@ -1981,7 +1981,8 @@ def build_router(config: SiteConfig) -> Any | None:
     skills = {a.user: tuple(a.skills.items()) for a in config.sip.accounts}
     return Router(acd.RouterConfig(
         queues=tuple(acd.QueueConfig(
-            q.name, tuple(acd.Member(m) for m in q.members), strategy=acd.Strategy(q.strategy),
+            q.name, tuple(acd.Member(m, q.penalties.get(m, 0), q.weights.get(m, 1))
+                          for m in q.members), strategy=acd.Strategy(q.strategy),
             ring_timeout=q.ring_timeout, wrap_up=float(q.wrap_up), max_wait=q.max_wait,
             callback_retries=q.callback_retries,
             callback_retry_interval=float(q.callback_retry_interval),
