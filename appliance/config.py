@@ -292,6 +292,9 @@ class Account(_Model):
     """What the phone's user may do: dial rules per role, supervisor feature codes."""
     skills: dict[SkillName, SkillLevel] = Field(default_factory=dict)
     """Skill name (one of the site's ``skills``) -> level 1-10."""
+    max_interactions: Annotated[StrictInt, Field(ge=1, le=10)] = 1
+    """Interactions the router gives this agent at once (calls, ringing offers, reserved
+    callbacks, calls outside the queues); above 1 the phone gets a second call waiting."""
 
     @field_validator("ha1_md5", "ha1_sha256")
     @classmethod

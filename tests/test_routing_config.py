@@ -108,3 +108,12 @@ def test_a_penalty_for_someone_not_in_the_queue_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_site_yaml(_site("    penalties: {'1003': 1}"))
     assert "queues[0].penalties.1003: expected a member of this queue" in str(caught.value)
+
+
+def test_an_agent_may_be_given_more_than_one_interaction() -> None:
+    text = _site("").replace("skills: {french: 8}}", "skills: {french: 8}, max_interactions: 2}")
+    router = build_router(parse_site_yaml(text))
+    router.handle(AgentLogin("1002"), 0.0)
+    assert router.handle(CallerJoin("c1", "support"), 1.0) == [Offer("c1", ("1002",), "support")]
+    assert router.handle(CallerJoin("c2", "support"), 1.0) == [Offer("c2", ("1002",), "support")]
+    assert router.handle(CallerJoin("c3", "support"), 1.0) == []  # at the cap: waits

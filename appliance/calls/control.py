@@ -1978,7 +1978,7 @@ def build_router(config: SiteConfig) -> Any | None:
     if not config.queues:
         return None
     agents = sorted({m for q in config.queues for m in q.members})
-    skills = {a.user: tuple(a.skills.items()) for a in config.sip.accounts}
+    accounts = config.sip.accounts_by_user
     return Router(acd.RouterConfig(
         queues=tuple(acd.QueueConfig(
             q.name, tuple(acd.Member(m, q.penalties.get(m, 0), q.weights.get(m, 1))
@@ -1993,7 +1993,9 @@ def build_router(config: SiteConfig) -> Any | None:
             join_empty=acd.EmptyRule(q.join_empty), leave_empty=acd.EmptyRule(q.leave_empty),
             overflow_target=q.overflow or "", rejoin_window=float(q.rejoin_window))
             for q in config.queues),
-        agents=tuple(acd.AgentConfig(a, skills=skills.get(a, ())) for a in agents),
+        agents=tuple(acd.AgentConfig(a, skills=tuple(accounts[a].skills.items()),
+                                     max_interactions=accounts[a].max_interactions)
+                     for a in agents),
         auto_pause_after=config.agents.auto_pause_after))
 
 
