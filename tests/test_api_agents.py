@@ -111,6 +111,7 @@ class AgentsApi:
             lambda: self.desk._db.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]))
 
     def audit(self) -> list[dict[str, Any]]:
+        assert self.desk.flush(10)  # the desk's writer commits behind the answers
         return list(reversed(self.users.audit_rows(1000)))
 
     def _stop_loop(self) -> None:
