@@ -105,6 +105,7 @@ def test_feature_codes_drive_desk_and_router(live, tmp_path) -> None:
         assert desk.presence("1001") is Presence.LOGGED_OUT
         assert _dial(live, agent, "*71") == 403  # already logged out
     # Every change is audited; feature-code calls leave no call record.
+    assert desk.flush(10)  # the desk's writer commits behind the answers
     actions = [a for (a,) in query(live.site, "SELECT action FROM audit_log WHERE actor = '1001'"
                                              " ORDER BY id")]
     assert actions == ["agent.login", "agent.pause", "agent.unpause", "agent.logout"]
