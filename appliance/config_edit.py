@@ -35,6 +35,7 @@ from appliance import eventlog
 from appliance.config import SITE_FILE, ConfigError, SiteConfig, format_key_path, load_site
 from appliance.log import kv
 from appliance.store import audit, running_config_version
+from edge_agent.config_apply import install_site_file
 
 MAX_SITE_BYTES = 256 * 1024
 """Largest site.yaml an edit may produce (the same limit as a pushed config)."""
@@ -174,7 +175,7 @@ class SiteEditor:
             # The same row a pushed version gets; who made it is in the audit row below.
             conn.execute("INSERT INTO edge_config (version, received_at, ok, error, sha256) "
                          "VALUES (?, ?, 1, '', ?)", (new_version, self._clock(), digest))
-            install(self.site_dir, text.encode())
+            install_site_file(self.site_dir, text.encode())
             # In the event log too, so the cloud hears of the new version (outbox).
             eventlog.append(db, "config.changed", {
                 "version": new_version, "kind": done.kind, "name": done.name, "op": done.op,
@@ -240,12 +241,6 @@ def validate(site_dir: Path, text: str) -> SiteConfig:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def install(site_dir: Path, text: bytes) -> None:
-    """Install ``text`` as site.yaml the one way configs are installed (the running file kept
-    as site.yaml.prev, the new one renamed into place)."""
-    from edge_agent.config_apply import _swap
-
-    _swap(site_dir, text)
 
 
 def key_path(path: tuple[str | int, ...]) -> str:

@@ -423,9 +423,9 @@ def _cmd_push_config(args: argparse.Namespace) -> int:
     if store is None:
         return 2
     try:
-        from cloud_bridge.server import read_site_reports, reported_config_version
+        from cloud_bridge.server import read_site_report, reported_config_version
 
-        above = reported_config_version(read_site_reports(data_dir).get(args.site))
+        above = reported_config_version(read_site_report(data_dir, args.site))
         record = store.add_config(args.site, yaml, ca.sign_config, time.time(), above=above)
     finally:
         store.close()

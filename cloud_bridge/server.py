@@ -155,6 +155,16 @@ def reported_config_version(report: dict[str, Any] | None) -> int:
     return max(versions)
 
 
+def read_site_report(data_dir: Path | str, site_id: str) -> dict[str, Any] | None:
+    """One site's report (see ``read_site_reports``), None when it has none or it is unreadable."""
+    path = Path(data_dir) / REPORTS_DIR / f"{site_id}.json"
+    with contextlib.suppress(OSError, ValueError):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(report, dict):
+            return report
+    return None
+
+
 def read_site_reports(data_dir: Path | str) -> dict[str, dict[str, Any]]:
     """Every site's report: ``hello`` {at, agent_version, last_seq, config_version,
     last_backup_id, last_backup_at} and ``config_applied`` {at, version, ok, error}."""
@@ -359,8 +369,8 @@ class CloudServer:
         The version is above what the site reported running, so a change made on site through
         its API never makes the push look stale."""
         link = self._links.get(site_id)
-        reports = await self.run(read_site_reports, self.config.data_dir)
-        above = max(reported_config_version(reports.get(site_id)),
+        report = await self.run(read_site_report, self.config.data_dir, site_id)
+        above = max(reported_config_version(report),
                     link.config_version if link is not None else 0)
         record = await self.run(functools.partial(
             self.store.add_config, site_id, yaml, self.ca.sign_config, self.clock(), above=above))

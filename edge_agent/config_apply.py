@@ -122,7 +122,7 @@ def _check_and_swap(
     if problem:
         return ConfigResult(version, False, problem)
     try:
-        _swap(directory, text)
+        install_site_file(directory, text)
     except OSError as exc:
         return ConfigResult(version, False, f"cannot write {directory / SITE_FILE}: {exc}")
     return ConfigResult(version, True)
@@ -149,7 +149,7 @@ def _validate_staged(directory: Path, text: bytes) -> str:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _swap(directory: Path, text: bytes) -> None:
+def install_site_file(directory: Path, text: bytes) -> None:
     """Keep the running file as site.yaml.prev, then rename the new one into place."""
     current = directory / SITE_FILE
     previous = directory / PREVIOUS_FILE
@@ -159,4 +159,5 @@ def _swap(directory: Path, text: bytes) -> None:
     write_atomic(current, text, mode)
 
 
-__all__ = ["ConfigResult", "PREVIOUS_FILE", "apply_config", "running_config_version"]
+__all__ = ["ConfigResult", "PREVIOUS_FILE", "apply_config", "install_site_file",
+           "running_config_version"]

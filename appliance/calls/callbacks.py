@@ -370,14 +370,9 @@ class QueuedCallbacks:
         if call.connected is not None or call.ended_at is not None:
             return
         if inp is LegInput.RX_183 and response.body:
-            try:
-                self._apply_media(far_leg.media, far_leg.session.receive_answer(
-                    sdp.parse(response.body)))
-                self._stop_ringback(call, attempt)
-                self.engine.bridge(call.media, far_leg.media)
+            self._stop_ringback(call, attempt)
+            if self._take_early_answer(call, far_leg, response, bridge=True):
                 return
-            except (sdp.SdpError, EngineError) as exc:
-                log.info(kv(event="early_media_unusable", call=call.call_id, detail=str(exc)))
         if attempt.ringback is None:
             with contextlib.suppress(EngineError):
                 attempt.ringback = self.engine.play(call.media, RINGBACK)

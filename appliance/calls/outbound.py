@@ -405,17 +405,11 @@ class OutboundCalls:
         own ringback (RFC 3261 §21.1.2)."""
         early = False
         if inp is LegInput.RX_183:
-            # The 183's answer sets the leg's media whoever the leg is for (a 2xx after it may
-            # leave the answer out); only an outbound call's own leg is bridged early.
-            try:
-                negotiated = far_leg.session.receive_answer(sdp.parse(response.body))
-                self._apply_media(far_leg.media, negotiated)
-                if call.direction == "outbound" and call.connected is None and (
-                        not far_leg.transfer and call.ivr_transfer is not far_leg):
-                    self.engine.bridge(call.media, far_leg.media)
-                    early = True
-            except (sdp.SdpError, EngineError) as exc:
-                log.info(kv(event="early_media_unusable", call=call.call_id, detail=str(exc)))
+            # Only an outbound call's own leg is bridged early.
+            early = self._take_early_answer(
+                call, far_leg, response,
+                bridge=call.direction == "outbound" and call.connected is None
+                and not far_leg.transfer and call.ivr_transfer is not far_leg)
         if call.direction != "outbound":
             return
         # A phone that sent no offer cannot take ours in an unreliable 183 (no PRACK): 180.
@@ -427,6 +421,21 @@ class OutboundCalls:
         elif call.leg.can_take(LegInput.RING):
             call.leg.handle(LegInput.RING, now)
             self._signalling().answer(call.key, 180)
+
+    def _take_early_answer(self, call: Call, far_leg: AgentLeg, response: SipMessage, *,
+                           bridge: bool) -> bool:
+        """A carrier 183's description answers the far leg's offer (whoever the leg is for: a
+        2xx after it may leave the answer out); with ``bridge``, the leg is then bridged to the
+        call's own leg so its early media is heard. True when bridged."""
+        try:
+            self._apply_media(far_leg.media, far_leg.session.receive_answer(
+                sdp.parse(response.body)))
+            if bridge:
+                self.engine.bridge(call.media, far_leg.media)
+            return bridge
+        except (sdp.SdpError, EngineError) as exc:
+            log.info(kv(event="early_media_unusable", call=call.call_id, detail=str(exc)))
+            return False
 
     def _answer_challenge(self, call: Call, far_leg: AgentLeg, response: SipMessage) -> bool:
         """Answer the carrier's 401/407 once with ``trunk.auth`` (RFC 3261 §22.2); False when
