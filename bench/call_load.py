@@ -24,11 +24,20 @@ media), the signalling ceiling of this machine; same rate ramps, alternating wit
 appliance's.
 
 Nothing is pinned: the appliance, Kamailio and the SIPp generators share the machine's cores,
-as they would on a 2-core box. ``detail.bound_by`` says what was busy at the best steps (the
-appliance's CPU, the generators', the whole machine).
+as they would on a 2-core box. Each step records the server's CPU (all threads, and its first
+thread: the appliance's event loop), the generators' (the callers' SIPp runs and the agents'
+SIPp), the kernel's (system, irq and softirq time of the machine: loopback delivery) and the
+machine's. ``detail.rate_bound_by`` says what was busy at the best step of the best ramp,
+``detail.next_step_bound_by`` what stopped that ramp one step higher, and the ``*_by_rate``
+figures give the median per offered rate (CPU per call is comparable there from run to run,
+where the best rate is not).
 
 Run from the repository root: ``.venv/bin/python bench/call_load.py [--quick]``. Everything
 runs on free ports of 127.0.0.1 and is stopped at the end; the last line is the JSON result.
+``--rate N [--seconds S] [--repeat K] [--profile out.txt]`` runs short calls at one rate
+against the appliance alone instead and prints one JSON line per run with the CPU per call of
+each of its threads (and a py-spy profile of the last run): the before/after figure for a
+change, run from each tree (a ``git worktree`` of the base commit with its built modules).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import csv
 import json
 import os
 import re
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -118,10 +128,10 @@ class Appliance(Peer):
             desk.close()  # committed before the appliance reads them
         finally:
             db.close()
-        edgecc = Path(sys.executable).parent / "edgecc"
         self.log = open(workdir / "appliance.log", "ab")  # noqa: SIM115
+        # ``-m`` from the repository root runs this tree's code (also in a git worktree).
         self.proc = subprocess.Popen(
-            [str(edgecc), "appliance", "--site-dir", str(self.site_dir)],
+            [sys.executable, "-m", "appliance.cli", "appliance", "--site-dir", str(self.site_dir)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
         )
         line = _read_line(self.proc, 60.0)
@@ -194,11 +204,22 @@ class AgentPhones:
         self.log.close()
 
 
-def machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine (/proc/stat)."""
+def machine_busy() -> tuple[int, int, int]:
+    """(busy, total, kernel) jiffies of the whole machine (/proc/stat); kernel is system +
+    irq + softirq time (the loopback's packets are delivered in softirq)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
+    return sum(fields) - idle, sum(fields), fields[2] + fields[5] + fields[6]
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's waited-for children (the caller SIPp runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cores_now() -> int:
+    return os.cpu_count() or 1
 
 
 def run_calls(peer: Peer, workdir: Path, *, rate: float, calls: int, limit: int, loops: int,
@@ -212,7 +233,8 @@ def run_calls(peer: Peer, workdir: Path, *, rate: float, calls: int, limit: int,
            "-recv_timeout", "20000", "-timeout", f"{int(timeout_s)}s",
            "-trace_stat", "-stf", str(stat), *SIPP_FLAGS]
     cpu0, busy0, t0 = cpu_seconds(peer.pids()), machine_busy(), time.monotonic()
-    gen0 = cpu_seconds([agents.proc.pid])
+    gen0, callers0 = cpu_seconds([agents.proc.pid]), children_cpu_seconds()
+    loop0 = thread_cpu(peer.proc.pid).get("main", 0.0)
     try:
         proc = subprocess.run(cmd, cwd=workdir, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -223,6 +245,7 @@ def run_calls(peer: Peer, workdir: Path, *, rate: float, calls: int, limit: int,
         rc, stderr = None, (exc.stderr or b"").decode(errors="replace") + "\nsipp timed out"
     elapsed = time.monotonic() - t0
     cpu = cpu_seconds(peer.pids()) - cpu0
+    loop_cpu = thread_cpu(peer.proc.pid).get("main", 0.0) - loop0
     busy1 = machine_busy()
     ok = failed = 0
     if stat.exists():
@@ -237,8 +260,14 @@ def run_calls(peer: Peer, workdir: Path, *, rate: float, calls: int, limit: int,
         "sipp_error": _last_error_line(stderr) if rc not in SIPP_MEASURED_RC else "",
         "peer_cpu_pct": round(100 * cpu / elapsed, 1),
         "peer_cpu_ms_per_call": round(1000 * cpu / ok, 2) if ok else None,
+        # The first thread: the appliance's event loop (Kamailio's main process, idle).
+        "peer_main_thread_cpu_pct": round(100 * loop_cpu / elapsed, 1),
         "agents_sipp_cpu_pct": round(100 * (cpu_seconds([agents.proc.pid]) - gen0) / elapsed, 1),
+        "callers_sipp_cpu_pct": round(100 * (children_cpu_seconds() - callers0) / elapsed, 1),
         "machine_busy_pct": round(100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 1),
+        # Kernel time in percent of one core (the machine's jiffies count every core).
+        "kernel_cpu_pct": round(100 * cores_now() * (busy1[2] - busy0[2])
+                                / max(1, busy1[1] - busy0[1]), 1),
     }
 
 
@@ -258,17 +287,23 @@ def rate_ramp(peer: Peer, workdir: Path, agents: AgentPhones, steps: tuple[int, 
         runs.append(step)
         print(f"{peer.name:9s} rate={rate:4d}/s ok={step['ok']} failed={step['failed']} "
               f"elapsed={step['elapsed_s']}s cpu={step['peer_cpu_pct']}% "
-              f"machine={step['machine_busy_pct']}% {'pass' if passed else 'FAIL'}", flush=True)
+              f"loop={step['peer_main_thread_cpu_pct']}% "
+              f"callers={step['callers_sipp_cpu_pct']}% agents={step['agents_sipp_cpu_pct']}% "
+              f"kernel={step['kernel_cpu_pct']}% machine={step['machine_busy_pct']}% "
+              f"{'pass' if passed else 'FAIL'}", flush=True)
         if step["void"]:
             print(f"{peer.name:9s} void: {step['sipp_error']}", flush=True)
             break
         if not passed:
             misses += 1
-            if misses == 2:
+            # Two failed steps in a row end the ramp, but not before it has tried 300/s.
+            if misses >= 2 and rate >= 300:
                 break
             continue
         misses, best, at_best = 0, rate, step
-    return {"best": best, "at_best": at_best, "steps": runs}
+    return {"best": best, "at_best": at_best, "steps": runs,
+            "first_failed": next((r for r in runs if r["rate"] > best and not r["passed"]),
+                                 None)}
 
 
 def rtp_loss(database: Path, since_rowid: int) -> tuple[float | None, int]:
@@ -330,18 +365,95 @@ def concurrency_ramp(app: Appliance, workdir: Path, agents: AgentPhones,
     return {"best": best, "at_best": at_best, "steps": runs}
 
 
+def per_rate(ramps: list[dict], field: str) -> dict[str, float]:
+    """The median of one step figure per offered rate, over the ramps' clean steps."""
+    values: dict[int, list[float]] = {}
+    for ramp in ramps:
+        for step in ramp["steps"]:
+            if not step["void"] and step["failed"] == 0 and step.get(field) is not None:
+                values.setdefault(step["rate"], []).append(step[field])
+    return {str(rate): round(statistics.median(v), 2) for rate, v in sorted(values.items())}
+
+
 def bound_by(step: dict | None, peer_cores: float) -> str:
-    """What was busiest at a step: the machine, the server or the generators."""
+    """What bounded a step: the whole machine (and who used it), the server's event loop, or
+    neither (calls late or failed with CPU to spare)."""
     if not step:
         return "nothing passed"
+    shares = (f"server {step['peer_cpu_pct']}% of a core (event loop "
+              f"{step.get('peer_main_thread_cpu_pct')}%), generators' SIPp "
+              f"{round(step['agents_sipp_cpu_pct'] + step.get('callers_sipp_cpu_pct', 0.0), 1)}%"
+              f", kernel {step.get('kernel_cpu_pct')}%")
     if step["machine_busy_pct"] >= 90:
         return (f"the machine's {peer_cores:.0f} cores (busy {step['machine_busy_pct']}%: "
-                f"server {step['peer_cpu_pct']}% of a core, agents' SIPp "
-                f"{step['agents_sipp_cpu_pct']}%, the rest callers' SIPp and others)")
-    if step["peer_cpu_pct"] >= 90:
-        return f"the server's event loop (one core, {step['peer_cpu_pct']}%)"
-    return ("neither CPU: the next step failed on time or errors "
-            f"(machine {step['machine_busy_pct']}%, server {step['peer_cpu_pct']}%)")
+                f"{shares}; the rest other processes)")
+    if step.get("peer_main_thread_cpu_pct", 0.0) >= 90 or step["peer_cpu_pct"] >= 90:
+        return f"the server's event loop (one core: {shares})"
+    return (f"no CPU full: calls late or failed with CPU to spare, or none (machine "
+            f"{step['machine_busy_pct']}%: {shares})")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of a process, by ``comm`` name and thread id (/proc); the
+    main thread's also split in user and system time."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        key = "main" if task.name == str(pid) else f"{name}-{task.name}"
+        out[key] = (int(fields[11]) + int(fields[12])) / tick
+        if key == "main":
+            out["main-user"], out["main-system"] = int(fields[11]) / tick, int(fields[12]) / tick
+    return out
+
+
+def fixed_rate(args: argparse.Namespace) -> int:
+    """Short calls at one rate against the appliance alone; one JSON line per run."""
+    workdir = Path(tempfile.mkdtemp(prefix="edgecc-bench-calls-"))
+    parts: list = []
+    spy = None
+    try:
+        app = Appliance(workdir)
+        parts.append(app)
+        agents = AgentPhones(workdir, app)
+        parts.append(agents)
+        for run in range(max(1, args.repeat)):
+            if args.profile and run == args.repeat - 1:
+                spy = subprocess.Popen(
+                    [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                     str(app.proc.pid), "--duration", str(int(args.seconds)), "--rate", "250",
+                     "--output", args.profile, "--nonblocking", "--threads", "--gil",
+                     *(["--format", "raw"] if args.profile.endswith(".txt") else [])],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            calls = int(args.rate * args.seconds)
+            threads0 = thread_cpu(app.proc.pid)
+            step = run_calls(app, workdir, rate=args.rate, calls=calls,
+                             limit=max(200, args.rate * 10), loops=0,
+                             timeout_s=args.seconds * 4 + 20, agents=agents)
+            step["rate"] = args.rate
+            threads1 = thread_cpu(app.proc.pid)
+            step["thread_cpu_ms_per_call"] = {
+                name: round(1000 * (cpu - threads0.get(name, 0.0)) / max(1, step["ok"]), 2)
+                for name, cpu in sorted(threads1.items(), key=lambda kv: -kv[1])
+                if cpu - threads0.get(name, 0.0) > 0.05}
+            print(json.dumps(step), flush=True)
+        if spy is not None:
+            spy.wait(args.seconds + 60)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait()
+        for part in reversed(parts):
+            part.stop()
+        if args.keep:
+            print(f"logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
 
 
 def main() -> int:
@@ -349,7 +461,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="one ramp each, fewer steps, 100 concurrent calls only")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument("--rate", type=int, default=0, metavar="N",
+                    help="instead of the ramps: short calls at N/s for --seconds against the "
+                         "appliance alone, and its CPU per call (for before/after comparisons)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of the --rate run")
+    ap.add_argument("--repeat", type=int, default=1, help="--rate runs, back to back")
+    ap.add_argument("--profile", metavar="SVG",
+                    help="with --rate: py-spy record the appliance during the last run")
     args = ap.parse_args()
+    if args.rate:
+        return fixed_rate(args)
     repeats = 1 if args.quick else REPEATS
     rate_steps = RATE_STEPS[:4] if args.quick else RATE_STEPS
     conc_steps = CONCURRENT_STEPS[:1] if args.quick else CONCURRENT_STEPS
@@ -393,13 +514,27 @@ def main() -> int:
     best_runs = [r for r in results["edgecc"] if r["best"] == max(
         (x["best"] for x in results["edgecc"]), default=0)]
     at_best = best_runs[0]["at_best"] if best_runs else None
+    first_failed = best_runs[0].get("first_failed") if best_runs else None
     conc_best = concurrent.get("at_best")
     detail = {
         "runs_edgecc": [r["best"] for r in results["edgecc"]],
         "runs_kamailio": [r["best"] for r in results["kamailio"]],
         "edgecc_cpu_ms_per_short_call": at_best and at_best["peer_cpu_ms_per_call"],
         "edgecc_cpu_pct_at_best_rate": at_best and at_best["peer_cpu_pct"],
+        # Per rate, the median over the ramps of steps with no failed call: comparable from
+        # run to run where the best rate is not (CPU per call includes SIPp's 4 s timewait).
+        "edgecc_cpu_ms_per_call_by_rate": per_rate(results["edgecc"], "peer_cpu_ms_per_call"),
+        "kamailio_cpu_ms_per_call_by_rate": per_rate(results["kamailio"],
+                                                     "peer_cpu_ms_per_call"),
+        "edgecc_loop_cpu_pct_by_rate": per_rate(results["edgecc"], "peer_main_thread_cpu_pct"),
+        "machine_busy_pct_by_rate": per_rate(results["edgecc"], "machine_busy_pct"),
         "rate_bound_by": bound_by(at_best, cores),
+        # The step above the best of that ramp: what stopped the ramp there.
+        "next_step_bound_by": (f"{first_failed['rate']}/s: {first_failed['ok']} ok, "
+                               f"{first_failed['failed']} failed, {first_failed['elapsed_s']} s; "
+                               + bound_by(first_failed, cores)) if first_failed else None,
+        "callers_sipp_cpu_pct_by_rate": per_rate(results["edgecc"], "callers_sipp_cpu_pct"),
+        "kernel_cpu_pct_by_rate": per_rate(results["edgecc"], "kernel_cpu_pct"),
         "concurrent_recorded_calls": concurrent.get("best"),
         "concurrent_rtp_loss_pct": conc_best and conc_best["rtp_loss_pct"],
         "concurrent_cpu_ms_per_call": conc_best and conc_best["peer_cpu_ms_per_call"],

@@ -463,7 +463,8 @@ def main() -> int:
     users_csv.write_text(
         "SEQUENTIAL\n"
         + "".join(
-            f"{u};{REALM};[authentication username={u} password={p}]\n"
+            # Quoted: SIPp would read an unquoted password beginning with "0x" as hex bytes.
+            f'{u};{REALM};[authentication username={u} password="{p}"]\n'
             for u, p in passwords.items()
         )
     )

@@ -1300,6 +1300,8 @@ cdef class Engine:
     cdef object free_slots    # collections.deque: released ids go to the back
     cdef list free_recs
     cdef object rec_paths
+    cdef bint wakes_deferred  # commands wake the thread only at wake() (one per loop turn)
+    cdef bint wake_pending    # a command found the ring empty since the last wake
 
     def __cinit__(self, int port_min=20000, int port_max=29999, int max_legs=4096,
                   int max_recordings=1024, int coalesce_us=0, int recording_delay_ms=100):
@@ -1480,23 +1482,42 @@ cdef class Engine:
         cdef bint was_empty = False
         if e.epfd < 0:
             raise EngineError("engine closed")
-        with nogil:
-            pthread_mutex_lock(&e.cmd_lock)
-            if e.cmd_count >= CMD_CAP:
-                full = True
-            else:
-                was_empty = e.cmd_count == 0
-                memcpy(&e.cmds[(e.cmd_head + e.cmd_count) % CMD_CAP], c, sizeof(Cmd))
-                e.cmd_count += 1
-            pthread_mutex_unlock(&e.cmd_lock)
+        # The GIL stays held: the engine thread holds cmd_lock only to copy commands out and
+        # never takes the GIL, while giving the GIL up here would let another Python thread
+        # in and make the loop wait for it back on every command.
+        pthread_mutex_lock(&e.cmd_lock)
+        if e.cmd_count >= CMD_CAP:
+            full = True
+        else:
+            was_empty = e.cmd_count == 0
+            memcpy(&e.cmds[(e.cmd_head + e.cmd_count) % CMD_CAP], c, sizeof(Cmd))
+            e.cmd_count += 1
+        pthread_mutex_unlock(&e.cmd_lock)
         if full:
             raise EngineError("engine command queue full")
         # Only the command that finds the ring empty wakes the engine: run_commands takes
         # commands until it sees the ring empty under the lock, so the ones queued behind it
-        # are run by the same wake-up (a call's dozen commands cost one write, not twelve).
+        # are run by the same wake-up. With wakes deferred that write waits for wake(), so
+        # the commands of a whole loop turn cost one write and one wake-up of the thread.
         if was_empty:
-            signal_fd(e.cmd_fd)
+            if self.wakes_deferred:
+                self.wake_pending = True
+            else:
+                signal_fd(e.cmd_fd)
         return 0
+
+    def defer_wakes(self, bint deferred) -> None:
+        """With True, queued commands wait for ``wake()`` (called once per event-loop turn)
+        instead of waking the engine thread one by one; False wakes it at once again."""
+        self.wakes_deferred = deferred
+        if not deferred:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake the engine thread for the commands queued since the last wake, if any."""
+        if self.wake_pending and self.e != NULL and self.e.epfd >= 0:
+            self.wake_pending = False
+            signal_fd(self.e.cmd_fd)
 
     cdef int _leg(self, int leg) except -1:
         if leg not in self.leg_ports:

@@ -13,6 +13,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject
+from cpython.unicode cimport Py_UNICODE_ISSPACE
 from libc.string cimport memchr, memcmp
 
 cdef extern from "Python.h":
@@ -231,14 +232,24 @@ _KNOWN_CANONICAL = frozenset(_CANON_KEEP)
 
 cdef inline tuple _name_key(str name):
     """(key, known): the canonical name for a known header, else its lower-case form."""
-    cdef object canon = _NAME_KEY.get(name)
+    cdef bint known
+    key = _key_of(name, &known)
+    return key, known
+
+
+cdef dict _NAME_KEY_D = _NAME_KEY  # typed: a dict lookup in C, no bound method per call
+
+
+cdef inline str _key_of(str name, bint* known):
+    """The canonical name of a known header (``known`` set), else its lower-case form."""
+    cdef object canon = _NAME_KEY_D.get(name)
     if canon is not None:
-        return canon, True
+        known[0] = True
+        return <str>canon
     lowered = name.lower()
-    canon = _NAME_KEY.get(lowered)
-    if canon is not None:
-        return canon, True
-    return lowered, False
+    canon = _NAME_KEY_D.get(lowered)
+    known[0] = canon is not None
+    return <str>canon if canon is not None else lowered
 
 
 def canonical_name(str name) -> str:
@@ -300,6 +311,7 @@ cdef class SipMessage:
     cdef object _c_to
     cdef object _c_contacts
     cdef object _c_ruri
+    cdef object _c_cseq
     cdef Py_ssize_t _max_vias
     cdef int _err_status
     cdef object _err_reason
@@ -338,28 +350,33 @@ cdef class SipMessage:
         self._c_to = None
         self._c_contacts = None
         self._c_ruri = None
+        self._c_cseq = None
 
     # -- header access -------------------------------------------------------------------------
 
     def get(self, str name):
         """The first value of a header field (any case, compact forms accepted), or None."""
         cdef tuple pair
-        key, known = _name_key(name)
+        cdef bint known
+        cdef str key = _key_of(name, &known)
+        cdef str n
         for pair in self.headers:
             n = pair[0]
-            if n is key or (n == key if known else (<str>n).lower() == key):
+            if n is key or (n == key if known else n.lower() == key):
                 return pair[1]
         return None
 
     def get_all(self, str name) -> list:
         """Every value of a header field; comma-separated list fields are split into items."""
         cdef tuple pair
-        key, known = _name_key(name)
+        cdef bint known
+        cdef str key = _key_of(name, &known)
         out = []
         split = known and key in _LIST_HEADERS
+        cdef str n
         for pair in self.headers:
             n = pair[0]
-            if n is key or (n == key if known else (<str>n).lower() == key):
+            if n is key or (n == key if known else n.lower() == key):
                 if split:
                     out.extend(_split_commas(pair[1]))
                 else:
@@ -418,6 +435,9 @@ cdef class SipMessage:
     @property
     def vias(self) -> list:
         """Every Via entry, top first (RFC 3261 §20.42)."""
+        return self._vias_v()
+
+    cdef object _vias_v(self):
         if self._c_vias is None:
             values = self.get_all("Via")
             if len(values) > self._max_vias:
@@ -461,14 +481,22 @@ cdef class SipMessage:
     @property
     def cseq(self) -> tuple:
         """(sequence number, method) from CSeq (RFC 3261 §20.16)."""
-        v = self.get("CSeq")
-        if v is None:
-            raise RemoteProtocolError(400, "Missing CSeq", message=self)
-        return _parse_cseq(v, self)
+        return self._cseq_v()
+
+    cdef object _cseq_v(self):
+        if self._c_cseq is None:
+            v = self.get("CSeq")
+            if v is None:
+                raise RemoteProtocolError(400, "Missing CSeq", message=self)
+            self._c_cseq = _parse_cseq(v, self)
+        return self._c_cseq
 
     @property
     def from_(self):
         """The From header field as a NameAddr."""
+        return self._from__v()
+
+    cdef object _from__v(self):
         if self._c_from is None:
             v = self.get("From")
             if v is None:
@@ -479,6 +507,9 @@ cdef class SipMessage:
     @property
     def to(self):
         """The To header field as a NameAddr."""
+        return self._to_v()
+
+    cdef object _to_v(self):
         if self._c_to is None:
             v = self.get("To")
             if v is None:
@@ -489,6 +520,9 @@ cdef class SipMessage:
     @property
     def contacts(self) -> list:
         """Every Contact entry; ``Contact: *`` gives one NameAddr whose ``is_wildcard`` is True."""
+        return self._contacts_v()
+
+    cdef object _contacts_v(self):
         if self._c_contacts is None:
             self._c_contacts = [parse_name_addr(v) for v in self.get_all("Contact")]
         return self._c_contacts
@@ -496,6 +530,9 @@ cdef class SipMessage:
     @property
     def max_forwards(self):
         """Max-Forwards as an int (0..255), or None when absent."""
+        return self._max_forwards_v()
+
+    cdef object _max_forwards_v(self):
         v = self.get("Max-Forwards")
         if v is None:
             return None
@@ -507,6 +544,9 @@ cdef class SipMessage:
     @property
     def expires(self):
         """Expires in seconds, or None; values beyond 2**32-1 are taken as 2**32-1."""
+        return self._expires_v()
+
+    cdef object _expires_v(self):
         v = self.get("Expires")
         if v is None:
             return None
@@ -518,11 +558,14 @@ cdef class SipMessage:
     @property
     def request_uri(self):
         """The Request-URI parsed; 416 for a scheme other than sip, sips or tel, 400 if bad."""
+        return self._request_uri_v()
+
+    cdef object _request_uri_v(self):
         if self._c_ruri is None:
             if not self.is_request:
                 raise LocalProtocolError("a response has no Request-URI")
             try:
-                u = parse_uri(self.uri)
+                u = _parse_uri(self.uri)
             except RemoteProtocolError as exc:
                 raise RemoteProtocolError(400, exc.reason, message=self) from None
             if u.scheme not in ("sip", "sips", "tel"):
@@ -1072,7 +1115,6 @@ cdef enum:
     C_FORBIDDEN = 256
 
 cdef unsigned short _CLASS[128]
-cdef dict _CLASS_OF_SET = {}
 
 
 def _build_class_table():
@@ -1083,7 +1125,6 @@ def _build_class_table():
     for code in range(128):
         _CLASS[code] = 0
     for chars, bit in sets:
-        _CLASS_OF_SET[id(chars)] = bit
         for ch in chars:
             _CLASS[ord(ch)] |= bit
 
@@ -1099,16 +1140,13 @@ cdef inline bint _all_in_class(str s, unsigned short bit) noexcept:
     return True
 
 
-cdef inline bint _all_in(str s, frozenset chars):
-    return _all_in_class(s, <unsigned short>_CLASS_OF_SET[id(chars)])
-
-
 cdef bint _is_token(str s):
     return len(s) > 0 and _all_in_class(s, C_TOKEN)
 
 
-cdef str _escape(str s, frozenset safe):
-    if _all_in(s, safe):
+cdef str _escape(str s, frozenset safe, unsigned short bit):
+    """s with every character outside ``safe`` (class ``bit`` of the table) %HH-escaped."""
+    if _all_in_class(s, bit):
         return s
     out = []
     for ch in s:
@@ -1148,44 +1186,6 @@ cdef void _check_uri_text(str s) except *:
             raise RemoteProtocolError(400, "Bad character in URI")
 
 
-cdef tuple _parse_host_port(str s, bint lws_ok):
-    """host [":" port]; host is a hostname, an IPv4 address or an IPv6 reference (RFC 5118)."""
-    cdef str host, rest, port_text
-    if lws_ok:
-        s = s.strip()
-    if s.startswith("["):
-        close = s.find("]")
-        if close < 0:
-            raise RemoteProtocolError(400, "Bad IPv6 reference")
-        host = s[:close + 1]
-        inner = host[1:len(host) - 1]
-        # RFC 5118 §4.10: accept the three-colon form the RFC 3261 ABNF allowed.
-        if not inner or ":" not in inner or not _all_in_class(inner, C_IPV6):
-            raise RemoteProtocolError(400, "Bad IPv6 reference")
-        rest = s[close + 1:]
-        if lws_ok:
-            rest = rest.strip()
-        if not rest:
-            return host, None
-        if not rest.startswith(":"):
-            raise RemoteProtocolError(400, "Bad host")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = s.partition(":")
-        if lws_ok:
-            host = host.strip()
-        if not host or not _all_in_class(host, C_HOST):
-            raise RemoteProtocolError(400, "Bad host")
-        if not sep:
-            return host, None
-    if lws_ok:
-        port_text = port_text.strip()
-    if not port_text or len(port_text) > 5 or not port_text.isascii() \
-            or not port_text.isdigit() or int(port_text) > 65535:
-        raise RemoteProtocolError(400, "Bad port")
-    return host, int(port_text)
-
-
 cdef class SipUri:
     """A URI (RFC 3261 §19.1): sip/sips in full, tel with its number in ``user``, others opaque.
 
@@ -1223,21 +1223,21 @@ cdef class SipUri:
             out.append(self.user or "")
         else:
             if self.user is not None:
-                out.append(_escape(self.user, _USER_SAFE))
+                out.append(_escape(self.user, _USER_SAFE, C_USER))
                 if self.password is not None:
                     out.append(":")
-                    out.append(_escape(self.password, _PASSWORD_SAFE))
+                    out.append(_escape(self.password, _PASSWORD_SAFE, C_PASSWORD))
                 out.append("@")
             out.append(self.host)
             if self.port is not None:
                 out.append(f":{self.port}")
         for k, v in self.params.items():
-            out.append(";" + _escape(k, _PARAM_SAFE))
+            out.append(";" + _escape(k, _PARAM_SAFE, C_PARAM))
             if v is not None:
-                out.append("=" + _escape(v, _PARAM_SAFE))
+                out.append("=" + _escape(v, _PARAM_SAFE, C_PARAM))
         if self.headers:
             out.append("?" + "&".join(
-                _escape(k, _HEADER_SAFE) + "=" + _escape(v, _HEADER_SAFE)
+                _escape(k, _HEADER_SAFE, C_HEADER) + "=" + _escape(v, _HEADER_SAFE, C_HEADER)
                 for k, v in self.headers.items()))
         return "".join(out)
 
@@ -1256,55 +1256,158 @@ cdef class SipUri:
     __hash__ = None
 
 
+cdef inline SipUri _new_uri(str scheme, object user, object password, str host, object port,
+                           dict params, dict headers, object opaque):
+    # Straight into the fields: no keyword parsing, no dict copies (parse results are fresh).
+    cdef SipUri u = SipUri.__new__(SipUri)
+    u.scheme = scheme
+    u.user = user
+    u.password = password
+    u.host = host
+    u.port = port
+    u.params = params
+    u.headers = headers
+    u.opaque = opaque
+    return u
+
+
+cdef inline Py_ssize_t _find(str s, Py_UCS4 ch, Py_ssize_t a, Py_ssize_t b) noexcept:
+    """Index of the first ``ch`` in s[a:b], or -1."""
+    cdef Py_ssize_t i
+    for i in range(a, b):
+        if s[i] == ch:
+            return i
+    return -1
+
+
+cdef inline bint _span_in_class(str s, Py_ssize_t a, Py_ssize_t b, unsigned short bit) noexcept:
+    cdef Py_ssize_t i
+    cdef Py_UCS4 c
+    for i in range(a, b):
+        c = s[i]
+        if c >= 128 or not (_CLASS[c] & bit):
+            return False
+    return True
+
+
+cdef object _port_at(str s, Py_ssize_t a, Py_ssize_t b):
+    """The port s[a:b]: 1 to 5 ASCII digits, at most 65535; 400 otherwise."""
+    cdef Py_ssize_t i
+    cdef Py_UCS4 c
+    cdef long v = 0
+    if b <= a or b - a > 5:
+        raise RemoteProtocolError(400, "Bad port")
+    for i in range(a, b):
+        c = s[i]
+        if c < 48 or c > 57:
+            raise RemoteProtocolError(400, "Bad port")
+        v = v * 10 + (<long>c - 48)
+    if v > 65535:
+        raise RemoteProtocolError(400, "Bad port")
+    return v
+
+
+cdef tuple _host_port_at(str s, Py_ssize_t a, Py_ssize_t b):
+    """host [":" port] in s[a:b] of a URI, no white space allowed; host is a hostname, an IPv4
+    address or an IPv6 reference (RFC 3261 §19.1.1, RFC 5118)."""
+    cdef Py_ssize_t close, colon
+    cdef str host
+    if a < b and s[a] == "[":
+        close = _find(s, "]", a, b)
+        if close < 0:
+            raise RemoteProtocolError(400, "Bad IPv6 reference")
+        # RFC 5118 §4.10: accept the three-colon form the RFC 3261 ABNF allowed.
+        if close == a + 1 or _find(s, ":", a + 1, close) < 0 \
+                or not _span_in_class(s, a + 1, close, C_IPV6):
+            raise RemoteProtocolError(400, "Bad IPv6 reference")
+        host = s[a:close + 1]
+        if close + 1 == b:
+            return host, None
+        if s[close + 1] != ":":
+            raise RemoteProtocolError(400, "Bad host")
+        return host, _port_at(s, close + 2, b)
+    colon = _find(s, ":", a, b)
+    if colon < 0:
+        colon = b
+    if colon == a or not _span_in_class(s, a, colon, C_HOST):
+        raise RemoteProtocolError(400, "Bad host")
+    host = s[a:colon]
+    if colon == b:
+        return host, None
+    return host, _port_at(s, colon + 1, b)
+
+
 def parse_uri(str text) -> SipUri:
     """Parse a URI; RemoteProtocolError 400 when it is malformed."""
-    cdef str scheme, rest, userinfo, hostpart, params_text, headers_text
+    return _parse_uri(text)
+
+
+cdef SipUri _parse_uri(str text):
+    # One pass checks the characters and finds the scheme's colon; the parts are then cut
+    # out by index (RFC 3261 §19.1.1: userinfo up to the first "@", host up to ";" or "?").
+    cdef Py_ssize_t n, i, colon = -1, start, at, ucolon, hstart, hend, semi, q
+    cdef Py_UCS4 c
+    cdef str scheme, params_text
+    cdef object user = None, password = None, headers_text = None
     if text is None or not text:
         raise RemoteProtocolError(400, "Empty URI")
-    if text == "*":
-        return SipUri("*")
-    _check_uri_text(text)
-    colon = text.find(":")
+    n = len(text)
+    if n == 1 and text[0] == "*":
+        return _new_uri("*", None, None, "", None, {}, {}, None)
+    for i in range(n):
+        c = text[i]
+        if c < 128:
+            if c < 32 or _CLASS[c] & C_FORBIDDEN:
+                raise RemoteProtocolError(400, "Bad character in URI")
+            if c == 58 and colon < 0:  # ":"
+                colon = i
     if colon <= 0:
         raise RemoteProtocolError(400, "URI without scheme")
-    scheme = text[:colon]
-    if not scheme[0].isascii() or not scheme[0].isalpha() or not _all_in_class(scheme, C_SCHEME):
+    c = text[0]
+    if c >= 128 or not ((65 <= c <= 90) or (97 <= c <= 122)) \
+            or not _span_in_class(text, 0, colon, C_SCHEME):
         raise RemoteProtocolError(400, "Bad URI scheme")
-    scheme = scheme.lower()
-    rest = text[colon + 1:]
-    if not rest:
+    scheme = text[:colon].lower()
+    start = colon + 1
+    if start == n:
         raise RemoteProtocolError(400, "Empty URI")
     if scheme == "tel":
         # RFC 3966: telephone-subscriber *( ";" par )
-        number, _, params_text = rest.partition(";")
+        number, _, params_text = text[start:].partition(";")
         if not number:
             raise RemoteProtocolError(400, "Empty tel number")
-        return SipUri("tel", user=number, params=_uri_params(params_text))
+        return _new_uri("tel", number, None, "", None, _uri_params(params_text), {}, None)
     if scheme != "sip" and scheme != "sips":
-        return SipUri(scheme, opaque=rest)
+        return _new_uri(scheme, None, None, "", None, {}, {}, text[start:])
     # userinfo ends at the first "@": the user part cannot hold an unescaped one.
-    at = rest.find("@")
-    user = password = None
+    at = _find(text, "@", start, n)
+    hstart = start
     if at >= 0:
-        userinfo = rest[:at]
-        rest = rest[at + 1:]
-        u, sep, pw = userinfo.partition(":")
-        if not u:
+        ucolon = _find(text, ":", start, at)
+        if ucolon == start or at == start:
             raise RemoteProtocolError(400, "Empty user in URI")
-        user = _unescape(u)
-        if sep:
-            password = _unescape(pw)
-    hostpart, _, params_text = rest.partition(";")
-    headers_text = None
-    if "?" in hostpart:
-        hostpart, _, headers_text = hostpart.partition("?")
+        if ucolon < 0:
+            user = _unescape(text[start:at])
+        else:
+            user = _unescape(text[start:ucolon])
+            password = _unescape(text[ucolon + 1:at])
+        hstart = at + 1
+    semi = _find(text, ";", hstart, n)
+    hend = semi if semi >= 0 else n
+    params_text = text[semi + 1:] if semi >= 0 else ""
+    q = _find(text, "?", hstart, hend)
+    if q >= 0:
+        headers_text = text[q + 1:hend]
+        hend = q
         if params_text:
             raise RemoteProtocolError(400, "URI parameters after headers")
-    elif "?" in params_text:
-        params_text, _, headers_text = params_text.partition("?")
-    host, port = _parse_host_port(hostpart, False)
-    uri = SipUri(scheme, user=user, password=password, host=host, port=port,
-                 params=_uri_params(params_text))
+    elif semi >= 0:
+        q = _find(text, "?", semi + 1, n)
+        if q >= 0:
+            headers_text = text[q + 1:]
+            params_text = text[semi + 1:q]
+    host, port = _host_port_at(text, hstart, hend)
+    uri = _new_uri(scheme, user, password, host, port, _uri_params(params_text), {}, None)
     if headers_text is not None:
         uri.headers = _uri_headers(headers_text)
     return uri
@@ -1312,14 +1415,25 @@ def parse_uri(str text) -> SipUri:
 
 cdef dict _uri_params(str text):
     cdef dict out = {}
-    if not text:
+    cdef Py_ssize_t n = len(text), i = 0, end, eq
+    cdef str name
+    if n == 0:
         return out
-    for item in text.split(";"):
-        name, sep, value = item.partition("=")
-        if not name:
+    while True:
+        end = _find(text, ";", i, n)
+        if end < 0:
+            end = n
+        eq = _find(text, "=", i, end)
+        if eq == i or end == i:
             raise RemoteProtocolError(400, "Empty URI parameter")
-        out[_unescape(name).lower()] = _unescape(value) if sep else None
-    return out
+        if eq < 0:
+            out[_unescape(text[i:end]).lower()] = None
+        else:
+            name = _unescape(text[i:eq]).lower()
+            out[name] = _unescape(text[eq + 1:end])
+        if end == n:
+            return out
+        i = end + 1
 
 
 cdef dict _uri_headers(str text):
@@ -1437,29 +1551,43 @@ cdef str _quote(str s):
 cdef dict _header_params(list items):
     """generic-param list after a SEMI (RFC 3261 §25.1): names lower-cased, quoted values raw."""
     cdef dict out = {}
-    cdef str item, name, value
+    cdef str item, value
+    cdef Py_ssize_t n, eq, a, b, va, vb
     for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not _is_token(name):
+        # Cut by index: name [= value], white space around each trimmed (str.strip's set).
+        n = len(item)
+        eq = _find(item, "=", 0, n)
+        b = eq if eq >= 0 else n
+        a = 0
+        while a < b and Py_UNICODE_ISSPACE(item[a]):
+            a += 1
+        while b > a and Py_UNICODE_ISSPACE(item[b - 1]):
+            b -= 1
+        if b == a or not _span_in_class(item, a, b, C_TOKEN):
             raise RemoteProtocolError(400, "Bad parameter")
-        if sep:
-            value = value.strip()
-            if not value:
-                raise RemoteProtocolError(400, "Empty parameter value")
-            if value[0] == '"':
-                _, end = _read_quoted(value, 0)
-                if end != len(value):
-                    raise RemoteProtocolError(400, "Bad parameter value")
-            elif value[0] == "[":
-                if value[len(value) - 1] != "]" \
-                        or not _all_in_class(value[1:len(value) - 1], C_IPV6):
-                    raise RemoteProtocolError(400, "Bad parameter value")
-            elif not _all_in_class(value, C_TOKEN) and not _all_in_class(value, C_IPV6):
+        if eq < 0:
+            out[item[a:b].lower()] = None
+            continue
+        va = eq + 1
+        vb = n
+        while va < vb and Py_UNICODE_ISSPACE(item[va]):
+            va += 1
+        while vb > va and Py_UNICODE_ISSPACE(item[vb - 1]):
+            vb -= 1
+        if vb == va:
+            raise RemoteProtocolError(400, "Empty parameter value")
+        value = item[va:vb]
+        if item[va] == '"':
+            _, end = _read_quoted(value, 0)
+            if end != vb - va:
                 raise RemoteProtocolError(400, "Bad parameter value")
-            out[name.lower()] = value
-        else:
-            out[name.lower()] = None
+        elif item[va] == "[":
+            if item[vb - 1] != "]" or not _span_in_class(item, va + 1, vb - 1, C_IPV6):
+                raise RemoteProtocolError(400, "Bad parameter value")
+        elif not _span_in_class(item, va, vb, C_TOKEN) \
+                and not _span_in_class(item, va, vb, C_IPV6):
+            raise RemoteProtocolError(400, "Bad parameter value")
+        out[item[a:b].lower()] = value
     return out
 
 
@@ -1510,9 +1638,10 @@ def parse_name_addr(str text) -> NameAddr:
     """Parse ``[display] <uri>;params`` or ``uri;params``; RemoteProtocolError 400 if bad."""
     cdef str s = text.strip()
     cdef str uri_text, rest, display_text
+    cdef Py_ssize_t lt, semi, gt
     display = None
     if s == "*":
-        return NameAddr(SipUri("*"))
+        return _new_name_addr(_new_uri("*", None, None, "", None, {}, {}, None), None, {})
     if not s:
         raise RemoteProtocolError(400, "Empty address")
     if s[0] == '"':
@@ -1521,10 +1650,10 @@ def parse_name_addr(str text) -> NameAddr:
         if not rest.startswith("<"):
             raise RemoteProtocolError(400, "Display name without <URI>")
     else:
-        lt = s.find("<")
-        semi = s.find(";")
+        lt = _find(s, "<", 0, len(s))
+        semi = _find(s, ";", 0, len(s))
         if lt >= 0 and (semi < 0 or lt < semi):
-            display_text = s[:lt].strip()
+            display_text = s[:lt].strip() if lt > 0 else ""
             # display-name = *(token LWS): an unquoted comma or colon is not allowed.
             if display_text:
                 for word in display_text.split():
@@ -1535,14 +1664,14 @@ def parse_name_addr(str text) -> NameAddr:
         else:
             rest = None
     if rest is not None:
-        gt = rest.find(">")
+        gt = _find(rest, ">", 0, len(rest))
         if gt < 0:
             raise RemoteProtocolError(400, "Unclosed <URI>")
-        uri_text = rest[1:gt]
         # RFC 3261 §25.1 LAQUOT/RAQUOT: no white space inside the brackets.
-        if not uri_text or uri_text != uri_text.strip():
+        if gt < 2 or Py_UNICODE_ISSPACE(rest[1]) or Py_UNICODE_ISSPACE(rest[gt - 1]):
             raise RemoteProtocolError(400, "White space inside <URI>")
-        rest = rest[gt + 1:].strip()
+        uri_text = rest[1:gt]
+        rest = rest[gt + 1:].strip() if gt + 1 < len(rest) else ""
     else:
         cut = len(s)
         for i, ch in enumerate(s):
@@ -1554,14 +1683,22 @@ def parse_name_addr(str text) -> NameAddr:
         # RFC 3261 §20.10: a URI with a comma, question mark or semicolon needs <...>.
         if "," in uri_text or "?" in uri_text:
             raise RemoteProtocolError(400, "URI with ',' or '?' outside <...>")
-    uri = parse_uri(uri_text)
+    uri = _parse_uri(uri_text)
     if rest:
         if rest[0] != ";":
             raise RemoteProtocolError(400, "Junk after address")
         params = _header_params(_split_semis(rest[1:]))
     else:
         params = {}
-    return NameAddr(uri, display, params)
+    return _new_name_addr(uri, display, params)
+
+
+cdef inline NameAddr _new_name_addr(SipUri uri, object display, dict params):
+    cdef NameAddr na = NameAddr.__new__(NameAddr)
+    na.uri = uri
+    na.display = display
+    na.params = params
+    return na
 
 
 cdef class Via:
@@ -1622,25 +1759,159 @@ def parse_via(str text) -> Via:
     """Parse one Via entry (not a comma list); RemoteProtocolError 400 when it is bad."""
     cdef list parts = _split_semis(text)
     cdef str head = parts[0].strip()
+    cdef str name, version, rest, transport, sent_by
+    cdef Py_ssize_t i1, i2, cut, n = len(head)
+    cdef Py_UCS4 c
     # sent-protocol = name SLASH version SLASH transport, SLASH = SWS "/" SWS
-    i1 = head.find("/")
-    i2 = head.find("/", i1 + 1) if i1 >= 0 else -1
+    i1 = _find(head, "/", 0, n)
+    i2 = _find(head, "/", i1 + 1, n) if i1 >= 0 else -1
     if i1 < 0 or i2 < 0:
         raise RemoteProtocolError(400, "Bad Via")
     name = head[:i1].strip()
     version = head[i1 + 1:i2].strip()
     rest = head[i2 + 1:].lstrip()
+    n = len(rest)
     cut = 0
-    while cut < len(rest) and rest[cut] not in " \t":
+    while cut < n:
+        c = rest[cut]
+        if c == " " or c == "\t":
+            break
         cut += 1
     transport = rest[:cut]
     sent_by = rest[cut:].strip()
     if not _is_token(name) or not _is_token(version) or not _is_token(transport) \
             or not sent_by:
         raise RemoteProtocolError(400, "Bad Via")
-    host, port = _parse_host_port(sent_by, True)
+    host, port = _sent_by_host_port(sent_by)
     params = _header_params(parts[1:]) if len(parts) > 1 else {}
-    return Via(transport.upper(), host, port, params, f"{name.upper()}/{version}")
+    cdef Via via = Via.__new__(Via)
+    via.protocol = f"{name.upper()}/{version}"
+    via.transport = transport.upper()
+    via.host = host
+    via.port = port
+    via.params = params
+    return via
+
+
+def split_auth_params(str text):
+    """The ``name=value`` pairs of an auth-param list (RFC 7235 §2.1, RFC 3261 §25.1), or None.
+
+    Each pair is ``token BWS "=" BWS (token / quoted-string)``, pairs separated by commas, a
+    trailing comma allowed; names come back lower-cased, quoted values unquoted (a backslash
+    escapes the next character, never a line feed). Returns None when the list is malformed
+    and ``[]`` for an empty text. White space is what Unicode calls space, as in ``str.split``.
+    """
+    cdef Py_ssize_t n = len(text), i = 0, start, j
+    cdef Py_UCS4 c
+    cdef list out = []
+    cdef str name, value
+    while i < n:
+        while i < n and Py_UNICODE_ISSPACE(text[i]):
+            i += 1
+        start = i
+        while i < n:
+            c = text[i]
+            if c >= 128 or not (_CLASS[c] & C_TOKEN):
+                break
+            i += 1
+        if i == start:
+            return None
+        name = text[start:i].lower()
+        while i < n and Py_UNICODE_ISSPACE(text[i]):
+            i += 1
+        if i >= n or text[i] != "=":
+            return None
+        i += 1
+        while i < n and Py_UNICODE_ISSPACE(text[i]):
+            i += 1
+        if i < n and text[i] == '"':
+            j = i + 1
+            while j < n:
+                c = text[j]
+                if c == '"':
+                    break
+                if c == "\\":
+                    if j + 1 >= n or text[j + 1] == "\n":
+                        return None
+                    j += 2
+                else:
+                    j += 1
+            if j >= n:
+                return None
+            value = text[i + 1:j]
+            if "\\" in value:
+                value = _unquote_pairs(value)
+            i = j + 1
+        else:
+            start = i
+            while i < n:
+                c = text[i]
+                if c == "," or c == '"' or Py_UNICODE_ISSPACE(c):
+                    break
+                i += 1
+            value = text[start:i]
+        while i < n and Py_UNICODE_ISSPACE(text[i]):
+            i += 1
+        if i < n:
+            if text[i] != ",":
+                return None
+            i += 1
+        out.append((name, value))
+    return out
+
+
+cdef str _unquote_pairs(str s):
+    """Undo quoted-pairs: each backslash stands for the character after it."""
+    cdef Py_ssize_t i = 0, n = len(s)
+    out = []
+    while i < n:
+        if s[i] == "\\" and i + 1 < n:
+            out.append(s[i + 1])
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+cdef inline Py_ssize_t _trim_end(str s, Py_ssize_t a, Py_ssize_t b) noexcept:
+    while b > a and Py_UNICODE_ISSPACE(s[b - 1]):
+        b -= 1
+    return b
+
+
+cdef inline Py_ssize_t _trim_start(str s, Py_ssize_t a, Py_ssize_t b) noexcept:
+    while a < b and Py_UNICODE_ISSPACE(s[a]):
+        a += 1
+    return a
+
+
+cdef tuple _sent_by_host_port(str s):
+    """host [":" port] of a Via sent-by, already stripped; linear white space may surround
+    the ":" (RFC 3261 §20.42 sent-by, §25.1 LWS)."""
+    cdef Py_ssize_t n = len(s), close, colon, a, b
+    if n and s[0] == "[":
+        close = _find(s, "]", 0, n)
+        if close < 0:
+            raise RemoteProtocolError(400, "Bad IPv6 reference")
+        # RFC 5118 §4.10: accept the three-colon form the RFC 3261 ABNF allowed.
+        if close == 1 or _find(s, ":", 1, close) < 0 or not _span_in_class(s, 1, close, C_IPV6):
+            raise RemoteProtocolError(400, "Bad IPv6 reference")
+        a = _trim_start(s, close + 1, n)
+        if a == n:
+            return s[:close + 1], None
+        if s[a] != ":":
+            raise RemoteProtocolError(400, "Bad host")
+        a = _trim_start(s, a + 1, n)
+        return s[:close + 1], _port_at(s, a, n)
+    colon = _find(s, ":", 0, n)
+    b = _trim_end(s, 0, colon if colon >= 0 else n)
+    if b == 0 or not _span_in_class(s, 0, b, C_HOST):
+        raise RemoteProtocolError(400, "Bad host")
+    if colon < 0:
+        return s[:b], None
+    a = _trim_start(s, colon + 1, n)
+    return s[:b], _port_at(s, a, n)
 
 
 cdef tuple _parse_cseq(str value, object msg):
@@ -1652,6 +1923,8 @@ cdef tuple _parse_cseq(str value, object msg):
 
 
 cdef str _checked_name(str name):
+    if name in _KNOWN_CANONICAL:  # already a canonical long name (the usual case)
+        return name
     if not _is_token(name):
         raise LocalProtocolError(f"bad header name {name!r}")
     return canonical_name(name)
@@ -1743,22 +2016,22 @@ def check_request(SipMessage msg, *, supported=frozenset(), accept=("application
         if counts[k] > 1:
             raise RemoteProtocolError(400, f"Repeated {_CHECK_NAMES[k]}", message=msg)
     try:
-        msg.vias
-        msg.from_
-        msg.to
-        msg.contacts
+        msg._vias_v()
+        msg._from__v()
+        msg._to_v()
+        msg._contacts_v()
     except RemoteProtocolError as exc:
         raise RemoteProtocolError(exc.status, exc.reason, message=msg) from None
     method = msg.method
-    if msg.cseq[1] != method:
+    if msg._cseq_v()[1] != method:
         raise RemoteProtocolError(400, "CSeq method does not match", message=msg)
-    max_forwards = msg.max_forwards if counts[_K_MAX_FORWARDS] else None
+    max_forwards = msg._max_forwards_v() if counts[_K_MAX_FORWARDS] else None
     date = firsts[_K_DATE]
     if date is not None and not _date_ok(date):
         raise RemoteProtocolError(400, "Bad Date", message=msg)
     if counts[_K_EXPIRES]:
-        msg.expires
-    ruri = msg.request_uri          # §8.2.2.1: 416 for a scheme we do not understand
+        msg._expires_v()
+    ruri = msg._request_uri_v()     # §8.2.2.1: 416 for a scheme we do not understand
     if ruri.headers:
         raise RemoteProtocolError(400, "Headers in Request-URI", message=msg)
     if allow is not None and method not in allow:
@@ -1830,6 +2103,10 @@ def reason_phrase(int status) -> str:
     return REASON_PHRASES.get(status) or _CLASS_PHRASES.get(status // 100, "Unknown")
 
 
+# RFC 3261 §8.2.6.2: the fields a response copies from its request.
+cdef frozenset _RESPONSE_COPIES = frozenset(("Via", "From", "To", "Call-ID", "CSeq"))
+
+
 def build_response(SipMessage request, int status, reason=None, *, headers=(), body=b"",
                    to_tag=None) -> SipMessage:
     """A response to ``request`` (RFC 3261 §8.2.6): Vias, From, To, Call-ID and CSeq copied."""
@@ -1843,10 +2120,15 @@ def build_response(SipMessage request, int status, reason=None, *, headers=(), b
     resp.reason = reason if reason is not None else reason_phrase(status)
     out = []
     cdef bint first_to = True
-    for name, value in request.headers:
-        if name == "Via" or name == "From" or name == "Call-ID" or name == "CSeq":
-            out.append((name, value))
-        elif name == "To":
+    cdef tuple pair
+    for pair in request.headers:
+        name = pair[0]
+        if name not in _RESPONSE_COPIES:
+            continue
+        if name != "To":
+            out.append(pair)
+        else:
+            value = pair[1]
             if to_tag is not None:
                 # The first To's parsed view is cached by the request when it was read.
                 if first_to and request._c_to is not None:

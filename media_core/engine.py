@@ -3,7 +3,8 @@
 One native thread (``media_core._engine``) owns every RTP/RTCP socket and moves, mixes, records
 and inspects packets without the GIL. This façade queues commands to it (never waiting on the
 thread) and turns its events into frozen dataclasses on an :class:`asyncio.Queue`, woken by an
-eventfd registered with ``loop.add_reader``.
+eventfd registered with ``loop.add_reader``. The commands of one event-loop turn wake the
+thread once, at the end of the turn (``call_soon``), not once each.
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class MediaEngine:
         self._recordings: dict[int, tuple[str, asyncio.Future[RecordingFinished]]] = {}
         self._next_prompt = 1
         self.events_dropped = 0
+        self._wake_armed = False
 
     @classmethod
     def from_range(cls, rtp_ports: str, **kwargs: object) -> MediaEngine:
@@ -196,7 +198,9 @@ class MediaEngine:
     async def start(self) -> None:
         """Start the engine thread and listen for its events on the running loop."""
         self._loop = asyncio.get_running_loop()
+        self._core.defer_wakes(True)
         self._core.start()
+        self._core.wake()  # commands queued before the start
         self._loop.add_reader(self._core.event_fd, self._on_events)
 
     async def close(self) -> None:
@@ -210,6 +214,19 @@ class MediaEngine:
         for _, fut in self._recordings.values():
             if not fut.done():
                 fut.cancel()
+
+    def _posted(self) -> None:
+        """A command was queued: wake the engine at the end of this loop turn."""
+        if not self._wake_armed and self._loop is not None:
+            self._wake_armed = True
+            self._loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_armed = False
+        try:
+            self._core.wake()
+        except Exception:  # the engine is closing: nothing waits for these commands
+            log.debug("event=media_wake_failed")
 
     @property
     def thread_id(self) -> int:
@@ -238,11 +255,13 @@ class MediaEngine:
     def allocate_leg(self, host: str | None = None) -> LegAddress:
         """Open an even/odd RTP/RTCP port pair, DSCP EF marked."""
         leg, port = self._core.allocate(host or self._host)
+        self._posted()
         return LegAddress(leg, host or self._host, port, port + 1)
 
     def set_remote(self, leg: int, host: str, port: int, rtcp_port: int | None = None) -> None:
         """Expected far end from SDP; the first packet received replaces it (symmetric RTP)."""
         self._core.set_remote(leg, host, port, rtcp_port)
+        self._posted()
 
     def set_codec(self, leg: int, codec: str | int = "PCMU", telephone_event_pt: int = 101) -> None:
         """The leg's G.711 law ("PCMU"/"PCMA" or 0/8) and RFC 4733 payload type (-1: none)."""
@@ -250,14 +269,17 @@ class MediaEngine:
         if not isinstance(pt, int):
             raise EngineError(f"unsupported codec {codec!r}: PCMU or PCMA")
         self._core.set_codec(leg, pt, telephone_event_pt)
+        self._posted()
 
     def set_timeout(self, leg: int, seconds: float) -> None:
         """Emit :class:`MediaTimeout` after this long without RTP (0 disables)."""
         self._core.set_timeout(leg, seconds)
+        self._posted()
 
     def detect_inband_dtmf(self, leg: int, enabled: bool = True) -> None:
         """Report DTMF tones found in the leg's audio as :class:`DigitReceived`."""
         self._core.set_inband_dtmf(leg, enabled)
+        self._posted()
 
     def release(self, leg: int) -> asyncio.Future[None]:
         """Close the leg's ports; the future completes when the engine confirms it."""
@@ -265,6 +287,7 @@ class MediaEngine:
             return self._released[leg]
         fut = self._future()
         self._core.release(leg)
+        self._posted()
         self._released[leg] = fut
         return fut
 
@@ -295,64 +318,84 @@ class MediaEngine:
     def bridge(self, caller: int, agent: int) -> None:
         """Relay the two legs to each other (passthrough, or A/u-law transcoding)."""
         self._core.bridge(caller, agent)
+        self._posted()
 
     def unbridge(self, leg: int) -> None:
         """Stop relaying between the leg and its peer."""
         self._core.unbridge(leg)
+        self._posted()
 
     def play(self, leg: int, pcm: object) -> int:
         """Play 8 kHz int16 PCM on the leg at 20 ms pacing; returns the prompt id."""
         prompt_id = self._next_prompt
         self._next_prompt = (self._next_prompt + 1) & 0x7FFFFFFF or 1
         self._core.play(leg, pcm, prompt_id)
+        self._posted()
         return prompt_id
 
     def stop_play(self, leg: int) -> None:
         """Stop the leg's prompt; the bridged far end is heard again."""
         self._core.stop_play(leg)
+        self._posted()
 
     def monitor(self, supervisor: int, caller: int, agent: int) -> None:
         """The supervisor hears caller and agent; nobody hears the supervisor."""
-        self._core.set_mix(supervisor, [caller, agent])
-        self._core.set_mix(agent, [])
-        self._core.set_mix(caller, [])
+        try:
+            self._core.set_mix(supervisor, [caller, agent])
+            self._core.set_mix(agent, [])
+            self._core.set_mix(caller, [])
+        finally:
+            self._posted()
 
     def whisper(self, supervisor: int, caller: int, agent: int) -> None:
         """The agent hears caller and supervisor; the caller hears only the agent."""
-        self._core.set_mix(supervisor, [caller, agent])
-        self._core.set_mix(agent, [caller, supervisor])
-        self._core.set_mix(caller, [])
+        try:
+            self._core.set_mix(supervisor, [caller, agent])
+            self._core.set_mix(agent, [caller, supervisor])
+            self._core.set_mix(caller, [])
+        finally:
+            self._posted()
 
     def barge(self, supervisor: int, caller: int, agent: int) -> None:
         """Three-way: each party hears the other two."""
-        self._core.set_mix(supervisor, [caller, agent])
-        self._core.set_mix(agent, [caller, supervisor])
-        self._core.set_mix(caller, [agent, supervisor])
+        try:
+            self._core.set_mix(supervisor, [caller, agent])
+            self._core.set_mix(agent, [caller, supervisor])
+            self._core.set_mix(caller, [agent, supervisor])
+        finally:
+            self._posted()
 
     def stop_listening(self, supervisor: int, caller: int, agent: int) -> None:
         """End monitor/whisper/barge: caller and agent hear each other only."""
-        for leg in (supervisor, caller, agent):
-            self._core.set_mix(leg, [])
+        try:
+            for leg in (supervisor, caller, agent):
+                self._core.set_mix(leg, [])
+        finally:
+            self._posted()
 
     # -- recording -------------------------------------------------------------------------------
 
     def record_start(self, path: str, caller: int, agent: int) -> int:
         """Record the call as stereo WAV (caller left, agent right); returns the recording id."""
         rec = self._core.record_start(path, caller, agent)
+        self._posted()
         self._recordings[rec] = (path, self._future())
         return rec
 
     def record_pause(self, recording_id: int) -> None:
         """Write silence instead of the call's audio (card numbers being read)."""
         self._core.record_pause(recording_id)
+        self._posted()
 
     def record_resume(self, recording_id: int) -> None:
         """Record the call's audio again."""
         self._core.record_resume(recording_id)
+        self._posted()
 
     def record_stop(self, recording_id: int) -> asyncio.Future[RecordingFinished]:
         """Close the WAV; the future completes with :class:`RecordingFinished`."""
         self._core.record_stop(recording_id)
+        self._posted()
         return self._recordings[recording_id][1]
 
     # -- events ----------------------------------------------------------------------------------

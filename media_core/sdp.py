@@ -16,10 +16,16 @@ among ours, the offerer's telephone-event payload type, direction mirrored, RFC 
 ``c=0.0.0.0`` understood) or raises ``NotAcceptable`` (answer 488). ``MediaSession`` keeps our side
 of one call's descriptions: the ``o=`` version increments for each changed offer (RFC 3264 §8),
 which is what hold (``sendonly``, §8.4) and resume re-offers need.
+
+Per call, the same few lines come again and again (our codec set, a carrier's rtpmaps, a
+handful of addresses): their checks, the codec lists of an offer and the lines of our own
+offers and answers for a codec set are kept in small bounded caches, so a call costs the
+parse of its lines and no more.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from collections.abc import Iterable, Iterator
@@ -48,6 +54,8 @@ __all__ = [
 ]
 
 MAX_SDP_BYTES = 65536
+_CACHE = 512
+"""Entries per cache of repeated lines (addresses, rtpmaps, codec lists, our own offers)."""
 """A larger body is refused before parsing (every buffer has a limit)."""
 MAX_LINES = 1024
 MAX_MEDIA = 16
@@ -194,8 +202,13 @@ class Connection:
 
     @classmethod
     def for_address(cls, address: str) -> Connection:
-        ip = ipaddress.ip_address(address)
-        return cls("IN", "IP6" if ip.version == 6 else "IP4", str(ip))
+        return _connection_for(address)
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _connection_for(address: str) -> Connection:
+    ip = ipaddress.ip_address(address)
+    return Connection("IN", "IP6" if ip.version == 6 else "IP4", str(ip))
 
 
 @dataclass(frozen=True)
@@ -263,30 +276,38 @@ class MediaDescription:
         """Payload formats in the order of the ``m=`` line, with their rtpmap and fmtp."""
         if not self.is_rtp:
             return ()
-        maps: dict[int, Codec] = {}
-        fmtps: dict[int, str] = {}
-        for key, value in self.attributes:
-            if key == "rtpmap" and value:
-                try:
-                    codec = _parse_rtpmap(value, None)
-                except SdpError:
-                    continue
-                maps.setdefault(codec.payload_type, codec)
-            elif key == "fmtp" and value:
-                pt, _, params = value.partition(" ")
-                if pt.isdigit():
-                    fmtps.setdefault(int(pt), params.strip())
-        out = []
-        for fmt in self.formats:
-            number = int(fmt)
-            found = maps.get(number) or _STATIC.get(number)
-            if found is None:
-                continue  # dynamic type without rtpmap: unusable, RFC 4566 §6 requires one
-            out.append(replace(found, fmtp=fmtps.get(number)))
-        return tuple(out)
+        return _codecs_of(self.formats, self.attributes)
 
     def with_attributes(self, attributes: Iterable[tuple[str, str | None]]) -> MediaDescription:
         return replace(self, attributes=tuple(attributes))
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _codecs_of(formats: tuple[str, ...],
+               attributes: tuple[tuple[str, str | None], ...]) -> tuple[Codec, ...]:
+    """The codecs of an RTP ``m=`` section's formats with its rtpmap and fmtp attributes."""
+    maps: dict[int, Codec] = {}
+    fmtps: dict[int, str] = {}
+    for key, value in attributes:
+        if key == "rtpmap" and value:
+            try:
+                codec = _parse_rtpmap(value, None)
+            except SdpError:
+                continue
+            maps.setdefault(codec.payload_type, codec)
+        elif key == "fmtp" and value:
+            pt, _, params = value.partition(" ")
+            if pt.isdigit():
+                fmtps.setdefault(int(pt), params.strip())
+    out = []
+    for fmt in formats:
+        number = int(fmt)
+        found = maps.get(number) or _STATIC.get(number)
+        if found is None:
+            continue  # dynamic type without rtpmap: unusable, RFC 4566 §6 requires one
+        out.append(Codec(found.payload_type, found.name, found.clock_rate, found.channels,
+                         fmtps.get(number)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -592,36 +613,45 @@ def _parse_connection(value: str, number: int) -> Connection:
 
 
 def _check_address(nettype: str, addrtype: str, address: str, number: int, *, origin: bool = False) -> None:
+    error = _address_error(nettype, addrtype, address, origin)
+    if error is not None:
+        raise SdpError(error, number)
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _address_error(nettype: str, addrtype: str, address: str, origin: bool) -> str | None:
+    """What is wrong with a c=/o= address, or None when it is good (RFC 4566 §5.7)."""
     if nettype != "IN":
-        raise SdpError(f"network type {nettype!r} is not IN", number)
+        return f"network type {nettype!r} is not IN"
     host = address.split("/", 1)[0]
     if addrtype == "IP4":
         try:
             ipaddress.IPv4Address(host)
-            return
+            return None
         except ValueError:
             pass
         if ":" in host:
-            raise SdpError(f"{host!r} is not an IPv4 address (addrtype IP4)", number)
+            return f"{host!r} is not an IPv4 address (addrtype IP4)"
     elif addrtype == "IP6":
         try:
             ipaddress.IPv6Address(host)
-            return
+            return None
         except ValueError:
             pass
         if host.count(":") >= 2 or host.startswith("["):
             # RFC 4566 §5.7: IP6 literals are written without brackets.
-            raise SdpError(f"{host!r} is not a valid IPv6 address (addrtype IP6)", number)
+            return f"{host!r} is not a valid IPv6 address (addrtype IP6)"
     else:
-        raise SdpError(f"address type {addrtype!r} is neither IP4 nor IP6", number)
+        return f"address type {addrtype!r} is neither IP4 nor IP6"
     # RFC 4566 §5.7 also allows a fully qualified domain name.
     labels = host.split(".")
     if origin and host == "-":
-        return
+        return None
     if not host or any(not label or len(label) > 63 for label in labels) or not all(
         c.isalnum() or c in "-." for c in host
     ):
-        raise SdpError(f"{host!r} is not an address or domain name", number)
+        return f"{host!r} is not an address or domain name"
+    return None
 
 
 def _check_bandwidth(value: str, number: int) -> str:
@@ -639,6 +669,14 @@ def _parse_attribute(value: str, number: int) -> tuple[str, str | None]:
 
 
 def _parse_rtpmap(value: str, number: int | None) -> Codec:
+    codec = _rtpmap_codec(value)
+    if codec is None:
+        raise SdpError(f"bad rtpmap {value!r}", number)
+    return codec
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _rtpmap_codec(value: str) -> Codec | None:
     # RFC 4566 §6: a=rtpmap:<payload type> <encoding name>/<clock rate>[/<encoding parameters>]
     pt, _, encoding = value.strip().partition(" ")
     parts = encoding.strip().split("/")
@@ -646,7 +684,7 @@ def _parse_rtpmap(value: str, number: int | None) -> Codec:
         not pt.isdigit() or int(pt) > 127 or len(parts) not in (2, 3) or not parts[0]
         or not parts[1].isdigit() or (len(parts) == 3 and not parts[2].isdigit())
     ):
-        raise SdpError(f"bad rtpmap {value!r}", number)
+        return None
     return Codec(int(pt), parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None)
 
 
@@ -730,6 +768,48 @@ def _is_telephone_event(codec: Codec) -> bool:
     return codec.name.lower() == "telephone-event"
 
 
+_AudioPlan = tuple[tuple[Codec, ...], int | None, tuple[str, ...], tuple[tuple[str, str | None], ...]]
+"""(common codecs, telephone-event payload type, answer formats, answer attributes up to ptime)."""
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _audio_plan(formats: tuple[str, ...], attributes: tuple[tuple[str, str | None], ...],
+                capabilities: Capabilities) -> _AudioPlan | None:
+    """How we answer one offered RTP/AVP audio section, None without a common codec: the same
+    for every offer with these formats and attributes, whatever its port and address."""
+    ours = {c.key: c for c in capabilities.codecs}
+    offered = _codecs_of(formats, attributes)
+    common = [c for c in offered if c.key in ours]  # offerer's order of preference
+    if not common:
+        return None
+    event = None
+    if capabilities.telephone_event:
+        # RFC 4733 §2.4.1: the event clock must match the audio codec's (8000 for ours).
+        event = next(
+            (c for c in offered if _is_telephone_event(c) and c.clock_rate == 8000), None
+        )
+    answer_formats = [c.payload_type for c in common]
+    answer_attributes: list[tuple[str, str | None]] = []
+    for c in common:
+        # Keep the offerer's payload type numbers (RFC 3264 §6.1).
+        answer_attributes.append(
+            ("rtpmap", f"{c.payload_type} {ours[c.key].name}/{c.clock_rate}"))
+        if c.fmtp:
+            answer_attributes.append(("fmtp", f"{c.payload_type} {c.fmtp}"))
+    event_pt = None
+    if event is not None:
+        events = _parse_events(event.fmtp) & _parse_events(capabilities.telephone_events)
+        if events:
+            event_pt = event.payload_type
+            answer_formats.append(event_pt)
+            answer_attributes.append(("rtpmap", f"{event_pt} telephone-event/8000"))
+            answer_attributes.append(("fmtp", f"{event_pt} {_format_events(events)}"))
+    if capabilities.ptime:
+        answer_attributes.append(("ptime", str(capabilities.ptime)))
+    return (tuple(common), event_pt, tuple(str(f) for f in answer_formats),
+            tuple(answer_attributes))
+
+
 def answer(
     offer: SessionDescription,
     capabilities: Capabilities,
@@ -748,27 +828,21 @@ def answer(
     rejected with port 0 (§6: the answer has as many m= lines as the offer). Raises
     NotAcceptable (488) when no audio stream has a common codec.
     """
-    ours = {c.key: c for c in capabilities.codecs}
-    chosen: tuple[int, list[Codec], Codec | None] | None = None
+    chosen: tuple[int, _AudioPlan] | None = None
     for index, m in enumerate(offer.media):
         if m.media != "audio" or m.port == 0 or m.proto.upper() != "RTP/AVP":
             continue
-        offered = m.codecs
-        common = [c for c in offered if c.key in ours]  # offerer's order of preference
-        if not common:
-            continue
-        event = None
-        if capabilities.telephone_event:
-            # RFC 4733 §2.4.1: the event clock must match the audio codec's (8000 for ours).
-            event = next(
-                (c for c in offered if _is_telephone_event(c) and c.clock_rate == 8000), None
-            )
-        chosen = (index, common, event)
-        break
+        try:
+            plan = _audio_plan(m.formats, m.attributes, capabilities)
+        except TypeError:  # capabilities built with lists: not hashable, so not cached
+            plan = _audio_plan.__wrapped__(m.formats, m.attributes, capabilities)
+        if plan is not None:
+            chosen = (index, plan)
+            break
     if chosen is None:
         codecs = ", ".join(f"{c.name}/{c.clock_rate}" for m in offer.media for c in m.codecs)
         raise NotAcceptable(f"no common audio codec (offered: {codecs or 'none'})")
-    index, common, event = chosen
+    index, (common, event_pt, formats, plan_attributes) = chosen
     offered_media = offer.media[index]
     offered_direction = _effective_direction(offer, offered_media)
     wanted = offered_direction.mirrored()
@@ -776,23 +850,7 @@ def answer(
         wanted.sends and local_direction.sends, wanted.receives and local_direction.receives
     )
     connection = Connection.for_address(address)
-    formats = [c.payload_type for c in common]
-    attributes: list[tuple[str, str | None]] = []
-    for c in common:
-        # Keep the offerer's payload type numbers (RFC 3264 §6.1).
-        attributes.append(("rtpmap", f"{c.payload_type} {ours[c.key].name}/{c.clock_rate}"))
-        if c.fmtp:
-            attributes.append(("fmtp", f"{c.payload_type} {c.fmtp}"))
-    event_pt = None
-    if event is not None:
-        events = _parse_events(event.fmtp) & _parse_events(capabilities.telephone_events)
-        if events:
-            event_pt = event.payload_type
-            formats.append(event_pt)
-            attributes.append(("rtpmap", f"{event_pt} telephone-event/8000"))
-            attributes.append(("fmtp", f"{event_pt} {_format_events(events)}"))
-    if capabilities.ptime:
-        attributes.append(("ptime", str(capabilities.ptime)))
+    attributes = list(plan_attributes)
     if rtcp_port is not None:
         attributes.append(("rtcp", f"{rtcp_port} {connection.line()}"))
     attributes.append((ours_direction.value, None))
@@ -800,8 +858,7 @@ def answer(
     for i, m in enumerate(offer.media):
         if i == index:
             media.append(MediaDescription(
-                "audio", port, offered_media.proto, tuple(str(f) for f in formats),
-                attributes=tuple(attributes),
+                "audio", port, offered_media.proto, formats, attributes=tuple(attributes),
             ))
         else:
             # RFC 3264 §6: a rejected stream keeps its media and proto, port 0, one format.
@@ -844,15 +901,11 @@ def build_offer(
 ) -> SessionDescription:
     """Our offer: one audio stream with our codecs in preference order (RFC 3264 §5)."""
     connection = Connection.for_address(address)
-    formats = [str(c.payload_type) for c in capabilities.codecs]
-    attributes: list[tuple[str, str | None]] = [("rtpmap", c.rtpmap()) for c in capabilities.codecs]
-    if capabilities.telephone_event:
-        pt = capabilities.telephone_event_pt
-        formats.append(str(pt))
-        attributes.append(("rtpmap", f"{pt} telephone-event/8000"))
-        attributes.append(("fmtp", f"{pt} {capabilities.telephone_events}"))
-    if capabilities.ptime:
-        attributes.append(("ptime", str(capabilities.ptime)))
+    try:
+        formats, offer_attributes = _offer_lines(capabilities)
+    except TypeError:  # capabilities built with lists: not hashable, so not cached
+        formats, offer_attributes = _offer_lines.__wrapped__(capabilities)
+    attributes = list(offer_attributes)
     if rtcp_port is not None:
         attributes.append(("rtcp", f"{rtcp_port} {connection.line()}"))
     attributes.append((direction.value, None))
@@ -862,9 +915,25 @@ def build_offer(
             connection.address,
         ),
         connection=connection,
-        media=(MediaDescription("audio", port, "RTP/AVP", tuple(formats),
+        media=(MediaDescription("audio", port, "RTP/AVP", formats,
                                 attributes=tuple(attributes)),),
     )
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _offer_lines(capabilities: Capabilities) -> tuple[tuple[str, ...],
+                                                     tuple[tuple[str, str | None], ...]]:
+    """The formats and the attributes up to ptime of our offers for one codec set."""
+    formats = [str(c.payload_type) for c in capabilities.codecs]
+    attributes: list[tuple[str, str | None]] = [("rtpmap", c.rtpmap()) for c in capabilities.codecs]
+    if capabilities.telephone_event:
+        pt = capabilities.telephone_event_pt
+        formats.append(str(pt))
+        attributes.append(("rtpmap", f"{pt} telephone-event/8000"))
+        attributes.append(("fmtp", f"{pt} {capabilities.telephone_events}"))
+    if capabilities.ptime:
+        attributes.append(("ptime", str(capabilities.ptime)))
+    return tuple(formats), tuple(attributes)
 
 
 def parse_answer(offer: SessionDescription, answer_sdp: SessionDescription) -> Negotiated:
@@ -907,9 +976,12 @@ def parse_answer(offer: SessionDescription, answer_sdp: SessionDescription) -> N
     raise NotAcceptable("the offer has no audio stream")
 
 
+_SESSION_IDS = random.Random()  # seeded from the OS; ids need to be unique, not secret
+
+
 def _new_session_id() -> str:
     # RFC 4566 §5.2 suggests an NTP timestamp; any number unique per session will do.
-    return str(random.SystemRandom().randrange(10**9, 2**62))
+    return str(_SESSION_IDS.randrange(10**9, 2**62))
 
 
 @dataclass
@@ -938,7 +1010,8 @@ class MediaSession:
             same_body = replace(sdp, origin=self._last.origin) == self._last
             if not same_body:
                 self.version += 1
-        sdp = replace(sdp, origin=replace(sdp.origin, version=self.version))
+        if sdp.origin.version != self.version:
+            sdp = replace(sdp, origin=replace(sdp.origin, version=self.version))
         self._last = sdp
         return sdp
 
@@ -969,7 +1042,8 @@ class MediaSession:
             version=self.version, local_direction=self.direction, rtcp_port=self.rtcp_port,
             username=self.username,
         )
-        return replace(result, sdp=self._stamp(result.sdp))
+        stamped = self._stamp(result.sdp)
+        return result if stamped is result.sdp else replace(result, sdp=stamped)
 
     def receive_answer(self, answer_sdp: SessionDescription) -> Negotiated:
         """The peer's answer to our last offer."""

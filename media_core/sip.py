@@ -29,6 +29,7 @@ from media_core._sip import (
     parse_uri,
     parse_via,
     reason_phrase,
+    split_auth_params,
 )
 
 __all__ = [
@@ -53,4 +54,5 @@ __all__ = [
     "parse_uri",
     "parse_via",
     "reason_phrase",
+    "split_auth_params",
 ]

@@ -346,7 +346,7 @@ def test_a_phone_registers_with_the_demo_credentials(
     # SIPp puts the server address in the digest uri, so the domain is host:port.
     users.write_text(
         f"SEQUENTIAL\n{account['user']};{host}:{port};"
-        f"[authentication username={account['auth_user']} password={account['password']}]\n"
+        f"[authentication username={account['auth_user']} password=\"{account['password']}\"]\n"
     )
     result = subprocess.run(
         ["sipp", "-sf", str(SIPP_REGISTER), "-inf", str(users), "-m", "1", "-i", "127.0.0.1",

@@ -459,6 +459,16 @@ def test_supervisor_modes_reach_the_right_parties(mode: str) -> None:
                 assert spectrum_peak_hz(pcm, freq) < 0.02, (mode, name, other)
 
 
+def _open_files() -> set[tuple[str, str]]:
+    """This process's open descriptors with what each points at (a socket's inode, a path):
+    a leak shows as a new pair, whatever other code closes meanwhile."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            out.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+    return out
+
+
 def _rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -475,21 +485,21 @@ def test_thousand_legs_leave_no_descriptor_or_memory_behind() -> None:
         await asyncio.gather(*(engine.release(leg.leg) for leg in legs))
 
     async def body() -> None:
-        fds_before = len(os.listdir("/proc/self/fd"))
+        before = _open_files()
         engine = MediaEngine((43000, 47999), max_legs=2000)
         await engine.start()
         try:
             await cycle(engine)          # warm the allocator
             rss = _rss_kib()
-            fds = len(os.listdir("/proc/self/fd"))
+            warmed = _open_files()
             await cycle(engine)
             await cycle(engine)
-            assert len(os.listdir("/proc/self/fd")) == fds
+            assert _open_files() - warmed == set()
             assert _rss_kib() - rss < 4096
             assert engine.legs_active == 0
         finally:
             await engine.close()
-        assert len(os.listdir("/proc/self/fd")) == fds_before
+        assert _open_files() - before == set()
 
     run(body, timeout=60)
 
@@ -999,3 +1009,34 @@ def test_recording_soak_has_no_gaps(tmp_path: Path) -> None:
     # (late, resyncs) per leg say why, if not
     assert _zero_runs(body_data[:, 0], FRAME) == 0, stats
     assert _zero_runs(body_data[:, 1], FRAME) == 0, stats
+
+
+def test_commands_of_one_loop_turn_run_after_one_wake() -> None:
+    """Commands queued in one event-loop turn wait for the wake at the end of that turn (one
+    eventfd write for all of them), and all run then, in order."""
+    async def body() -> None:
+        engine = await started()
+        try:
+            # One turn: a leg, its codec, a short prompt and a second one replacing it.
+            leg = engine.allocate_leg().leg
+            engine.set_codec(leg, "PCMU")
+            first = engine.play(leg, tone(440, 8000))
+            second = engine.play(leg, tone(440, 160))
+            done = await next_event(engine, PromptFinished)
+            assert (done.prompt_id, done.completed) == (first, False)  # replaced, in order
+            done = await next_event(engine, PromptFinished)
+            assert (done.prompt_id, done.completed) == (second, True)
+
+            # Queued straight on the core (no end-of-turn wake armed): nothing runs until
+            # wake(), which then runs it.
+            engine._core.play(leg, tone(440, 160), 999)
+            with pytest.raises(TimeoutError):
+                await next_event(engine, PromptFinished, timeout=0.3)
+            engine._core.wake()
+            done = await next_event(engine, PromptFinished)
+            assert done.prompt_id == 999
+            await engine.release(leg)
+        finally:
+            await engine.close()
+
+    run(body)

@@ -4,6 +4,11 @@ A demo site (``edgecc init --demo``) runs as ``edgecc appliance`` on free ports 
 Bindings are checked in the site database, opened read-only. The load generator's address
 (127.0.0.1) is in ``guard.exempt_sources``, as a site would list its SBC or test rig; the
 brute-force source (127.0.0.2) and an ordinary phone (127.0.0.3) are not.
+
+SIPp reads an unquoted ``[authentication ... password=0x...]`` value as hex-encoded bytes, so a
+random demo password that happens to begin with "0x" (one account in 3,844) used to be sent
+as other bytes and refused with 401. Passwords are quoted in the -inf file, and the site's last
+account always has such a password, so the load test covers it every run.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from appliance.config import ha1
 from appliance.sip.digest import answer_challenge
 from media_core.sip import parse_message
 
@@ -38,6 +44,8 @@ EDGECC = Path(sys.executable).parent / "edgecc"
 SCENARIO = ROOT / "tests" / "sipp" / "register_digest.xml"
 AGENTS = 300
 START_TIMEOUT = 30.0
+HEX_LOOKING_PASSWORD = "0x5B07F6c0ffee42"
+"""The last account's password: SIPp would decode it as hex unless quoted."""
 
 needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (sip-tester) missing")
 
@@ -87,9 +95,13 @@ def make_site(directory: Path, agents: int = AGENTS) -> Site:
     data = yaml.safe_load(site_file.read_text())
     # The load generator may send far more than the per-source rate limit.
     data["guard"]["exempt_sources"] = ["127.0.0.1/32"]
-    site_file.write_text(yaml.safe_dump(data, sort_keys=False))
     creds = json.loads((directory / "demo-credentials.json").read_text())
     passwords = {a["user"]: a["password"] for a in creds["accounts"]}
+    last = data["sip"]["accounts"][-1]
+    last["ha1_md5"], last["ha1_sha256"] = ha1(last["user"], data["sip"]["realm"],
+                                              HEX_LOOKING_PASSWORD)
+    passwords[last["user"]] = HEX_LOOKING_PASSWORD
+    site_file.write_text(yaml.safe_dump(data, sort_keys=False))
     database = directory / data.get("storage", {}).get("database", "edgecc.db")
     return Site(directory, data["sip"]["realm"], passwords, database)
 
@@ -204,8 +216,17 @@ class RawPhone:
         self.sock.close()
 
     def send(self, method: str, user: str, extra: tuple[str, ...] = (), *, ua: str = "RawPhone"):
+        branch, data = self.build(method, user, extra, ua=ua)
+        self.sock.sendto(data, self.server)
+        return branch
+
+    def build(
+        self, method: str, user: str, extra: tuple[str, ...] = (), *, ua: str = "RawPhone",
+        branch: str | None = None,
+    ) -> tuple[str, bytes]:
+        """The next request (CSeq + 1) and its branch, a new one unless given; not sent."""
         self.cseq += 1
-        branch = f"z9hG4bK{uuid.uuid4().hex[:16]}"
+        branch = branch or f"z9hG4bK{uuid.uuid4().hex[:16]}"
         text = "\r\n".join(
             [
                 f"{method} sip:{self.realm} SIP/2.0",
@@ -222,8 +243,23 @@ class RawPhone:
                 "",
             ]
         )
-        self.sock.sendto(text.encode(), self.server)
-        return branch
+        return branch, text.encode()
+
+    def finals(self, count: int, timeout: float) -> list:
+        """The next ``count`` final responses, in arrival order (fewer after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        found: list = []
+        while len(found) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                break
+            msg = parse_message(self.sock.recv(65535))
+            if msg.status is not None and msg.status >= 200:
+                found.append(msg)
+        return found
 
     def response(self, branch: str, timeout: float):
         """The final response to ``branch``, or None when nothing comes within ``timeout``."""
@@ -411,12 +447,22 @@ def test_pjsua2_registers_reregisters_and_unregisters(site, appliance, tmp_path)
 # --------------------------------------------------------------------------- SIPp under load
 
 
+def sipp_authentication(user: str, password: str) -> str:
+    """SIPp's ``[authentication]`` keyword for an -inf field, the password quoted.
+
+    Unquoted, SIPp 3.6 decodes a value beginning with "0x" as hex bytes; quoted, it takes the
+    characters as they are (a backslash escapes the next one).
+    """
+    quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+    return f'[authentication username={user} password="{quoted}"]'
+
+
 def users_csv(site: Site, path: Path, users: list[str], password=None) -> Path:
     with path.open("w", newline="") as f:
         f.write("SEQUENTIAL\n")
         for user in users:
             pw = password or site.passwords[user]
-            f.write(f"{user};{site.realm};[authentication username={user} password={pw}]\n")
+            f.write(f"{user};{site.realm};{sipp_authentication(user, pw)}\n")
     return path
 
 
@@ -528,6 +574,50 @@ def test_scanner_user_agent_gets_no_answer(site, appliance) -> None:
         assert scanner.response(scanner.send("OPTIONS", "100", ua="friendly-scanner"), 1.5) is None
         answered = scanner.response(scanner.send("OPTIONS", "100", ua="Yealink T46U"), 5)
         assert answered is not None and answered.status == 200
+
+
+def test_authenticated_register_repeated_while_the_appliance_stalls(site, appliance) -> None:
+    """A phone's retransmission is the same transaction, a replayed nonce count is not.
+
+    The appliance is stopped (SIGSTOP) while three REGISTERs wait in its socket, then read in
+    one batch: the authenticated REGISTER, its retransmission with the same branch but (as
+    SIPp re-sends it) a new nc and cnonce, and the first credentials again under a new branch.
+    RFC 3261 §17.2.3 makes the second one a retransmission, answered with the first 200 byte
+    for byte; RFC 7616 §3.4 makes the third a nonce-count replay, refused with a new
+    challenge that is not stale.
+    """
+    user = "1004"
+    with raw_phone("127.0.0.6", appliance, site) as phone:
+        extra = (f"Contact: <sip:{user}@{phone.host}:{phone.port}>", "Expires: 600")
+        challenged = phone.response(phone.send("REGISTER", user, extra), 5.0)
+        assert challenged is not None and challenged.status == 401
+        challenge = challenged.get_all("WWW-Authenticate")[0]
+
+        def credentials(nc: int, cnonce: str) -> str:
+            value = answer_challenge(challenge, method="REGISTER", uri=f"sip:{site.realm}",
+                                     username=user, password=site.passwords[user], nc=nc,
+                                     cnonce=cnonce)
+            return f"Authorization: {value}"
+
+        branch, first = phone.build("REGISTER", user, (*extra, credentials(1, "c1")))
+        phone.cseq -= 1  # the retransmission repeats CSeq and branch
+        _, again = phone.build("REGISTER", user, (*extra, credentials(2, "c2")), branch=branch)
+        replay_branch, replay = phone.build("REGISTER", user, (*extra, credentials(1, "c1")))
+        appliance.proc.send_signal(signal.SIGSTOP)
+        try:
+            for data in (first, again, replay):
+                phone.sock.sendto(data, phone.server)
+        finally:
+            appliance.proc.send_signal(signal.SIGCONT)
+        answers = phone.finals(3, 10.0)
+    by_branch: dict[str, list] = {}
+    for msg in answers:
+        by_branch.setdefault(msg.branch, []).append(msg)
+    ok, ok_again = by_branch[branch]
+    assert ok.status == 200 and ok.to_bytes() == ok_again.to_bytes()
+    [refused] = by_branch[replay_branch]
+    assert refused.status == 401
+    assert all("stale" not in v.lower() for v in refused.get_all("WWW-Authenticate"))
 
 
 def test_bindings_survive_a_restart(tmp_path) -> None:

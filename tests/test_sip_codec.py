@@ -22,6 +22,7 @@ from media_core.sip import (
     parse_name_addr,
     parse_uri,
     parse_via,
+    split_auth_params,
 )
 
 SDP = (b"v=0\r\no=agent 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\n"
@@ -522,3 +523,26 @@ def test_stream_without_content_length_has_no_body() -> None:
     framer = StreamFramer()
     framer.feed(options("x").replace(b"Content-Length: 0\r\n", b"") + options("y"))
     assert _call_ids(drain(framer)) == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    ("text", "pairs"),
+    [
+        ("", []),
+        ('realm="r, with comma", nonce=abc', [("realm", "r, with comma"), ("nonce", "abc")]),
+        ('Username = "a\\"b" ,QOP=auth,', [("username", 'a"b'), ("qop", "auth")]),
+        ('uri="sip:x\nsip:y"', [("uri", "sip:x\nsip:y")]),  # a raw line feed may be quoted
+        ("a=", [("a", "")]),
+    ],
+)
+def test_auth_params_are_split_names_lowered_values_unquoted(text, pairs) -> None:
+    # RFC 7235 §2.1 auth-param lists as Authorization and WWW-Authenticate carry them.
+    assert split_auth_params(text) == pairs
+
+
+@pytest.mark.parametrize(
+    "text",
+    [" ", "a=b c=d", "a=b,,c=d", 'a="unclosed', 'a="x"y', "=b", "a b=c", 'a="x\\\ny"', "a=b, "],
+)
+def test_malformed_auth_params_give_none(text) -> None:
+    assert split_auth_params(text) is None

@@ -328,6 +328,34 @@ def test_glare_491_and_retry_timer_when_we_do_not_own_the_call_id() -> None:
     assert retry.body == OUR_SDP and retry.branch != ours.branch
 
 
+def test_one_reinvite_of_ours_at_a_time_per_dialog_among_many_dialogs() -> None:
+    """§14.1: a second re-INVITE waits for the first's final response; other dialogs' open
+    re-INVITEs (and requests kept for retransmissions) do not count."""
+    dl = layer()
+    dialogs = [confirmed_uas(dl, call_id=f"many-{n}@phone")[2] for n in range(5)]
+    opened = {d: dl.request(d, "INVITE", 1.0, body=OUR_SDP) for d in dialogs[:3]}
+    with pytest.raises(LocalProtocolError, match="already in progress"):
+        dl.request(dialogs[0], "INVITE", 1.1, body=OUR_SDP)
+    dl.request(dialogs[4], "INVITE", 1.1, body=OUR_SDP)  # its own first one: fine
+    # Their re-INVITE on a dialog with ours open: glare (491); on one without: taken.
+    for dialog_id, status in ((dialogs[1], 491), (dialogs[3], None)):
+        theirs = request("INVITE", to_tag=dialog_id.local_tag, cseq=9, body=SDP,
+                         call_id=dialog_id.call_id)
+        out = dl.receive_request(server_key(theirs), theirs, PHONE, 1.2)
+        if status is None:
+            assert of(InDialogRequest, out)
+        else:
+            assert one(SendResponse, out).response.status == status
+    # A final response to the first ends it: a new re-INVITE may go, and again once that
+    # transaction has ended too.
+    key, out = opened[dialogs[0]]
+    dl.receive_response(key, response_to(one(SendRequest, out).request, 200, to_tag=None,
+                                         body=SDP), 1.3)
+    key2, _ = dl.request(dialogs[0], "INVITE", 1.4, body=OUR_SDP)
+    dl.transaction_ended(key2)
+    dl.request(dialogs[0], "INVITE", 1.5, body=OUR_SDP)
+
+
 def test_session_timer_uac_refreshes_and_expiry_sends_bye() -> None:
     dl = layer()
     extra = "Session-Expires: 600\r\nSupported: timer\r\n"
@@ -689,6 +717,89 @@ def test_any_request_sequence_is_answered_or_handed_up(steps) -> None:
     while (due := dl.next_timer()) is not None and due < now + 10_000:
         dl.handle_timer(due)
         now = due
+
+
+def _scanned_next_timer(dl: DialogLayer) -> float | None:
+    """The earliest instant set anywhere in the layer, found by looking at every dialog (what
+    ``next_timer`` computed before it kept a heap)."""
+    instants = [p.next_at for p in dl._pending_acks.values()]
+    for timers in dl._timers.values():
+        instants += [t for t in (timers.glare_at, timers.refresh_at, timers.expires_at)
+                     if t is not None]
+    return min(instants) if instants else None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["call", "timer-call", "ack", "bye", "refresh",
+                                           "hangup", "tick"]),
+                          st.integers(0, 7), st.floats(0.0, 40.0)), max_size=40))
+def test_next_timer_heap_matches_a_scan_of_every_dialog(steps) -> None:
+    """Across calls answered (2xx retransmissions), ACKed, hung up, refreshed (RFC 4028) and
+    timers fired, the heap gives the same next instant as scanning every dialog."""
+    dl = layer()
+    now = 0.0
+    calls: dict[int, tuple] = {}
+    for action, slot, advance in steps:
+        now += advance / 10
+        if action in ("call", "timer-call") and slot not in calls:
+            extra = "Session-Expires: 120\r\n" if action == "timer-call" else ""
+            inv = request("INVITE", body=SDP, call_id=f"c{slot}-{now}@phone", extra=extra)
+            key = server_key(inv)
+            got = of(IncomingCall, dl.receive_request(key, inv, PHONE, now))
+            if got:
+                ok = one(SendResponse, dl.answer(key, 200, now, body=OUR_SDP)).response
+                calls[slot] = (inv, ok, got[0].dialog)
+        elif action == "ack" and slot in calls:
+            inv, ok, _ = calls[slot]
+            dl.receive_request(None, request("ACK", to_tag=ok.to.tag, cseq=inv.cseq[0],
+                                             call_id=inv.call_id), PHONE, now)
+        elif action == "bye" and slot in calls:
+            inv, ok, _ = calls.pop(slot)
+            bye = request("BYE", to_tag=ok.to.tag, cseq=inv.cseq[0] + 1, call_id=inv.call_id)
+            dl.receive_request(server_key(bye), bye, PHONE, now)
+        elif action == "refresh" and slot in calls:
+            inv, ok, _ = calls[slot]
+            reinvite = request("INVITE", body=SDP, to_tag=ok.to.tag, cseq=inv.cseq[0] + 2,
+                               call_id=inv.call_id, extra="Session-Expires: 120\r\n")
+            for got in of(InDialogRequest, dl.receive_request(server_key(reinvite), reinvite,
+                                                              PHONE, now)):
+                dl.answer(got.key, 200, now, body=OUR_SDP)
+        elif action == "hangup" and slot in calls:
+            _, _, dialog_id = calls.pop(slot)
+            if dl.get(dialog_id) is not None:
+                dl.hangup(dialog_id, now)
+        elif action == "tick":
+            due = dl.next_timer()
+            if due is not None:
+                now = max(now, due)
+                dl.handle_timer(now)
+        assert dl.next_timer() == _scanned_next_timer(dl)
+    for _ in range(500):  # run every timer out: the two agree to the end
+        due = dl.next_timer()
+        assert due == _scanned_next_timer(dl)
+        if due is None:
+            break
+        now = max(now, due)
+        dl.handle_timer(now)
+    assert dl.next_timer() is None or dl.next_timer() > now
+
+
+def test_next_timer_heap_stays_bounded_when_dialogs_come_and_go() -> None:
+    """Ended dialogs leave stale heap entries behind; the heap is rebuilt before it grows
+    past a small multiple of what is live."""
+    dl = layer()
+    for n in range(3000):
+        inv = request("INVITE", body=SDP, call_id=f"gone-{n}@phone",
+                      extra="Session-Expires: 1800\r\n")
+        key = server_key(inv)
+        one(IncomingCall, dl.receive_request(key, inv, PHONE, float(n)))
+        ok = one(SendResponse, dl.answer(key, 200, float(n), body=OUR_SDP)).response
+        dl.receive_request(None, request("ACK", to_tag=ok.to.tag, cseq=inv.cseq[0],
+                                         call_id=inv.call_id), PHONE, float(n))
+        bye = request("BYE", to_tag=ok.to.tag, cseq=inv.cseq[0] + 1, call_id=inv.call_id)
+        dl.receive_request(server_key(bye), bye, PHONE, float(n))
+    assert len(dl._heap) <= 1024 + 2 * (len(dl._pending_acks) + 3 * len(dl._timers)) + 1
+    assert dl.next_timer() == _scanned_next_timer(dl)
 
 
 # -- with a running SipService and SIPp as the phone ------------------------------------------

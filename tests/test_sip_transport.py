@@ -591,3 +591,70 @@ async def test_udp_queue_waits_for_a_full_socket_in_order_and_stays_bounded() ->
         sender.close()
         right.close()
     assert sender.closed.done()
+
+
+class _CountingBatch:
+    """The transport's real DatagramBatch, with each ``send`` call's datagrams noted."""
+
+    def __init__(self, io: DatagramBatch) -> None:
+        self.io = io
+        self.calls: list[int] = []
+
+    def send(self, queue: list, start: int = 0) -> tuple:
+        self.calls.append(len(queue) - start)
+        return self.io.send(queue, start)
+
+    def receive(self) -> list:
+        return self.io.receive()
+
+
+@run_async
+async def test_udp_sends_of_one_loop_turn_go_out_in_one_call_in_order() -> None:
+    # Sends made outside a read batch (timers, media events, tasks) by several callbacks of
+    # one loop turn leave together at the end of the turn, in the order they were made; a
+    # datagram the kernel refuses (port 0) is dropped alone.
+    rec = Recorder()
+    transports = await started(rec)
+    transport, peer = await udp_peer()
+    udp = transports._udp
+    assert udp is not None
+    counting = _CountingBatch(udp._io)
+    udp._io = counting
+    loop = asyncio.get_running_loop()
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        dest = Source("UDP", "127.0.0.1", port)
+        order = [b"one", b"two", b"refused", b"three", b"four"]
+
+        def send(data: bytes) -> None:
+            transports.send(data, Source("UDP", "127.0.0.1", 0) if data == b"refused" else dest)
+
+        for data in order:
+            loop.call_soon(send, data)
+        got = [(await asyncio.wait_for(peer.received.get(), WAIT))[0] for _ in range(4)]
+        assert got == [b"one", b"two", b"three", b"four"]
+        assert counting.calls == [5]
+        assert not udp._queue and udp._queued_bytes == 0
+
+        # The next turn's send is a call of its own.
+        transports.send(b"five", dest)
+        assert (await asyncio.wait_for(peer.received.get(), WAIT))[0] == b"five"
+        assert counting.calls == [5, 1]
+    finally:
+        transport.close()
+        await transports.close()
+
+
+@run_async
+async def test_udp_send_then_close_in_the_same_turn_sends_nothing_and_raises_nothing() -> None:
+    rec = Recorder()
+    transports = await started(rec)
+    transport, peer = await udp_peer()
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        transports.send(b"late", Source("UDP", "127.0.0.1", port))
+        await transports.close()
+        await asyncio.sleep(0)  # the turn the flush would have run in
+        assert peer.received.empty()
+    finally:
+        transport.close()

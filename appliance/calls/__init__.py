@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,6 +27,7 @@ from appliance.sip.dialog import (
     SendRequest,
     SendResponse,
 )
+from appliance.sip.service import TIMER_GRANULARITY
 from appliance.sip.source import Source
 from appliance.sip.transaction import (
     AckReceived,
@@ -214,15 +216,18 @@ class DialogSignalling:
         if self._closed:
             return
         deadline = self.layer.next_timer()
-        if deadline == self._timer_at:
-            return
+        if deadline is None:
+            return  # a wake-up already armed finds nothing due and is not renewed
+        # Wake at the end of the deadline's slot of the SIP service's timer grid, so that a
+        # deadline moving by microseconds (every new dialog) does not re-arm the loop's timer.
+        wake = math.ceil(deadline / TIMER_GRANULARITY) * TIMER_GRANULARITY
+        if self._timer_at is not None and self._timer_at <= wake:
+            return  # an earlier (or the same) wake-up is armed; it reschedules after itself
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            delay = max(0.0, deadline - self.service.clock())
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._timer_at = wake
+        delay = max(0.0, wake - self.service.clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

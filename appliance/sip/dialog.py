@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import collections
 import enum
+import heapq
+import itertools
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -448,8 +450,16 @@ class DialogLayer:
         self._open_invites: dict[DialogId, dict[TransactionKey, _ServerInvite]] = {}
         self._server_requests: dict[TransactionKey, tuple[DialogId, SipMessage]] = {}
         self._client: dict[TransactionKey, _ClientRequest] = {}
+        # Our last re-INVITE per dialog: "is one in progress" is asked of it, not of every
+        # request still kept for retransmissions (32 s of them under load).
+        self._reinvites: dict[DialogId, _ClientRequest] = {}
         self._pending_acks: dict[DialogId, _PendingAck] = {}
         self._timers: dict[DialogId, _Timers] = {}
+        # Every instant set on a pending 2xx or a dialog's timers goes on this heap as
+        # (instant, sequence, dialog id); entries whose instant is no longer set are dropped
+        # when they come to the top, so next_timer() never walks the live dialogs.
+        self._heap: list[tuple[float, int, DialogId]] = []
+        self._heap_seq = itertools.count()
         self._ended: collections.deque[Dialog] = collections.deque(maxlen=1024)
 
     # -- inspection ------------------------------------------------------------------------
@@ -566,10 +576,9 @@ class DialogLayer:
 
     def _reinvite_conflict(self, key: TransactionKey, request: SipMessage,
                            dialog: Dialog) -> list[Output] | None:
-        for tx in self._client.values():
-            if tx.dialog_id == dialog.id and tx.request.method == "INVITE" and not tx.final:
-                # §14.2: our own re-INVITE is in progress: glare.
-                return [SendResponse(key, build_response(request, 491))]
+        if self._reinvite_open(dialog.id):
+            # §14.2: our own re-INVITE is in progress: glare.
+            return [SendResponse(key, build_response(request, 491))]
         if self._open_invites.get(dialog.id):
             # §14.2: a second INVITE before our final answer to the first.
             retry = str(self._rng.randint(0, 10))
@@ -667,6 +676,7 @@ class DialogLayer:
             t1 = self.config.timers.t1
             self._pending_acks[dialog.id] = _PendingAck(
                 pending.key, response, pending.request.cseq[0], now, now + t1, t1)
+            self._schedule(dialog.id, now + t1)
             if pending.initial and dialog.state is not DialogState.CONFIRMED:
                 dialog.state = DialogState.CONFIRMED
                 out.append(DialogConfirmed(dialog.id, response))
@@ -739,10 +749,12 @@ class DialogLayer:
         if session.we_refresh:
             # RFC 4028 §10: the refresher refreshes at half the interval.
             timers.refresh_at, timers.expires_at = now + session.interval / 2, None
+            self._schedule(dialog.id, timers.refresh_at)
         else:
             # §10: without a refresh, BYE at interval - min(32, interval/3).
             grace = min(32.0, session.interval / 3)
             timers.refresh_at, timers.expires_at = None, now + session.interval - grace
+            self._schedule(dialog.id, timers.expires_at)
 
     # -- requests we send (UAC) --------------------------------------------------------------
 
@@ -815,9 +827,7 @@ class DialogLayer:
         if method == "BYE" and dialog.state is DialogState.EARLY and not dialog.is_uac:
             # §15: the callee must not send BYE on an early dialog; it answers the INVITE.
             raise LocalProtocolError("a UAS ends an early dialog with a final response")
-        if method == "INVITE" and any(
-                tx.dialog_id == dialog_id and tx.request.method == "INVITE" and not tx.final
-                for tx in self._client.values()):
+        if method == "INVITE" and self._reinvite_open(dialog_id):
             raise LocalProtocolError("a re-INVITE is already in progress on this dialog")
         if dialog.local_cseq >= MAX_CSEQ:
             raise LocalProtocolError("local CSeq exhausted")
@@ -836,7 +846,9 @@ class DialogLayer:
         request = self._build(method, uri, destination, dialog.local_party, dialog.remote_party,
                               dialog.id.call_id, dialog.local_cseq, routes, extra, body)
         key = TransactionKey(False, method, request.branch or "")
-        self._client[key] = _ClientRequest(key, request, destination, dialog.id)
+        tx = self._client[key] = _ClientRequest(key, request, destination, dialog.id)
+        if method == "INVITE":
+            self._reinvites[dialog.id] = tx
         out: list[Output] = [SendRequest(key, request, destination, dialog.id)]
         if method == "BYE":
             out += self._terminate(dialog, end_reason)
@@ -971,6 +983,7 @@ class DialogLayer:
                      else self._rng.randint(0, 200)) / 100
             timers = self._timers.setdefault(dialog.id, _Timers())
             timers.glare_at, timers.glare_request = now + delay, tx
+            self._schedule(dialog.id, timers.glare_at)
         if method == "UPDATE" and 200 <= status < 300:
             target = _contact_uri(response)
             if target is not None:
@@ -1079,9 +1092,21 @@ class DialogLayer:
         # RFC 4028 §7.2: refresher=uac means us (we sent the request).
         self._set_session(dialog, SessionTimer(se[0], se[1] != "uas"), now)
 
+    def _reinvite_open(self, dialog_id: DialogId) -> bool:
+        """Our re-INVITE on this dialog has no final response yet."""
+        tx = self._reinvites.get(dialog_id)
+        return tx is not None and not tx.final and self._client.get(tx.key) is tx
+
+    def _forget_client(self, key: TransactionKey) -> _ClientRequest | None:
+        tx = self._client.pop(key, None)
+        if tx is not None and tx.dialog_id is not None and self._reinvites.get(
+                tx.dialog_id) is tx:
+            del self._reinvites[tx.dialog_id]
+        return tx
+
     def transaction_failed(self, key: TransactionKey, now: float) -> list[Output]:
         """Timer B/F or a transport failure on one of our requests (§8.1.3.1: as 408)."""
-        tx = self._client.pop(key, None)
+        tx = self._forget_client(key)
         if tx is None or tx.final:
             return []
         out: list[Output] = [RequestFailed(key, key.method, tx.dialog_id)]
@@ -1096,7 +1121,7 @@ class DialogLayer:
 
     def transaction_ended(self, key: TransactionKey) -> None:
         """The transaction layer forgot ``key``: drop what was kept for its retransmissions."""
-        self._client.pop(key, None)
+        self._forget_client(key)
         self._server_requests.pop(key, None)
         # Answered INVITEs are kept until here so a late CANCEL still finds them (§9.2: 200).
         self._forget_invite(key)
@@ -1125,17 +1150,50 @@ class DialogLayer:
 
     def next_timer(self) -> float | None:
         """When ``handle_timer`` must next run, or None."""
-        instants = [p.next_at for p in self._pending_acks.values()]
-        for timers in self._timers.values():
-            instants += [t for t in (timers.glare_at, timers.refresh_at, timers.expires_at)
-                         if t is not None]
-        return min(instants) if instants else None
+        heap = self._heap
+        while heap:
+            at, _, dialog_id = heap[0]
+            if at in self._instants(dialog_id):
+                return at
+            heapq.heappop(heap)  # cleared or moved since it was scheduled
+        return None
+
+    def _instants(self, dialog_id: DialogId) -> tuple[float, ...]:
+        """The instants currently set for one dialog (its pending 2xx and its timers)."""
+        pending = self._pending_acks.get(dialog_id)
+        timers = self._timers.get(dialog_id)
+        ack = (pending.next_at,) if pending is not None else ()
+        if timers is None:
+            return ack
+        return ack + tuple(t for t in (timers.glare_at, timers.refresh_at, timers.expires_at)
+                           if t is not None)
+
+    def _schedule(self, dialog_id: DialogId, at: float) -> None:
+        heap = self._heap
+        heapq.heappush(heap, (at, next(self._heap_seq), dialog_id))
+        live = len(self._pending_acks) + 3 * len(self._timers)
+        if len(heap) > 2 * live + 1024:
+            # Mostly entries of ended dialogs and answered 2xx: rebuild from what is set.
+            self._heap = [(t, next(self._heap_seq), d)
+                          for d in {*self._pending_acks, *self._timers}
+                          for t in self._instants(d)]
+            heapq.heapify(self._heap)
 
     def handle_timer(self, now: float) -> list[Output]:
         """Fire the 2xx retransmissions, glare retries and session timers due at ``now``."""
         out: list[Output] = []
+        heap = self._heap
+        due: dict[DialogId, None] = {}
+        while heap and heap[0][0] <= now:
+            at, _, dialog_id = heapq.heappop(heap)
+            if at in self._instants(dialog_id):
+                due[dialog_id] = None
         t1, t2 = self.config.timers.t1, self.config.timers.t2
-        for dialog_id, pending in list(self._pending_acks.items()):
+        for dialog_id in due:
+            pending = self._pending_acks.get(dialog_id)
+            if pending is None:
+                continue
+            was = pending.next_at
             while dialog_id in self._pending_acks and pending.next_at <= now:
                 if pending.next_at >= pending.started + 64 * t1:
                     # §13.3.1.4: no ACK within 64*T1: confirmed, but ended with BYE.
@@ -1148,7 +1206,12 @@ class DialogLayer:
                 pending.interval = min(2 * pending.interval, t2)
                 pending.next_at = min(pending.next_at + pending.interval,
                                       pending.started + 64 * t1)
-        for dialog_id, timers in list(self._timers.items()):
+            if self._pending_acks.get(dialog_id) is pending and pending.next_at != was:
+                self._schedule(dialog_id, pending.next_at)
+        for dialog_id in due:
+            timers = self._timers.get(dialog_id)
+            if timers is None:
+                continue
             dialog = self._dialogs.get(dialog_id)
             if dialog is None or dialog.state is DialogState.TERMINATED:
                 self._timers.pop(dialog_id, None)
@@ -1156,8 +1219,7 @@ class DialogLayer:
             if timers.glare_at is not None and timers.glare_at <= now:
                 tx = timers.glare_request
                 timers.glare_at, timers.glare_request = None, None
-                busy = any(c.dialog_id == dialog_id and c.request.method == "INVITE"
-                           and not c.final for c in self._client.values())
+                busy = self._reinvite_open(dialog_id)
                 if tx is not None and not busy:
                     headers = [(n, v) for n, v in tx.request.headers if n in (
                         "Content-Type", "Session-Expires")]
@@ -1170,6 +1232,12 @@ class DialogLayer:
                     and dialog.state is DialogState.CONFIRMED):
                 timers.expires_at = None
                 out += self._bye(dialog, now, "session-expired")
+        for dialog_id in due:
+            # A due instant that did not fire (a session expiry outside CONFIRMED) stays set,
+            # and stays due, as it was taken off the heap above.
+            for at in self._instants(dialog_id):
+                if at <= now:
+                    self._schedule(dialog_id, at)
         return out
 
     def _refresh(self, dialog: Dialog, now: float) -> list[Output]:
@@ -1180,10 +1248,10 @@ class DialogLayer:
         headers = [("Session-Expires", f"{dialog.session.interval};refresher=uac")]
         if "UPDATE" in dialog.peer_allows:
             return self.request(dialog.id, "UPDATE", now, headers=headers)[1]
-        if any(tx.dialog_id == dialog.id and tx.request.method == "INVITE" and not tx.final
-               for tx in self._client.values()):
+        if self._reinvite_open(dialog.id):
             # A re-INVITE is in progress (it refreshes too if it succeeds); look again soon.
             self._timers.setdefault(dialog.id, _Timers()).refresh_at = now + self.config.timers.t2
+            self._schedule(dialog.id, now + self.config.timers.t2)
             return []
         return self.request(dialog.id, "INVITE", now, headers=headers,
                             body=dialog.local_sdp)[1]

@@ -21,12 +21,13 @@ import base64
 import hashlib
 import hmac
 import os
-import re
 import struct
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+from media_core.sip import split_auth_params
 
 __all__ = [
     "ALGORITHMS",
@@ -61,9 +62,7 @@ _NONCE_SERIAL = 6
 _NONCE_MAC = 12
 _NONCE_LEN = 8 + _NONCE_SERIAL + _NONCE_MAC
 
-_PARAM = r'\s*([A-Za-z0-9_.!%*+`\'~-]+)\s*=\s*("[^"\\]*(?:\\.[^"\\]*)*"|[^\s,"]*)\s*'
-_PARAM_RE = re.compile(_PARAM + r"(?:,|$)")
-_QUOTED_PAIR_RE = re.compile(r"\\(.)")
+_MAX_HA2_ENTRIES = 1024
 
 
 def compute_ha1(user: str, realm: str, password: str, algorithm: str = "MD5") -> str:
@@ -102,16 +101,27 @@ class AuthResult:
         return self.user is not None
 
 
-@dataclass(frozen=True)
-class Credentials:
-    """The parameters of one ``Digest`` Authorization header (RFC 7616 §3.4)."""
+_NO_CREDENTIALS = AuthResult(None, False, "no credentials")
+_MALFORMED = AuthResult(None, False, "malformed credentials", attempted=True)
+_BAD_RESPONSE = AuthResult(None, False, "bad response", attempted=True)
+_STALE = AuthResult(None, True, "stale nonce")
+_REPLAY = AuthResult(None, False, "nonce count replay", attempted=True)
+
+
+class Credentials(NamedTuple):
+    """The parameters of one ``Digest`` Authorization header (RFC 7616 §3.4).
+
+    Immutable; a named tuple because one is made for every authenticated request.
+    """
 
     username: str
     realm: str
     nonce: str
     uri: str
     response: str
+    """Lower-case hex, as compared."""
     algorithm: str
+    """As sent; "MD5" when absent (RFC 7616 §3.4)."""
     qop: str | None
     nc: str | None
     cnonce: str | None
@@ -131,21 +141,25 @@ def parse_credentials(value: str) -> Credentials | None:
     if scheme.lower() != "digest":
         return None
     params = _auth_params(rest.strip(), "digest")
-    for required in ("username", "realm", "nonce", "uri", "response"):
-        if required not in params:
-            raise ValueError(f"digest parameter {required} missing")
-    return Credentials(
-        username=params["username"],
-        realm=params["realm"],
-        nonce=params["nonce"],
-        uri=params["uri"],
-        response=params["response"].lower(),
-        algorithm=params.get("algorithm", "MD5"),
-        qop=params.get("qop"),
-        nc=params.get("nc"),
-        cnonce=params.get("cnonce"),
-        opaque=params.get("opaque"),
-    )
+    get = params.get
+    try:
+        return Credentials(
+            params["username"],
+            params["realm"],
+            params["nonce"],
+            params["uri"],
+            params["response"].lower(),
+            get("algorithm", "MD5"),
+            get("qop"),
+            get("nc"),
+            get("cnonce"),
+            get("opaque"),
+        )
+    except KeyError:
+        for required in ("username", "realm", "nonce", "uri", "response"):
+            if required not in params:
+                raise ValueError(f"digest parameter {required} missing") from None
+        raise
 
 
 class DigestAuthenticator:
@@ -170,6 +184,8 @@ class DigestAuthenticator:
         self.nonce_ttl = float(nonce_ttl)
         self._secret = bytes(secret)
         self._mac_key = hmac.new(self._secret, b"nonce:" + realm.encode(), hashlib.sha256).digest()
+        # Keyed BLAKE2b spends a whole block on the key: do that once and copy the state.
+        self._mac_state = hashlib.blake2b(key=self._mac_key, digest_size=_NONCE_MAC)
         self._max_tracked = max_tracked_nonces
         # nonce -> (issued_ms, highest nc seen), in order of first use.
         self._nc_seen: OrderedDict[str, tuple[int, int]] = OrderedDict()
@@ -180,6 +196,21 @@ class DigestAuthenticator:
         # unpredictable without the secret, and os.urandom per challenge is slow on VMs.
         self._serial = int.from_bytes(os.urandom(_NONCE_SERIAL), "big")
         self.md5_first_user_agents = tuple(ua.lower() for ua in md5_first_user_agents if ua)
+        # The challenge values around the nonce, made once: (prefix, suffix per algorithm) for
+        # each order and stale flag.
+        self._challenge_prefix = f"Digest realm={self._realm_q}, nonce=\""
+        self._challenge_suffixes = {
+            (order, stale): tuple(
+                f'", algorithm={alg}, qop="auth"' + (", stale=true" if stale else "")
+                for alg in order
+            )
+            for order in (ALGORITHMS, ALGORITHMS[::-1])
+            for stale in (False, True)
+        }
+        self._ok: dict[str, AuthResult] = {}
+        self._md5_first: dict[str, bool] = {}  # User-Agent -> listed in md5_first_user_agents
+        # H(method:digest-uri) per (algorithm, method, uri): phones of a site send a handful.
+        self._ha2: dict[tuple[str, str, str], str] = {}
 
     # -- nonces -----------------------------------------------------------------------------
 
@@ -203,22 +234,25 @@ class DigestAuthenticator:
         self._serial = (self._serial + 1) % (1 << (8 * _NONCE_SERIAL))
         head = struct.pack(">q", int(now * 1000)) + self._serial.to_bytes(_NONCE_SERIAL, "big")
         mac = self._nonce_mac(head)
-        return base64.urlsafe_b64encode(head + mac).decode().rstrip("=")
+        # Lower-case hex: made and read back by one C call each (base64 costs microseconds).
+        return (head + mac).hex()
 
     def _nonce_mac(self, head: bytes) -> bytes:
         # Keyed BLAKE2b is a MAC by design (RFC 7693 §2.5) and, unlike OpenSSL's HMAC here,
         # costs about a microsecond: it runs twice per registration.
-        return hashlib.blake2b(head, key=self._mac_key, digest_size=_NONCE_MAC).digest()
+        mac = self._mac_state.copy()
+        mac.update(head)
+        return mac.digest()
 
     def _nonce_issued_ms(self, nonce: str) -> int | None:
         """The issue time (ms) of a nonce we made, or None if it is not ours."""
-        if len(nonce) != 35:  # base64 of _NONCE_LEN bytes without padding
+        if len(nonce) != 2 * _NONCE_LEN:
             return None
         try:
-            raw = base64.urlsafe_b64decode(nonce + "=")
-        except (ValueError, TypeError):
+            raw = bytes.fromhex(nonce)
+        except ValueError:
             return None
-        if len(raw) != _NONCE_LEN:
+        if raw.hex() != nonce:  # one spelling per nonce: the nonce-count table is keyed by it
             return None
         head, mac = raw[:-_NONCE_MAC], raw[-_NONCE_MAC:]
         good = self._nonce_mac(head)
@@ -239,20 +273,24 @@ class DigestAuthenticator:
         WWW-Authenticate (401).
         """
         name = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
-        nonce = self.make_nonce(now)
-        tail = ", stale=true" if stale else ""
+        head = self._challenge_prefix + self.make_nonce(now)
         order = ALGORITHMS
         if self.md5_first_user_agents and request is not None:
             ua = request.get("User-Agent")
-            if ua and any(needle in ua.lower() for needle in self.md5_first_user_agents):
+            if ua and self._wants_md5_first(ua):
                 order = ALGORITHMS[::-1]
-        return [
-            (
-                name,
-                f'Digest realm={self._realm_q}, nonce="{nonce}", algorithm={alg}, qop="auth"{tail}',
-            )
-            for alg in order
-        ]
+        first, second = self._challenge_suffixes[order, stale]
+        return [(name, head + first), (name, head + second)]
+
+    def _wants_md5_first(self, user_agent: str) -> bool:
+        listed = self._md5_first.get(user_agent)
+        if listed is None:
+            lowered = user_agent.lower()
+            listed = any(needle in lowered for needle in self.md5_first_user_agents)
+            if len(self._md5_first) >= 256:
+                self._md5_first.clear()  # bounded: a flood of User-Agents only costs re-work
+            self._md5_first[user_agent] = listed
+        return listed
 
     # -- verification -----------------------------------------------------------------------
 
@@ -260,10 +298,7 @@ class DigestAuthenticator:
         """Return (credentials for our realm, malformed-seen)."""
         header = "Proxy-Authorization" if proxy else "Authorization"
         malformed = False
-        for name, value in request.headers:
-            # The codec gives header names in their canonical form.
-            if name != header:
-                continue
+        for value in request.get_all(header):  # one value per field line: never split
             try:
                 creds = parse_credentials(value)
             except ValueError:
@@ -279,49 +314,52 @@ class DigestAuthenticator:
         """Check the request's Digest credentials against the accounts."""
         creds, malformed = self._pick_credentials(request, proxy)
         if creds is None:
-            if malformed:
-                return AuthResult(None, False, "malformed credentials", attempted=True)
-            return AuthResult(None, False, "no credentials")
+            return _MALFORMED if malformed else _NO_CREDENTIALS
         return self.verify_credentials(creds, request.method or "", request.uri or "", now)
 
     def verify_credentials(
         self, creds: Credentials, method: str, request_uri: str, now: float
     ) -> AuthResult:
         """Check parsed credentials for a request with this method and Request-URI."""
-        algorithm = creds.algorithm.upper()
+        username, _, nonce, uri, response, algorithm, qop, nc_text, cnonce, _ = creds
+        algorithm = algorithm.upper()
         digest = _HASHES.get(algorithm)
         if digest is None:
             return AuthResult(None, False, "unsupported algorithm", attempted=True)
         # Only qop=auth is offered; a response without qop would make nc replay checks
         # impossible (RFC 7616 §3.4 makes qop mandatory).
-        if creds.qop is None or creds.qop.lower() != "auth" or not creds.cnonce or not creds.nc:
+        if qop is None or qop.lower() != "auth" or not cnonce or not nc_text:
             return AuthResult(None, False, "qop missing", attempted=True)
-        if len(creds.nc) != 8:
+        if len(nc_text) != 8:
             return AuthResult(None, False, "bad nonce count", attempted=True)
         try:
-            nc = int(creds.nc, 16)
+            nc = int(nc_text, 16)
         except ValueError:
             return AuthResult(None, False, "bad nonce count", attempted=True)
         # RFC 7616 §3.4.6 / RFC 2617 §3.2.2.5: the digest-uri must be the Request-URI.
-        if creds.uri != request_uri:
+        if uri != request_uri:
             return AuthResult(None, False, "uri mismatch", attempted=True)
 
-        account = self.accounts.get(creds.username)
+        account = self.accounts.get(username)
         if account is not None:
             ha1 = account.ha1_sha256 if algorithm == "SHA-256" else account.ha1_md5
         else:
             # Same work, same outcome as a wrong password: nothing to enumerate.
-            ha1 = self._standin_ha1(creds.username, algorithm)
-        ha2 = digest(f"{method}:{creds.uri}".encode()).hexdigest()
-        expected = digest(
-            f"{ha1}:{creds.nonce}:{creds.nc}:{creds.cnonce}:{creds.qop}:{ha2}".encode()
-        ).hexdigest()
-        correct = hmac.compare_digest(expected, creds.response)
-        if not correct or account is None:
-            return AuthResult(None, False, "bad response", attempted=True)
+            ha1 = self._standin_ha1(username, algorithm)
+        ha2_key = (algorithm, method, uri)
+        ha2 = self._ha2.get(ha2_key)
+        if ha2 is None:
+            ha2 = digest(f"{method}:{uri}".encode()).hexdigest()
+            if len(self._ha2) >= _MAX_HA2_ENTRIES:
+                self._ha2.clear()  # bounded: odd digest-uris only cost re-work
+            self._ha2[ha2_key] = ha2
+        expected = digest(f"{ha1}:{nonce}:{nc_text}:{cnonce}:{qop}:{ha2}".encode()).hexdigest()
+        if not hmac.compare_digest(expected, response) or account is None:
+            return _BAD_RESPONSE
 
-        issued_ms = self._nonce_issued_ms(creds.nonce)
+        issued_ms = self._nonce_issued_ms(nonce)
         now_ms = int(now * 1000)
+        seen_table = self._nc_seen
         # A nonce that is not ours (e.g. made before a restart with another secret), from the
         # future, or too old: the password was right, so ask again with stale=true (RFC 7616
         # §3.3) and the phone retries without prompting anyone.
@@ -329,16 +367,19 @@ class DigestAuthenticator:
             issued_ms is None
             or issued_ms > now_ms
             or now_ms - issued_ms > self.nonce_ttl * 1000
-            or (issued_ms <= self._evicted_up_to_ms and creds.nonce not in self._nc_seen)
+            or (issued_ms <= self._evicted_up_to_ms and nonce not in seen_table)
         ):
-            return AuthResult(None, True, "stale nonce")
-        seen = self._nc_seen.get(creds.nonce)
+            return _STALE
+        seen = seen_table.get(nonce)
         if seen is not None and nc <= seen[1]:
-            return AuthResult(None, False, "nonce count replay", attempted=True)
-        self._nc_seen[creds.nonce] = (issued_ms, nc)
+            return _REPLAY
+        seen_table[nonce] = (issued_ms, nc)
         if seen is None:
             self._prune(now_ms)
-        return AuthResult(creds.username, False, "ok")
+        ok = self._ok.get(username)
+        if ok is None:  # one per account (only accounts get here): results are immutable
+            ok = self._ok[username] = AuthResult(username, False, "ok")
+        return ok
 
     def _standin_ha1(self, user: str, algorithm: str) -> str:
         mac = hmac.new(self._secret, f"standin:{algorithm}:{user}".encode(), hashlib.sha256)
@@ -452,25 +493,18 @@ def _auth_params(text: str, what: str) -> dict[str, str]:
     """``name=value, name="quoted"`` pairs (RFC 7235 §2.1 auth-param); ValueError if bad."""
     if not text:
         return {}
-    # One C-level pass: ``split`` yields [gap, name, value, gap, name, value, ..., tail]; the
-    # list is well-formed exactly when every pair is followed by "," or the end, that is when
-    # no gap or tail is left between them.
-    parts = _PARAM_RE.split(text)
-    if len(parts) < 3 or any(parts[0::3]):
+    pairs = split_auth_params(text)  # the codec's C loop: names lower-cased, values unquoted
+    if pairs is None:
         raise ValueError(f"malformed {what} parameters")
-    names = parts[1::3]
-    if len(names) > _MAX_AUTH_PARAMS:
+    if len(pairs) > _MAX_AUTH_PARAMS:
         raise ValueError(f"too many {what} parameters")
-    params: dict[str, str] = {}
-    for name, raw in zip(names, parts[2::3], strict=True):
-        name = name.lower()
-        if raw[:1] == '"':
-            raw = raw[1:-1]
-            if "\\" in raw:
-                raw = _QUOTED_PAIR_RE.sub(r"\1", raw)
-        if name in params:
-            raise ValueError(f"repeated {what} parameter {name}")
-        params[name] = raw
+    params = dict(pairs)
+    if len(params) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"repeated {what} parameter {name}")
+            seen.add(name)
     return params
 
 

@@ -14,7 +14,6 @@ database, so bindings survive a restart.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
@@ -52,6 +51,7 @@ _COLUMNS = (
 # RFC 3261 §20.19: expires is delta-seconds, up to 2**32 - 1.
 _MAX_DELTA = 2**32 - 1
 _PRUNE_INTERVAL = 30.0
+_TAGS_PER_READ = 256
 _MAX_CONTACTS = 10
 # Rows per statement in the writer: one multi-row statement is one sqlite3_step, and every
 # step releases and re-takes the GIL, a hand-off the event loop thread then waits for.
@@ -404,10 +404,11 @@ class Registrar:
         self.auth = auth
         self.guard = guard
         self._next_prune: float | None = None
-        # To tags (RFC 3261 §19.3: unique, random-looking, >= 32 bits) from a keyed hash of a
-        # counter: as good as os.urandom per response and much cheaper on virtual machines.
-        self._tag_key = os.urandom(16)
-        self._tag_serial = 0
+        # To tags (RFC 3261 §19.3: unique, cryptographically random, >= 32 bits): 48 random
+        # bits each, cut from one os.urandom read per _TAGS_PER_READ responses (a read per
+        # response is slow on virtual machines).
+        self._tags = ""
+        self._tag_at = 0
         self.stats: dict[str, int] = {"registered": 0, "challenged": 0, "failed": 0, "refused": 0}
 
     # -- public -----------------------------------------------------------------------------
@@ -459,10 +460,12 @@ class Registrar:
         return build_response(request, status, reason, headers=headers, to_tag=self._new_tag())
 
     def _new_tag(self) -> str:
-        self._tag_serial += 1
-        return hashlib.blake2b(
-            self._tag_serial.to_bytes(8, "big"), key=self._tag_key, digest_size=6
-        ).hexdigest()
+        at = self._tag_at
+        if at >= len(self._tags):
+            self._tags = os.urandom(6 * _TAGS_PER_READ).hex()
+            at = 0
+        self._tag_at = at + 12
+        return self._tags[at:at + 12]
 
     def _register(self, request: SipMessage, source: Source, now: float) -> SipMessage:
         # The address of record must be a SIP URI (RFC 3261 §10.3 step 5); checked before
@@ -499,7 +502,7 @@ class Registrar:
         cseq = request.cseq[0]
         header_expires = self._header_expires(request)
 
-        raw_contacts = [v.strip() for v in request.get_all("Contact")]
+        raw_contacts = request.get_all("Contact")  # items come stripped
         held = {b.key: b for b in self.store.bindings(aor) if b.expires_at > now}
 
         # Step 6: "Contact: *" removes every binding, only with Expires: 0 and alone.

@@ -121,8 +121,10 @@ class _Datagrams:
 
     Each wake-up reads up to ``_RECV_BATCH`` datagrams with one ``recvmmsg`` (asyncio's datagram
     transport reads one per loop iteration). What the batch's messages send is queued and goes
-    out with one ``sendmmsg`` once the batch is handled; a send outside a batch goes at once.
-    Datagrams wait in the queue only while the socket is full, up to ``_SEND_BACKLOG_BYTES``.
+    out with one ``sendmmsg`` once the batch is handled; what is sent outside a batch (timers,
+    media events, call control's tasks) goes out with one ``sendmmsg`` at the end of the event
+    loop's turn (``call_soon``), in the order it was sent. Datagrams wait longer only while the
+    socket is full, up to ``_SEND_BACKLOG_BYTES``.
     """
 
     def __init__(self, owner: SipTransports, sock: socket.socket) -> None:
@@ -137,6 +139,7 @@ class _Datagrams:
         self._queued_bytes = 0
         self._reading = False
         self._writer_armed = False
+        self._flush_handle: asyncio.Handle | None = None
         self.loop.add_reader(sock.fileno(), self._read_ready)
 
     def _read_ready(self) -> None:
@@ -163,7 +166,7 @@ class _Datagrams:
                 return
         finally:
             self._reading = False
-            if self._queue and not self._writer_armed:
+            if self._queue and not self._writer_armed and self._flush_handle is None:
                 self._flush()
 
     def send(self, data: bytes, host: str, port: int) -> None:
@@ -181,7 +184,13 @@ class _Datagrams:
             return
         self._queue.append((data, name))
         self._queued_bytes += len(data)
-        if not self._reading and not self._writer_armed:
+        if not self._reading and not self._writer_armed and self._flush_handle is None:
+            # Callbacks run in this turn after this one may send too: one sendmmsg for all.
+            self._flush_handle = self.loop.call_soon(self._flush_turn)
+
+    def _flush_turn(self) -> None:
+        self._flush_handle = None
+        if self._queue and not self._writer_armed:
             self._flush()
 
     def _address(self, host: str, port: int) -> bytes | None:
@@ -226,6 +235,9 @@ class _Datagrams:
             self._writer_armed = True
 
     def close(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.loop.remove_writer(self.sock.fileno())
