@@ -36,6 +36,8 @@ from typing import Any
 
 import sqlite_utils
 
+from appliance.dbwriter import atomic, in_batch
+
 MAX_PAYLOAD_BYTES = 256 * 1024
 """Largest payload (UTF-8 JSON); the cloud refuses anything bigger (docs/cloud.md, limits)."""
 MAX_KIND_CHARS = 64
@@ -141,8 +143,15 @@ def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
 
     IMMEDIATE takes the write lock at once, so a concurrent writer (the edge agent's short
     bookkeeping transactions) waits on the busy timeout instead of failing an upgrade.
+
+    Inside a ``DatabaseWriter`` job (``appliance.dbwriter``) it is a savepoint of the batch's
+    transaction instead: all or nothing as well, committed (durable) with the batch.
     """
     conn = db.conn
+    if in_batch(conn):
+        with atomic(conn):
+            yield conn
+        return
     if conn.in_transaction:
         raise EventLogError("a transaction is already open on this connection")
     conn.execute("BEGIN IMMEDIATE")

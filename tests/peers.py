@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -374,13 +374,15 @@ class Agent:
 
 @contextlib.contextmanager
 def agent_phone(tmp: Path, site: Site, running: Running, mode: str, talk: float = 0.0,
-                user: str = "1001") -> Iterator[Agent]:
+                user: str = "1001", *, login: bool = True) -> Iterator[Agent]:
+    """A registered pjsua2 phone of ``user`` in ``mode``, logged in first (``*70``) unless
+    ``login`` is false, the mode dials at once, or the phone is ``idle``."""
     pytest.importorskip("pjsua2")
     mark = len(running.log_text())
     agent = Agent(tmp, site, running.port, user, mode, talk)
     try:
         assert agent.wait("registered")["code"] == 200
-        if mode.startswith("dial:") or mode == "idle":
+        if mode.startswith("dial:") or mode == "idle" or not login:
             yield agent  # the phone dials at once; it may be gone before any login
             return
         # With an agent desk the agent logs in with *70 (403: already logged in); without
@@ -647,6 +649,133 @@ class Carrier:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+@contextlib.contextmanager
+def carrier_for(tmp: Path, running: Running, port: int, scenario: str, calls: int = 1
+                ) -> Iterator[Carrier]:
+    """SIPp as the carrier on ``port`` playing ``scenario`` ``calls`` times (``Carrier``) for
+    the block; a block that ends without an error must leave the scenario passed (SIPp's exit
+    0), and SIPp is gone either way."""
+    carrier = Carrier(tmp, scenario, calls=calls, port=port)
+    try:
+        yield carrier
+        assert carrier.finish() == 0, carrier.text()[-3000:] + running.log_text()[-3000:]
+    finally:
+        carrier.close()
+
+
+# --------------------------------------------------------------------------- shared call set-up
+
+TRUNK_USER, TRUNK_REALM, TRUNK_PASSWORD = "site-trunk", "carrier.test", "trunk-secret"
+"""The digest account SIPp-as-carrier challenges for (tests/sipp/carrier_uas_retry.xml)."""
+
+
+def with_carrier(data: dict, carrier_port: int) -> None:
+    """site.yaml data: calls to numbers go to SIPp on 127.0.0.1:``carrier_port``, whose
+    challenge is answered from the trunk account's HA1."""
+    import hashlib
+
+    ha1 = hashlib.md5(f"{TRUNK_USER}:{TRUNK_REALM}:{TRUNK_PASSWORD}".encode()).hexdigest()
+    data["trunk"].update(carrier={"host": "127.0.0.1", "port": carrier_port},
+                         auth={"user": TRUNK_USER, "realm": TRUNK_REALM, "ha1_md5": ha1})
+
+
+@contextlib.contextmanager
+def live_site(directory: Path, edit: Callable[[dict], None] | None = None, *,
+              agents: int = 2, **options: Any) -> Iterator[LiveAppliance]:
+    """A demo site (``make_site`` with ``agents`` and ``edit``) served by a ``LiveAppliance``
+    (``options``: ``desk``, ``log_name``) until the block ends: the body of the call tests'
+    module fixtures."""
+    pytest.importorskip("pjsua2")
+    appliance = LiveAppliance(make_site(directory, agents, edit=edit), **options).start()
+    try:
+        yield appliance
+    finally:
+        appliance.close()
+
+
+@contextlib.contextmanager
+def trunk_caller(tmp: Path, live: LiveAppliance, menu: str = "") -> Iterator[tuple[Agent, str]]:
+    """A pjsua2 caller from the carrier (127.0.0.2) dialling the demo DID (pressing ``menu``,
+    default "1"), with the id of the call it made; hung up and gone when the block ends."""
+    with live.changed:
+        seen = {p["call_id"] for k, p in live.events if k == "call.offered"}
+    caller = Agent(tmp, live.site, live.port, "carrier",
+                   f"trunk:{DID}/{menu}" if menu else f"trunk:{DID}")
+    try:
+        call_id = live.wait_event("call.offered",
+                                  match=lambda p: p["call_id"] not in seen)["call_id"]
+        yield caller, call_id
+    finally:
+        caller.close()
+        if caller.proc.returncode is None:
+            caller.proc.kill()
+
+
+class ConnectedCall(NamedTuple):
+    """A carrier caller talking to an agent, as every transfer test starts: the answering
+    agent's phone (1001), another agent's registered phone for the transfer (None when not
+    asked for), the carrier's caller (pjsua2 from 127.0.0.2) and call control's call id."""
+
+    agent: Agent
+    colleague: Agent | None
+    caller: Agent
+    call_id: str
+
+
+@contextlib.contextmanager
+def connected_call(tmp: Path, live: LiveAppliance, *, agent_mode: str = "answer",
+                   colleague: str | None = "1002", colleague_mode: str = "answer"
+                   ) -> Iterator[ConnectedCall]:
+    """The shared start of the transfer tests: agent 1001's phone (``agent_mode`` "answer",
+    or "idle": answered on command) and ``colleague``'s phone registered, then a carrier
+    caller queued to 1001, answered on both sides; every phone gone when the block ends."""
+    with contextlib.ExitStack() as stack:
+        agent = stack.enter_context(agent_phone(tmp, live.site, live, agent_mode, user="1001"))
+        other = None if colleague is None else stack.enter_context(
+            agent_phone(tmp, live.site, live, colleague_mode, user=colleague))
+        caller, call_id = stack.enter_context(trunk_caller(tmp, live))
+        if agent_mode == "idle":
+            agent.next("incoming")
+            agent.command("answer")
+        agent.next("answered")
+        caller.next("answered")
+        yield ConnectedCall(agent, other, caller, call_id)
+
+
+def hears(phone: Agent, path: Path, seconds: float = 2.0) -> tuple[np.ndarray, int]:
+    """What ``phone`` hears for ``seconds`` (samples, rate); at least half of it recorded."""
+    phone.command(f"record {path} {seconds}")
+    phone.next("recorded", timeout=seconds + 15)
+    samples, rate = read_heard(path)
+    assert samples.size > rate * seconds * 0.5, (samples.size, rate)
+    return samples, rate
+
+
+def write_tone_pcap(path: Path, hz: float, seconds: float) -> None:
+    """A libpcap file of RTP (RFC 3550 §5.1, PCMA payload type 8 per RFC 3551 §6) carrying a
+    sine tone in 20 ms packets, paced by the packets' capture times (SIPp replays by them)."""
+    import struct
+
+    from media_core.g711 import alaw_encode
+
+    t = np.arange(int(seconds * 8000)) / 8000
+    payload = alaw_encode((0.3 * 32767 * np.sin(2 * np.pi * hz * t)).astype(np.int16))
+    loopback = socket.inet_aton("127.0.0.1")
+    with open(path, "wb") as out:
+        # Global header: magic, version 2.4, UTC offset, accuracy, snap length, Ethernet.
+        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i in range(len(payload) // 160):
+            rtp = struct.pack("!BBHII", 0x80, 8, i, i * 160, 0x5EED) + payload[
+                i * 160:(i + 1) * 160]
+            udp = struct.pack("!HHHH", 40000, 40002, 8 + len(rtp), 0) + rtp
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xFFFF, 0, 64, 17, 0,
+                             loopback, loopback) + udp
+            frame = b"\x00" * 12 + b"\x08\x00" + ip
+            usec = i * 20_000
+            out.write(struct.pack("<IIII", usec // 1_000_000, usec % 1_000_000, len(frame),
+                                  len(frame)) + frame)
 
 
 def read_heard(path: Path) -> tuple[np.ndarray, int]:

@@ -1,9 +1,9 @@
 """The compiled ACD router decides exactly as the pure-Python reference.
 
 Hypothesis draws a small random configuration (strategies, skills, relaxation, overflow rules,
-callbacks, rejoin windows) and a bounded run of events and clock ticks, most of them chosen from
-what the current state allows (answer a ringing offer, end a call in progress) and some of them
-misuse. After every step both routers must return the same decisions, or refuse with the same
+callbacks, rejoin windows) and a bounded run of events and clock ticks (callers sent back to
+the queue with an earlier place among them), most of them chosen from what the current state
+allows (answer a ringing offer, end a call in progress) and some of them misuse. After every step both routers must return the same decisions, or refuse with the same
 error and unchanged state, and agree on their full state and next timer; and that state keeps
 the invariants every state must (ringing counts match the offers, no agent beyond their cap,
 callers in the global order).
@@ -168,7 +168,17 @@ def _draw_event(rnd: random.Random, cfg: m.RouterConfig, snap: dict, n_calls: in
     kind = rnd.choices(EVENT_KINDS, EVENT_WEIGHTS)[0]
     if kind == "join":
         call = f"c{n_calls}" if rnd.random() < 0.95 else f"c{max(0, n_calls - 1)}"
-        return m.CallerJoin(call, rnd.choice(queues), rnd.choice(NUMBERS), rnd.choice((0, 0, 1, 2)))
+        place = None
+        if rnd.random() < 0.25:
+            # Sent back to the queue with an earlier place: sometimes exactly a waiting
+            # caller's (ties go to arrival), sometimes the time of joining itself.
+            places = [c.place_time for c in callers]
+            if places and rnd.random() < 0.4:
+                place = rnd.choice(places)
+            else:
+                place = max(0.0, now - rnd.choice((0.0, 3.0, 10.0, 40.0)))
+        return m.CallerJoin(call, rnd.choice(queues), rnd.choice(NUMBERS),
+                            rnd.choice((0, 0, 1, 2)), place)
     if kind == "wrap" and wrapping and rnd.random() < 0.9:
         return m.WrapUpEnded(rnd.choice(wrapping))
     if kind in ("login", "logout", "pause", "unpause", "wrap"):
@@ -217,6 +227,9 @@ def _draw_event(rnd: random.Random, cfg: m.RouterConfig, snap: dict, n_calls: in
         m.CallerJoin("bad", "no-such-queue"),
         m.CallerJoin("bad", queues[0], priority=2**40),
         m.CallerJoin("", queues[0]),
+        m.CallerJoin("bad", queues[0], place_time=now + 1.0),
+        m.CallerJoin("bad", queues[0], place_time=rnd.choice(
+            (float("nan"), float("-inf"), True, "10", -(10**400)))),
         m.AgentLogin("nobody"),
         "not an event",
     ))

@@ -305,6 +305,57 @@ def test_caller_who_abandons_and_calls_again_rejoins_at_their_old_place(make):
     assert r.caller_view("c2-late").place_time == 111.0
 
 
+def test_caller_sent_back_to_the_queue_keeps_their_place_among_their_priority(make):
+    r = make([queue("q", "a0")], agents("a0"))
+    for call, at in (("early", 0), ("mid", 10), ("late", 20)):
+        r.handle(CallerJoin(call, "q"), at)
+    r.handle(CallerJoin("vip", "q", priority=1), 25)
+    # first queued at 5, sent back at 30: ahead of those who joined after 5, behind the rest
+    assert r.handle(CallerJoin("back", "q", place_time=5.0), 30) == []
+    assert r.waiting("q") == ("vip", "early", "back", "mid", "late")
+    assert r.position("back") == 3
+    assert r.caller_view("back").place_time == 5.0
+    # the same place as a waiting caller: who joined first goes first
+    r.handle(CallerJoin("tie", "q", place_time=10), 31)
+    assert r.waiting("q") == ("vip", "early", "back", "mid", "tie", "late")
+    # a place given as now is an ordinary join
+    r.handle(CallerJoin("now", "q", place_time=32.0), 32)
+    assert r.waiting("q")[-1] == "now"
+    assert [d.call for d in r.handle(AgentLogin("a0"), 40)] == ["vip"]
+    r.handle(OfferAccepted("vip", "a0"), 41)
+    assert r.handle(CallEnded("vip", "a0"), 42) == [Offer("early", ("a0",), "q")]
+    r.handle(OfferAccepted("early", "a0"), 43)
+    assert r.handle(CallEnded("early", "a0"), 44) == [Offer("back", ("a0",), "q")]
+
+
+def test_sent_back_caller_relaxes_skills_from_their_place_but_times_out_from_the_join(make):
+    q = queue("q", "junior", required_skills=(("billing", 8),),
+              relax_steps=(RelaxStep(10.0, lower_by=4),), max_wait=60.0)
+    r = make([q], [AgentConfig("junior", skills=(("billing", 4),))])
+    r.handle(CallerJoin("back", "q", place_time=25.0), 30)
+    assert r.next_timer() == 35.0  # place 25 + 10 s, not the join + 10 s
+    assert r.handle(AgentLogin("junior"), 31) == []  # billing 8 still needed
+    assert r.handle_timer(35.0) == [Offer("back", ("junior",), "q")]
+    r.handle(OfferRejected("back", "junior"), 36)
+    r.handle(AgentLogout("junior"), 36)
+    assert r.next_timer() == 90.0  # max_wait from the join at 30, not from the place at 25
+    assert r.handle_timer(89.0) == []
+    assert r.handle_timer(90.0) == [Overflow("back", "q", OverflowReason.TIMEOUT, "")]
+
+
+def test_a_given_place_wins_over_a_remembered_one_which_stays(make):
+    r = make([queue("q", "a0", rejoin_window=60.0)], agents("a0"))
+    r.handle(CallerJoin("c1", "q", caller_number="5551001"), 0)
+    r.handle(CallerAbandon("c1"), 5)
+    r.handle(CallerJoin("c1-back", "q", caller_number="5551001", place_time=8.0), 10)
+    assert r.caller_view("c1-back").place_time == 8.0
+    assert len(r.snapshot()["rejoin"]) == 1
+    r.handle(CallerJoin("c1-again", "q", caller_number="5551001"), 20)
+    assert r.caller_view("c1-again").place_time == 0.0
+    assert r.waiting("q") == ("c1-again", "c1-back")
+    assert r.snapshot()["rejoin"] == ()
+
+
 # ------------------------------------------------------------------------------ agents
 
 def test_wrap_up_is_honoured_across_all_the_agents_queues(make):
@@ -480,6 +531,12 @@ def test_position_and_estimated_wait_follow_handle_times_and_staffing(make):
     CallerJoin("", "q"),
     CallerJoin("c9", "q", priority=2**40),
     CallerJoin("c9", "q", priority="high"),
+    CallerJoin("c9", "q", place_time=2.5),  # after now
+    CallerJoin("c9", "q", place_time=math.nan),
+    CallerJoin("c9", "q", place_time=-math.inf),
+    CallerJoin("c9", "q", place_time=True),
+    CallerJoin("c9", "q", place_time="1"),
+    CallerJoin("c9", "q", place_time=-(10**400)),
     OfferAccepted("dup", "a0"),  # ringing at a1, not a0
     OfferAccepted("ghost", "a0"),
     CallEnded("dup", "a0"),  # still ringing, not connected

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_api_agents import AgentsApi, template  # noqa: F401 -- the users' template fixture
 
 from appliance import eventlog
 from appliance.acd import model as m
@@ -719,20 +720,30 @@ def test_close_flushes_everything_and_then_refuses(db_path: Path) -> None:
 def test_a_close_that_times_out_says_so_and_loses_only_what_waited(db_path: Path,
                                                                    caplog: Any) -> None:
     desk = open_desk(db_path)
-    lock = WriteLock(db_path)
+    started, release = threading.Event(), threading.Event()
+
+    def in_progress(conn: Any, db: Any) -> None:
+        # A change the writer is busy with (its batch is open) while the others wait.
+        conn.execute("INSERT INTO agent_desk (agent, presence, reason, since, actor, source) "
+                     "VALUES ('1003', 'available', NULL, 1.0, 'a', 's')")
+        started.set()
+        assert release.wait(15)
+
+    desk.writer.write("in-progress", in_progress)
+    assert started.wait(10)
     try:
-        desk.login("1001", T0, actor="a", source="s")  # the writer is on this one
-        desk.login("1002", T0, actor="a", source="s")  # this one waits behind it
+        desk.login("1001", T0, actor="a", source="s")  # these two wait behind it
+        desk.login("1002", T0, actor="a", source="s")
         assert desk.close(0.2) is False
-        assert "event=agent_desk_stop_unflushed" in caplog.text and "pending=2" in caplog.text
+        assert "event=agent_desk_stop_unflushed" in caplog.text and "pending=3" in caplog.text
         assert desk.flush(0) is False
     finally:
-        lock.release()
-    desk.writer._pool.shutdown(wait=True)  # the change in progress completes
-    assert committed(db_path, "SELECT agent FROM agent_desk") == [("1001",)]
-    assert committed(db_path, "SELECT COUNT(*) FROM audit_log") == [(1,)]
+        release.set()
+    assert desk.writer.join(15)  # the change in progress completes
+    assert committed(db_path, "SELECT agent FROM agent_desk") == [("1003",)]
+    assert committed(db_path, "SELECT COUNT(*) FROM audit_log") == [(0,)]
     _OPEN.remove(desk)
-    desk.writer._db.close()
+    desk.writer.db.close()
     desk._db.close()
 
 
@@ -840,3 +851,76 @@ def test_calls_held_at_a_crash_are_cleared_and_audited_at_restore(db_path: Path)
     third.restore(T0 + 120)
     assert counts(third)[1] == audits + 1
     assert verify(sqlite3.connect(db_path)).ok
+
+
+def test_the_api_answers_a_change_once_its_rows_are_committed(
+        tmp_path: Path, template: tuple[Path, dict[str, str]]) -> None:  # noqa: F811
+    # The desk's writer is held (a job of its own in progress) while a supervisor logs 1002
+    # in through the API: the answer comes only after the writer let go and committed the
+    # change, and the rows are in the file when it arrives (read by another connection, with
+    # no flush). The desk has a database file of its own here, so that the API's own audit
+    # row (users' file) is not held up with it.
+    api = AgentsApi(tmp_path, template)
+    desk_path = tmp_path / "desk.db"
+    desk = AgentDesk(open_site_db(desk_path), agents=("1001", "1002"), site_id="demo")
+    api.service = RouterDeskService(desk, api.router, clock=api.tick,
+                                    on_decisions=api.decisions.extend)
+    gate_open, release = threading.Event(), threading.Event()
+    try:
+        def hold(_conn: Any, _db: Any) -> None:
+            gate_open.set()
+            assert release.wait(30)
+
+        desk.writer.write("held", hold)
+        assert gate_open.wait(10)
+        seen: dict[str, Any] = {}
+
+        def log_in() -> None:
+            reply = api.as_("sam", "POST", "/api/agents/1002/login")
+            seen["status"] = reply.status
+            seen["rows"] = committed(desk_path, "SELECT agent, presence FROM agent_desk")
+            seen["events"] = committed(desk_path, "SELECT kind FROM events")
+
+        client = threading.Thread(target=log_in)
+        client.start()
+        try:
+            deadline = time.monotonic() + 15
+            while desk.writer.pending < 2:  # the login's rows queued behind the held job
+                assert time.monotonic() < deadline and client.is_alive()
+                time.sleep(0.01)  # polling another thread's progress
+            # No answer while its rows wait (an answer given before the commit would be here
+            # well within this wait; with the commit awaited it cannot come at all).
+            client.join(0.5)
+            assert client.is_alive() and seen == {}
+        finally:
+            release.set()
+        client.join(30)
+        assert seen == {"status": 200, "rows": [("1002", "available")],
+                        "events": [("agent.login",)]}
+    finally:
+        release.set()
+        desk.close()
+        desk._db.close()
+        api.close()
+
+
+def test_the_api_says_so_when_a_change_cannot_be_committed(
+        tmp_path: Path, template: tuple[Path, dict[str, str]]) -> None:  # noqa: F811
+    api = AgentsApi(tmp_path, template)
+    try:
+        conn = sqlite3.connect(tmp_path / "edgecc.db")
+        conn.execute("CREATE TRIGGER no_desk BEFORE INSERT ON agent_desk "
+                     "BEGIN SELECT RAISE(ABORT, 'disk refused'); END")
+        conn.commit()
+        reply = api.as_("sam", "POST", "/api/agents/1002/login")
+        assert reply.status == 503 and "could not be recorded" in reply.body["error"]
+        assert committed(tmp_path / "edgecc.db", "SELECT COUNT(*) FROM events") == [(0,)]
+        conn.execute("DROP TRIGGER no_desk")
+        conn.commit()
+        conn.close()
+        # The next change commits and is answered as usual.
+        assert api.as_("sam", "POST", "/api/agents/1002/pause").status == 200
+        assert committed(tmp_path / "edgecc.db", "SELECT kind FROM events") == [
+            ("agent.pause",)]
+    finally:
+        api.close()

@@ -188,6 +188,11 @@ def test_callback_keeps_its_place_is_retried_and_dialled_once(live, carrier_port
     assert kinds == [("callback.requested", None), ("callback.dialled", 1),
                      ("callback.failed", 1), ("callback.dialled", 2),
                      ("callback.answered", 2)]
+    # Each attempt's ringing (the screen pop) names the request and what the IVR learnt.
+    pops = [p for k, p in live.events if k == "call.ringing" and p.get("callback_of") == r]
+    assert [(p["agent"], p["caller"], p["dialled"]) for p in pops] == [
+        ("1001", REQUESTER, REQUESTER)] * 2
+    assert all(p["variables"]["callback_number"] == REQUESTER for p in pops)
     failed = next(p for k, p in live.events if k == "callback.failed")
     assert (failed["reason"], failed["final"], failed["retry_in_s"]) == (
         "carrier-busy", False, RETRY_INTERVAL)
@@ -272,6 +277,9 @@ def test_pending_callback_survives_a_restart(tmp_path_factory, tmp_path) -> None
         view = second.run(router.caller_view, r)
         assert (view.state, view.queue) == ("callback-waiting", "support")
         assert "event=callbacks_restored restored=1 pending=1" in second.log_text()
+        # What the IVR learnt comes back with it (for the attempts' screen pops).
+        restored = second.run(lambda: dict(second.calls.control.callbacks[r].variables))
+        assert restored["callback_number"] == REQUESTER
         # A caller joining after the restart queues behind the restored callback.
         later = Background(tmp_path, second, "trunk_call", keys={"hangup": "caller"},
                            service=DID, timeout=40)

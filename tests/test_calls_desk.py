@@ -17,14 +17,18 @@ import pytest
 from peers import (
     LiveAppliance,
     agent_phone,
+    carrier_for,
+    free_port,
+    live_site,
     make_site,
     query,
     sipp,
     sipp_failed,
     wait_for,
+    with_carrier,
 )
 
-from appliance.acd.desk import Presence
+from appliance.acd.desk import DeskError, FeatureCode, Presence, parse_feature_code
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (sip-tester) missing"),
@@ -113,3 +117,61 @@ def test_feature_codes_drive_desk_and_router(live, tmp_path) -> None:
     assert records == {first, second}
     # The confirmation calls released their engine legs.
     wait_for(lambda: live.run(lambda: calls.engine.legs_active) == 0, 10, "no engine leg", live)
+
+
+# ------------------------------------------------------------------ numbers are not feature codes
+
+
+@pytest.mark.parametrize("digits", ["+15551234", "+442071234567", "+1 555 123", "5551234",
+                                    "+" + "1" * 40, "sip-user", "+*70"])
+def test_numbers_that_start_with_no_code_are_for_the_dial_rules(digits: str) -> None:
+    assert parse_feature_code(digits) is None
+
+
+@pytest.mark.parametrize("digits", ["*70+1", "*7+", "*+15551234", "*" + "1" * 40])
+def test_star_numbers_stay_feature_codes_and_garbage_after_a_star_is_refused(digits: str
+                                                                              ) -> None:
+    with pytest.raises(DeskError) as caught:
+        parse_feature_code(digits)
+    assert caught.value.status == 400 and caught.value.field == "digits"
+    assert parse_feature_code("*722") == FeatureCode("pause", "2")
+
+
+@pytest.fixture(scope="module")
+def carrier_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def live_out(tmp_path_factory, carrier_port) -> Iterator[LiveAppliance]:
+    """A desk site whose calls to numbers go to SIPp as the carrier on ``carrier_port``."""
+    with live_site(tmp_path_factory.mktemp("calls-desk-out-site"),
+                   lambda data: with_carrier(data, carrier_port), desk=True) as appliance:
+        yield appliance
+
+
+def test_an_agent_at_the_desk_dials_an_e164_number_through_the_carrier(
+        live_out, carrier_port, tmp_path) -> None:
+    number = "+15551230000"
+    with carrier_for(tmp_path, live_out, carrier_port, "carrier_uas_retry") as carrier, \
+            agent_phone(tmp_path, live_out.site, live_out, f"dial:{number}",
+                        talk=1.0) as agent:
+        dialling = live_out.wait_event("call.dialling")
+        assert (dialling["agent"], dialling["number"]) == ("1001", number)
+        agent.wait("answered")
+        agent.wait("disconnected")
+    # The carrier got the number as dialled (its INVITE's Request-URI).
+    assert f"INVITE sip:{number}@" in carrier.text()
+    assert "event=feature_code_refused" not in live_out.log_text()
+    ended = live_out.wait_event("call.ended", match=lambda p: p["call_id"] == dialling["call_id"])
+    assert ended["end_reason"] == "agent-hung-up"
+
+
+def test_an_e164_number_the_dial_rules_refuse_gets_their_answer_not_484(live_out,
+                                                                       tmp_path) -> None:
+    mark = len(live_out.log_text())
+    with agent_phone(tmp_path, live_out.site, live_out, "dial:+442071234567") as agent:
+        gone = agent.wait("disconnected")
+    assert gone["code"] == 403
+    text = live_out.log_text()[mark:]
+    assert "reason=international" in text and "feature_code_refused" not in text

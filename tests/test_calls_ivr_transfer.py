@@ -10,27 +10,26 @@ then answers the retry in the same call and plays speech) or ``carrier_busy`` (4
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator
 
 import pytest
 from peers import (
-    DID,
-    Agent,
-    Carrier,
     LiveAppliance,
     agent_phone,
+    carrier_for,
     channel_rms,
     dominant_hz,
     free_port,
+    hears,
+    live_site,
     log_lines,
-    make_site,
     query,
-    read_heard,
+    trunk_caller,
     wait_for,
+    with_carrier,
+    write_tone_pcap,
 )
 
 # The carrier challenges the first INVITE; the retry is in the same call when the dialog
@@ -39,7 +38,6 @@ CHALLENGING_CARRIER = ("carrier_uas_retry", 1)
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp missing")]
-TRUNK_USER, TRUNK_REALM, TRUNK_PASSWORD = "site-trunk", "carrier.test", "trunk-secret"
 NUMBER = "+15551230000"
 
 
@@ -50,13 +48,9 @@ def carrier_port() -> int:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, carrier_port) -> Iterator[LiveAppliance]:
-    pytest.importorskip("pjsua2")
-    ha1 = hashlib.md5(f"{TRUNK_USER}:{TRUNK_REALM}:{TRUNK_PASSWORD}".encode()).hexdigest()
-
     def edit(data: dict) -> None:
         data["queues"][0].update(members=["1001"], record=False)
-        data["trunk"].update(carrier={"host": "127.0.0.1", "port": carrier_port},
-                             auth={"user": TRUNK_USER, "realm": TRUNK_REALM, "ha1_md5": ha1})
+        with_carrier(data, carrier_port)
         nodes = data["ivr"]["flows"]["main"]["nodes"]
         nodes["welcome"]["options"].update({"2": "to_agent", "3": "to_number", "4": "abroad"})
         nodes["to_agent"] = {"type": "transfer", "number": "1002", "timeout": 3,
@@ -65,33 +59,8 @@ def live(tmp_path_factory, carrier_port) -> Iterator[LiveAppliance]:
         nodes["abroad"] = {"type": "transfer", "number": "+4930123456", "role": "agent",
                            "on_failure": "goodbye"}
 
-    site = make_site(tmp_path_factory.mktemp("calls-ivr-transfer-site"), edit=edit)
-    appliance = LiveAppliance(site).start()
-    try:
+    with live_site(tmp_path_factory.mktemp("calls-ivr-transfer-site"), edit) as appliance:
         yield appliance
-    finally:
-        appliance.close()
-
-
-@contextlib.contextmanager
-def _phone(tmp_path, live: LiveAppliance, user: str, mode: str) -> Iterator[Agent]:
-    """A registered phone of an agent who is in no queue (no login needed)."""
-    phone = Agent(tmp_path, live.site, live.port, user, mode)
-    try:
-        assert phone.wait("registered")["code"] == 200
-        yield phone
-    finally:
-        phone.close()
-        if phone.proc.returncode is None:
-            phone.proc.kill()
-
-
-def _hears(caller: Agent, path, seconds: float = 2.0):
-    caller.command(f"record {path} {seconds}")
-    caller.next("recorded", timeout=seconds + 15)
-    samples, rate = read_heard(path)
-    assert samples.size > rate * seconds * 0.5, (samples.size, rate)
-    return samples, rate
 
 
 def _record(live: LiveAppliance, call_id: str) -> dict:
@@ -104,29 +73,18 @@ def _record(live: LiveAppliance, call_id: str) -> dict:
     return record
 
 
-def _new_call(live: LiveAppliance) -> str:
-    seen = {p["call_id"] for k, p in live.events if k == "call.offered"}
-    return live.wait_event("call.offered", match=lambda p: p["call_id"] not in seen)["call_id"]
-
-
 def test_transfer_to_an_agent_extension(live, tmp_path) -> None:
-    with _phone(tmp_path, live, "1002", "answer") as target:
-        caller = Agent(tmp_path, live.site, live.port, "carrier", f"trunk:{DID}/2")
-        try:
-            call_id = _new_call(live)
-            target.next("incoming")
-            target.next("answered")
-            moved = live.wait_event("call.transfer", match=lambda p: p["call_id"] == call_id)
-            assert (moved["by"], moved["target"], moved["kind"]) == ("ivr:main", "1002", "blind")
-            caller.next("answered")
-            samples, rate = _hears(caller, tmp_path / "agent.wav")
-            assert abs(dominant_hz(samples, rate) - 660) < 10  # agent 1002's phone
-            target.command("quit")  # the agent's phone hangs up and goes
-            caller.next("disconnected")
-        finally:
-            caller.close()
-            if caller.proc.returncode is None:
-                caller.proc.kill()
+    with agent_phone(tmp_path, live.site, live, "answer", user="1002", login=False) as target, \
+            trunk_caller(tmp_path, live, "2") as (caller, call_id):
+        target.next("incoming")
+        target.next("answered")
+        moved = live.wait_event("call.transfer", match=lambda p: p["call_id"] == call_id)
+        assert (moved["by"], moved["target"], moved["kind"]) == ("ivr:main", "1002", "blind")
+        caller.next("answered")
+        samples, rate = hears(caller, tmp_path / "agent.wav")
+        assert abs(dominant_hz(samples, rate) - 660) < 10  # agent 1002's phone
+        target.command("quit")  # the agent's phone hangs up and goes
+        caller.next("disconnected")
     record = _record(live, call_id)
     assert record["ivr_trace"] == ["welcome", "to_agent"]
     assert (record["agent"], record["queue"]) == ("1002", None)
@@ -136,31 +94,20 @@ def test_transfer_to_an_agent_extension(live, tmp_path) -> None:
 def test_no_answer_goes_on_to_the_number_through_the_carrier(live, carrier_port,
                                                              tmp_path) -> None:
     mark = len(live.log_text())
-    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1],
-                      port=carrier_port)
-    try:
-        with _phone(tmp_path, live, "1002", "idle") as target:
-            caller = Agent(tmp_path, live.site, live.port, "carrier", f"trunk:{DID}/2")
-            try:
-                call_id = _new_call(live)
-                target.next("incoming")  # rings for the node's 3 s, never answered
-                samples, rate = _hears(caller, tmp_path / "ringing.wav", 1.0)
-                assert channel_rms(samples) > 100  # the hold music while it rings
-                moved = live.wait_event("call.transfer", timeout=30,
-                                        match=lambda p: p["call_id"] == call_id)
-                assert moved["target"] == NUMBER
-                caller.next("answered")
-                samples, rate = _hears(caller, tmp_path / "far.wav")
-                assert channel_rms(samples) > 100  # the carrier's speech
-                live.run(live.calls.hangup, call_id, by="sup1")
-                caller.next("disconnected")
-            finally:
-                caller.close()
-                if caller.proc.returncode is None:
-                    caller.proc.kill()
-        assert carrier.finish() == 0, carrier.text()[-3000:] + live.log_text()[-3000:]
-    finally:
-        carrier.close()
+    with carrier_for(tmp_path, live, carrier_port, *CHALLENGING_CARRIER), \
+            agent_phone(tmp_path, live.site, live, "idle", user="1002", login=False) as target, \
+            trunk_caller(tmp_path, live, "2") as (caller, call_id):
+        target.next("incoming")  # rings for the node's 3 s, never answered
+        samples, rate = hears(caller, tmp_path / "ringing.wav", 1.0)
+        assert channel_rms(samples) > 100  # the hold music while it rings
+        moved = live.wait_event("call.transfer", timeout=30,
+                                match=lambda p: p["call_id"] == call_id)
+        assert moved["target"] == NUMBER
+        caller.next("answered")
+        samples, rate = hears(caller, tmp_path / "far.wav")
+        assert channel_rms(samples) > 100  # the carrier's speech
+        live.run(live.calls.hangup, call_id, by="sup1")
+        caller.next("disconnected")
     failed = [e for e in log_lines(live, "ivr_transfer_failed", mark) if e["call"] == call_id]
     assert [(e["outcome"], e["status"]) for e in failed] == [("no-answer", "487")]
     record = _record(live, call_id)
@@ -178,25 +125,15 @@ def test_no_answer_goes_on_to_the_number_through_the_carrier(live, carrier_port,
 
 def test_busy_number_goes_to_the_queue(live, carrier_port, tmp_path) -> None:
     mark = len(live.log_text())
-    carrier = Carrier(tmp_path, "carrier_busy", calls=1, port=carrier_port)
-    try:
-        with agent_phone(tmp_path, live.site, live, "answer", user="1001") as agent:
-            caller = Agent(tmp_path, live.site, live.port, "carrier", f"trunk:{DID}/3")
-            try:
-                call_id = _new_call(live)
-                agent.next("answered")  # the on_failure branch queued the caller
-                caller.next("answered")
-                samples, rate = _hears(caller, tmp_path / "queued.wav")
-                assert abs(dominant_hz(samples, rate) - 440) < 10
-                live.run(live.calls.hangup, call_id, by="sup1")
-                caller.next("disconnected")
-            finally:
-                caller.close()
-                if caller.proc.returncode is None:
-                    caller.proc.kill()
-        assert carrier.finish() == 0, carrier.text()[-3000:]
-    finally:
-        carrier.close()
+    with carrier_for(tmp_path, live, carrier_port, "carrier_busy"), \
+            agent_phone(tmp_path, live.site, live, "answer", user="1001") as agent, \
+            trunk_caller(tmp_path, live, "3") as (caller, call_id):
+        agent.next("answered")  # the on_failure branch queued the caller
+        caller.next("answered")
+        samples, rate = hears(caller, tmp_path / "queued.wav")
+        assert abs(dominant_hz(samples, rate) - 440) < 10
+        live.run(live.calls.hangup, call_id, by="sup1")
+        caller.next("disconnected")
     failed = [e for e in log_lines(live, "ivr_transfer_failed", mark) if e["call"] == call_id]
     assert [(e["outcome"], e["status"]) for e in failed] == [("busy", "486")]
     record = _record(live, call_id)
@@ -206,14 +143,8 @@ def test_busy_number_goes_to_the_queue(live, carrier_port, tmp_path) -> None:
 
 def test_dial_rule_refusal_takes_the_failure_branch(live, tmp_path) -> None:
     mark = len(live.log_text())
-    caller = Agent(tmp_path, live.site, live.port, "carrier", f"trunk:{DID}/4")
-    try:
-        call_id = _new_call(live)
+    with trunk_caller(tmp_path, live, "4") as (caller, call_id):
         caller.next("disconnected", timeout=30)  # goodbye, then the flow hangs up
-    finally:
-        caller.close()
-        if caller.proc.returncode is None:
-            caller.proc.kill()
     refused = wait_for(lambda: [e for e in log_lines(live, "ivr_transfer_refused", mark)
                                 if e["call"] == call_id], 10, "the refusal", live)
     assert refused[0]["reason"] == "international"
@@ -283,3 +214,36 @@ def test_transfer_result_drives_the_flow() -> None:
     run = FlowRun(bare, 0.0, "x")
     run.take_actions()
     assert run.handle(CallerHungUp(), 1.0) == [] and run.finished
+
+
+EARLY_HZ = 1400.0
+"""The carrier's early-media tone (tests/sipp/carrier_early_tone.xml plays it)."""
+
+
+def test_caller_hears_the_carriers_ringing_and_early_media(live, carrier_port,
+                                                           tmp_path) -> None:
+    write_tone_pcap(tmp_path / "tone.pcap", EARLY_HZ, 4.0)
+    mark = len(live.log_text())
+    with carrier_for(tmp_path, live, carrier_port, "carrier_early_tone"), \
+            trunk_caller(tmp_path, live, "3") as (caller, call_id):
+        # 180 without a description: ringback from us (440 + 480 Hz), not the music.
+        wait_for(lambda: [e for e in log_lines(live, "transfer_ringback", mark)
+                          if e["call"] == call_id], 20, "the carrier's 180", live)
+        samples, rate = hears(caller, tmp_path / "ringing.wav", 1.0)
+        assert min(abs(dominant_hz(samples, rate) - hz) for hz in (440, 480)) < 10
+        # 183 with a description: the carrier's own tone reaches the caller (RFC 3960).
+        early = wait_for(lambda: [e for e in log_lines(live, "early_media", mark)
+                                  if e["call"] == call_id], 20, "the 183", live)
+        assert (early[0]["kind"], early[0]["target"]) == ("ivr-transfer", NUMBER)
+        samples, rate = hears(caller, tmp_path / "early.wav", 1.5)
+        assert abs(dominant_hz(samples, rate) - EARLY_HZ) < 10
+        assert "answered" not in [e["event"] for e in caller.seen]  # still early media
+        caller.next("answered")
+        live.wait_event("call.transfer", match=lambda p: p["call_id"] == call_id)
+        live.run(live.calls.hangup, call_id, by="sup1")
+        caller.next("disconnected")
+    record = _record(live, call_id)
+    assert record["ivr_trace"] == ["welcome", "to_number"]
+    caller_leg, far = record["legs"]
+    assert far["number"] == NUMBER and far["answered_at"] > caller_leg["started_at"]
+    assert far["media"]["rx_packets"] > 0

@@ -16,15 +16,17 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from peers import (
-    Carrier,
+    TRUNK_USER,
     LiveAppliance,
     agent_phone,
+    carrier_for,
     channel_rms,
     decrypt_recording,
     events_of,
     free_port,
-    make_site,
+    live_site,
     query,
+    with_carrier,
 )
 
 from appliance.calls import CallControlError
@@ -36,7 +38,6 @@ from appliance.config import DiallingConfig, DialRole, TrunkAuth
 CHALLENGING_CARRIER = ("carrier_uas_retry", 1)
 
 NUMBER = "+15551230000"
-TRUNK_USER, TRUNK_REALM, TRUNK_PASSWORD = "site-trunk", "carrier.test", "trunk-secret"
 
 
 # --------------------------------------------------------------------------- dial rules
@@ -109,40 +110,24 @@ def carrier_port() -> int:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, carrier_port) -> Iterator[LiveAppliance]:
-    ha1 = hashlib.md5(f"{TRUNK_USER}:{TRUNK_REALM}:{TRUNK_PASSWORD}".encode()).hexdigest()
-
-    def edit(data: dict) -> None:
-        # The phones are on 127.0.0.1: carrier INVITEs may only come from 127.0.0.2.
-        data.setdefault("trunk", {}).update(
-            allowed_sources=["127.0.0.2/32"],
-            carrier={"host": "127.0.0.1", "port": carrier_port},
-            auth={"user": TRUNK_USER, "realm": TRUNK_REALM, "ha1_md5": ha1})
-
-    site = make_site(tmp_path_factory.mktemp("calls-outbound-site"), edit=edit)
-    appliance = LiveAppliance(site).start()
-    try:
+    # The phones are on 127.0.0.1: carrier INVITEs come only from 127.0.0.2 (make_site).
+    with live_site(tmp_path_factory.mktemp("calls-outbound-site"),
+                   lambda data: with_carrier(data, carrier_port)) as appliance:
         yield appliance
-    finally:
-        appliance.close()
 
 
 @needs_sipp
 @pytest.mark.timeout(120)
 def test_agent_dials_out_through_the_carrier(live, carrier_port, tmp_path) -> None:
     site = live.site
-    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1], port=carrier_port)
-    try:
-        with agent_phone(tmp_path, site, live, f"dial:{NUMBER}", talk=3.0) as agent:
-            dialling = live.wait_event("call.dialling")
-            assert (dialling["agent"], dialling["number"]) == ("1001", NUMBER)
-            agent.wait("answered")
-            agent.wait("hanging_up")
-            agent.wait("disconnected")
-            agent.wait("closed")
-        code = carrier.finish()
-        assert code == 0, carrier.text()[-4000:] + live.log_text()[-3000:]
-    finally:
-        carrier.close()
+    with carrier_for(tmp_path, live, carrier_port, *CHALLENGING_CARRIER) as carrier, \
+            agent_phone(tmp_path, site, live, f"dial:{NUMBER}", talk=3.0) as agent:
+        dialling = live.wait_event("call.dialling")
+        assert (dialling["agent"], dialling["number"]) == ("1001", NUMBER)
+        agent.wait("answered")
+        agent.wait("hanging_up")
+        agent.wait("disconnected")
+        agent.wait("closed")
     messages = carrier.text()
     # The first INVITE was challenged; the second answered it with the trunk's user.
     assert "SIP/2.0 401" in messages and f'username="{TRUNK_USER}"' in messages
@@ -198,18 +183,14 @@ def test_click_to_dial_rings_the_agent_then_the_number(live, carrier_port, tmp_p
         with pytest.raises(CallControlError) as caught:
             live.run(calls.dial, agent, number, by="web")
         assert caught.value.status == status, (agent, number)
-    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1], port=carrier_port)
-    try:
-        with agent_phone(tmp_path, live.site, live, "answer", talk=3.0, user="1001") as agent:
-            call_id = live.run(calls.dial, "1001", "+1 555 123 0001", by="web")
-            incoming = agent.next("incoming")
-            assert "+15551230001" in incoming["remote"]  # the phone shows the number
-            agent.next("answered")
-            live.wait_event("call.ended", match=lambda p: p["call_id"] == call_id)
-            agent.next("disconnected")
-        assert carrier.finish() == 0, carrier.text()[-3000:] + live.log_text()[-3000:]
-    finally:
-        carrier.close()
+    with carrier_for(tmp_path, live, carrier_port, *CHALLENGING_CARRIER), \
+            agent_phone(tmp_path, live.site, live, "answer", talk=3.0, user="1001") as agent:
+        call_id = live.run(calls.dial, "1001", "+1 555 123 0001", by="web")
+        incoming = agent.next("incoming")
+        assert "+15551230001" in incoming["remote"]  # the phone shows the number
+        agent.next("answered")
+        live.wait_event("call.ended", match=lambda p: p["call_id"] == call_id)
+        agent.next("disconnected")
     (direction, dialled, end_reason, answered_at) = query(
         live.site, "SELECT direction, dialled, end_reason, answered_at FROM call_records"
         " WHERE call_id = ?", (call_id,))[0]
@@ -237,14 +218,10 @@ def _invites(messages: str) -> list[dict[str, str]]:
 @needs_sipp
 @pytest.mark.timeout(120)
 def test_challenge_retry_keeps_from_tag_and_raises_cseq(live, carrier_port, tmp_path) -> None:
-    carrier = Carrier(tmp_path, CHALLENGING_CARRIER[0], calls=CHALLENGING_CARRIER[1], port=carrier_port)
-    try:
-        with agent_phone(tmp_path, live.site, live, f"dial:{NUMBER}", talk=1.0) as agent:
-            agent.wait("answered")
-            agent.wait("closed")
-        assert carrier.finish() == 0, carrier.text()[-3000:]
-    finally:
-        carrier.close()
+    with carrier_for(tmp_path, live, carrier_port, *CHALLENGING_CARRIER) as carrier, \
+            agent_phone(tmp_path, live.site, live, f"dial:{NUMBER}", talk=1.0) as agent:
+        agent.wait("answered")
+        agent.wait("closed")
     first, second = _invites(carrier.text())[:2]
     # RFC 3261 §8.1.3.5 / §22.2: the same Call-ID, To and From (tag), CSeq one higher.
     assert first["call-id"] == second["call-id"]
@@ -256,21 +233,17 @@ def test_challenge_retry_keeps_from_tag_and_raises_cseq(live, carrier_port, tmp_
 @pytest.mark.timeout(120)
 def test_carrier_early_media_reaches_the_agent(live, carrier_port, tmp_path) -> None:
     mark = len(live.log_text())
-    carrier = Carrier(tmp_path, "carrier_early", calls=1, port=carrier_port)
-    try:
-        with agent_phone(tmp_path, live.site, live, f"dial:{NUMBER}", talk=8.0) as agent:
-            # RFC 3960: the carrier's 183 with SDP becomes a 183 with ours to the phone, and
-            # the phone's audio starts before the answer.
-            while (state := agent.next("state"))["code"] != 183:
-                assert state["code"] < 200, state
-            agent.next("media")
-            agent.command(f"record {tmp_path / 'early.wav'} 1.5")
-            agent.next("recorded", timeout=20)
-            agent.wait("answered")
-            agent.wait("closed")
-        assert carrier.finish() == 0, carrier.text()[-3000:] + live.log_text()[-3000:]
-    finally:
-        carrier.close()
+    with carrier_for(tmp_path, live, carrier_port, "carrier_early"), \
+            agent_phone(tmp_path, live.site, live, f"dial:{NUMBER}", talk=8.0) as agent:
+        # RFC 3960: the carrier's 183 with SDP becomes a 183 with ours to the phone, and
+        # the phone's audio starts before the answer.
+        while (state := agent.next("state"))["code"] != 183:
+            assert state["code"] < 200, state
+        agent.next("media")
+        agent.command(f"record {tmp_path / 'early.wav'} 1.5")
+        agent.next("recorded", timeout=20)
+        agent.wait("answered")
+        agent.wait("closed")
     from peers import log_lines, read_heard
 
     early, rate = read_heard(tmp_path / "early.wav")

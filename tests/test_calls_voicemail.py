@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +21,10 @@ from peers import (
     query,
     sipp,
     sipp_failed,
+    write_tone_pcap,
 )
 
 from appliance.calls.voicemail import BEEP
-from media_core.g711 import alaw_encode
 
 VOICEMAIL_DID = "+15550177"
 TONE_HZ = 800.0
@@ -34,27 +32,6 @@ TONE_SECONDS = 5.5
 MAX_SECONDS = 5
 
 needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp missing")
-
-
-def write_tone_pcap(path: Path, hz: float, seconds: float) -> None:
-    """A libpcap file of RTP (RFC 3550 §5.1, PCMA payload type 8 per RFC 3551 §6) carrying a
-    sine tone in 20 ms packets, paced by the packets' capture times (SIPp replays by them)."""
-    t = np.arange(int(seconds * 8000)) / 8000
-    payload = alaw_encode((0.3 * 32767 * np.sin(2 * np.pi * hz * t)).astype(np.int16))
-    loopback = socket.inet_aton("127.0.0.1")
-    with open(path, "wb") as out:
-        # Global header: magic, version 2.4, UTC offset, accuracy, snap length, Ethernet.
-        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for i in range(len(payload) // 160):
-            rtp = struct.pack("!BBHII", 0x80, 8, i, i * 160, 0x5EED) + payload[
-                i * 160:(i + 1) * 160]
-            udp = struct.pack("!HHHH", 40000, 40002, 8 + len(rtp), 0) + rtp
-            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xFFFF, 0, 64, 17, 0,
-                             loopback, loopback) + udp
-            frame = b"\x00" * 12 + b"\x08\x00" + ip
-            usec = i * 20_000
-            out.write(struct.pack("<IIII", usec // 1_000_000, usec % 1_000_000, len(frame),
-                                  len(frame)) + frame)
 
 
 def test_beep_is_a_short_1khz_tone() -> None:

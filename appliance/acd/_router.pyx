@@ -2,8 +2,9 @@
 """The compiled ACD router: the rules of ``appliance.acd.reference``, to the letter, with typed
 state and C arrays on the routing path (eligibility, skills, strategy picks), the available
 agents kept as they change, each queue's callers in the global order (a freed agent looks at
-the heads of their own queues) and a heap of timers, so that routing and ``next_timer()`` do
-not scan every waiting caller (docs/acd.md, "Numbers").
+the heads of their own queues) and a heap of timers, so that routing, ``handle_timer()``,
+``next_timer()``, positions and estimated waits do not scan every waiting caller (docs/acd.md,
+"Numbers").
 
 The reference's module docstring states the rules; ``tests/test_acd_equivalence.py`` drives
 both with the same random event sequences and requires the same decisions and state.
@@ -58,6 +59,7 @@ from appliance.acd.model import (
     OverflowReason,
     Strategy,
     WrapUpEnded,
+    is_time,
     make_plan,
 )
 
@@ -416,10 +418,32 @@ cdef class Router:
         cdef _Caller c
         cdef _Agent a
         cdef list agents
+        cdef int kind
+        cdef dict rings = {}, wraps = {}, retries = {}, overflows = {}
         self._now = t
-        due = sorted([(c.deadline, c.seq, c.id) for c in self._live()
-                      if c.state == S_OFFERED and c.deadline <= t])
-        for _, _, call_id in due:
+        # What is due sits at the top of the timer heap: take it off (stale entries with it),
+        # then handle it group by group in the reference's order, never looking at the callers
+        # nothing is due for. An entry may be there twice (re-armed at the same time): the
+        # dicts keep one.
+        while self._n_timers and self._timers[0].t <= t:
+            if self._timer_live(&self._timers[0]):
+                kind = self._timers[0].kind
+                what = <object>self._timers[0].what
+                if kind == K_RING:
+                    c = <_Caller>what
+                    rings[c.id] = (c.deadline, c.seq, c.id)
+                elif kind == K_WRAP:
+                    a = <_Agent>what
+                    wraps[a.index] = (a.wrap_until, a.index, a)
+                elif kind == K_RETRY:
+                    c = <_Caller>what
+                    retries[c.id] = (c.retry_at, c.seq, c.id)
+                elif kind == K_OVERFLOW:
+                    c = <_Caller>what
+                    overflows[c.id] = (c.overflow_at, c.seq, c.id)
+                # K_STEP: a relaxation step now passed only asks for the routing below
+            self._pop_timer()
+        for _, _, call_id in sorted(rings.values()):
             c = self._callers.get(call_id)
             if c is None or c.state != S_OFFERED:
                 continue
@@ -434,19 +458,15 @@ cdef class Router:
             self._arm_steps(c, t)
             for a in agents:
                 self._missed(a, out)
-        for _, _, a in sorted([(a.wrap_until, a.index, a) for a in self._agents
-                               if a.in_wrap and a.wrap_until <= t]):
+        for _, _, a in sorted(wraps.values()):
             a.in_wrap = False
             a.idle_since = a.wrap_until
             self._refresh(a)
-        for _, _, call_id in sorted([(c.retry_at, c.seq, c.id) for c in self._live()
-                                     if c.state == S_CB_RETRY and c.retry_at <= t]):
+        for _, _, call_id in sorted(retries.values()):
             c = self._callers[call_id]
             c.state = _caller_next(c, "retry-due")
             self._arm_steps(c, t)
-        for _, _, call_id in sorted([(c.overflow_at, c.seq, c.id) for c in self._live()
-                                     if (c.state == S_WAITING or c.state == S_OFFERED)
-                                     and c.overflow_at <= t]):
+        for _, _, call_id in sorted(overflows.values()):
             c = self._callers.get(call_id)
             if c is not None and (c.state == S_WAITING or c.state == S_OFFERED):
                 self._overflow(c, OverflowReason.TIMEOUT, out)
@@ -475,18 +495,22 @@ cdef class Router:
     def queue_estimated_wait(self, queue):
         """Estimated wait of a new caller of priority 0 joining ``queue`` now."""
         cdef _Queue q = self._queue(queue)
-        cdef _Caller c
-        cdef long long behind = 0
-        for c in self._live():
-            if c.queue is q and c.priority >= 0:
-                behind += 1
-        return self._ewt(q, behind + 1)
+        cdef list lst = q.order
+        cdef Py_ssize_t lo = 0, hi = len(lst), mid
+        # The queue's callers of priority 0 and above come first in its order.
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if (<_Caller>lst[mid]).priority >= 0:
+                lo = mid + 1
+            else:
+                hi = mid
+        return self._ewt(q, lo + 1)
 
     def waiting(self, queue):
         """Calls of ``queue`` in the global order (callbacks included)."""
         cdef _Queue q = self._queue(queue)
         cdef _Caller c
-        return tuple([c.id for c in self._live() if c.queue is q])
+        return tuple([c.id for c in q.order])
 
     def agent_view(self, agent):
         """The agent's routing state."""
@@ -564,7 +588,7 @@ cdef class Router:
 
     cdef _on_join(self, ev, double now, list out):
         cdef _Queue q = self._queue(ev.queue)
-        cdef _Caller c, other
+        cdef _Caller c
         cdef long long ahead
         cdef double place_time
         cdef long long seq
@@ -582,6 +606,10 @@ cdef class Router:
             raise LocalProtocolError(
                 f"priority must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}, "
                 f"got {priority!r}")
+        given = ev.place_time
+        if given is not None and (not is_time(given) or given > now):
+            raise LocalProtocolError(
+                f"place time must be a finite time not after {now}, got {given!r}")
         if self._is_empty(q, q.join_empty):
             out.append(Overflow(call, q.name, OverflowReason.NO_AGENTS, q.target))
             return
@@ -593,7 +621,11 @@ cdef class Router:
         seq = self._seq
         number = ev.caller_number
         key = (number, q.index)
-        remembered = self._rejoin.get(key) if number else None
+        # A place given by the appliance (a caller sent back) wins over a remembered one,
+        # which then stays remembered.
+        remembered = self._rejoin.get(key) if number and given is None else None
+        if given is not None:
+            place_time = <double>given
         rejoined = remembered is not None and now - <double>remembered[2] <= q.rejoin_window
         if rejoined:
             place_time = remembered[0]
@@ -614,10 +646,7 @@ cdef class Router:
         c.attempts = 0
         c.retry_at = 0.0
         if q.has_max_ewt:
-            ahead = 0
-            for other in self._live():
-                if other.queue is q and _before(other, c):
-                    ahead += 1
+            ahead = _find_in(q.order, c)  # the queue's callers ahead of the newcomer
             if self._ewt(q, ahead + 1) > q.max_ewt:
                 out.append(Overflow(call, q.name, OverflowReason.ESTIMATED_WAIT, q.target))
                 return
@@ -1130,14 +1159,12 @@ cdef class Router:
         return True
 
     cdef long long _position(self, _Caller c) except -1:
-        cdef long long pos = 1
-        cdef _Caller other
-        for other in self._live():
-            if other is c:
-                return pos
-            if other.queue is c.queue:
-                pos += 1
-        raise AssertionError("queued caller missing from the order")
+        # The queue's own order holds exactly its callers, in the global order.
+        cdef list lst = c.queue.order
+        cdef Py_ssize_t k = _find_in(lst, c)
+        if k >= len(lst) or lst[k] is not c:
+            raise AssertionError("queued caller missing from the order")
+        return k + 1
 
     cdef double _ewt(self, _Queue q, long long position) noexcept:
         cdef long long staffed = 0

@@ -7,11 +7,12 @@ Rules of this file:
   input)``. A pair that is not in the table is refused with ``DeskError`` 409 and writes nothing.
 - Every change is one SQLite transaction: the ``agent_desk`` row (current presence), an
   ``audit_log`` row (who, when, from where) and an event-log row (``agent.*``). Either all three
-  are written or none. The transactions are committed by one writer thread (``DeskWriter``),
-  in the order the changes were made, so a change never waits for an fsync on the caller's
-  thread (the event loop): the in-memory copy and ``on_event`` change at once, the rows follow.
-  ``flush()`` waits for them; ``close()`` flushes and stops the writer. A crash loses at most
-  the changes not committed yet, each whole.
+  are written or none. The changes are committed by one writer thread
+  (``appliance.dbwriter.DatabaseWriter``, each change a savepoint of a group commit), in the
+  order they were made, so a change never waits for an fsync on the caller's thread (the event
+  loop): the in-memory copy and ``on_event`` change at once, the rows follow. ``flush()`` waits
+  for them; ``close()`` flushes and stops the writer. A crash loses at most the changes not
+  committed yet, each whole.
 - The desk returns router inputs (``AgentLogin``, ``AgentPause``, ...); it never calls the router.
   The router keeps the operational state (ringing, on call, wrap-up); ``view()`` combines both.
 - ``restore()`` returns the inputs that bring a fresh router back to the persisted presence.
@@ -31,7 +32,6 @@ import enum
 import logging
 import re
 import sqlite3
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,8 +51,8 @@ from appliance.acd.model import (
     CallEnded,
     OfferRejected,
 )
+from appliance.dbwriter import DatabaseWriter, WriterClosed, WriterError
 from appliance.log import kv
-from appliance.store import open_site_db
 
 log = logging.getLogger("edgecc.acd.desk")
 
@@ -206,19 +206,24 @@ def parse_feature_code(digits: str, codes: FeatureCodes = DEFAULT_CODES) -> Feat
     """The feature code ``digits`` dial, or None when they start with no feature code.
 
     The longest code that starts ``digits`` wins (so ``*7`` and ``*72`` may both be codes).
-    Raises DeskError 400 for a code followed by what it does not take: an argument after a code
-    that takes none, an unknown pause reason or disposition, a missing argument, or characters
-    that are not DTMF digits.
+    Only ``*`` starts the feature codes' space: anything else that starts with no code is None
+    whatever it holds (an E.164 number such as ``+15551234`` is for the dial rules, not the
+    desk). Raises DeskError 400 for a code followed by what it does not take: an argument
+    after a code that takes none, an unknown pause reason or disposition, a missing argument,
+    or characters that are not DTMF digits (or ``*`` followed by such characters).
     """
     if not isinstance(digits, str):
         raise DeskError(400, f"digits must be a string, got {type(digits).__name__}", "digits")
+    # Codes are at most 8 characters (_CODE_RE): only the head is compared, whatever the length.
+    matches = sorted(((getattr(codes, f), a) for a, f in _ACTION_FIELDS
+                      if digits.startswith(getattr(codes, f))), key=lambda m: -len(m[0]))
+    if not matches and not digits.startswith("*"):
+        return None
     if len(digits) > MAX_DIGITS:
         raise DeskError(400, f"more than {MAX_DIGITS} digits", "digits")
     if not set(digits) <= DTMF_CHARACTERS:
         raise DeskError(400, f"{digits!r} holds characters that are not DTMF digits "
                         "(0-9 * # A-D)", "digits")
-    matches = sorted(((getattr(codes, f), a) for a, f in _ACTION_FIELDS
-                      if digits.startswith(getattr(codes, f))), key=lambda m: -len(m[0]))
     if not matches:
         return None
     code, action = matches[0]
@@ -362,102 +367,11 @@ Write = Callable[[sqlite3.Connection, sqlite_utils.Database], None]
 """One change's rows, written inside the transaction the writer opened."""
 
 
-class DeskWriter:
-    """The one thread that commits the desk's changes, one transaction each, in the order they
-    were handed over.
-
-    It writes through a connection of its own to the site database, so a stop that closes the
-    desk's connection first loses nothing still queued. At most ``limit`` changes wait; beyond
-    that ``submit`` refuses (DeskError 503) before anything changes.
-    """
-
-    def __init__(self, db: sqlite_utils.Database, *, limit: int = MAX_PENDING_WRITES) -> None:
-        self._db = _writer_connection(db)
-        self._own = self._db is not db
-        self._limit = limit
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, "edgecc-desk-db")
-        self._lock = threading.Lock()
-        self._last: concurrent.futures.Future[None] | None = None
-        self._pending = 0
-        self._closed = False
-        self.committed = 0
-        """Changes committed since start."""
-        self.failed = 0
-        """Changes whose transaction failed and was rolled back (logged)."""
-
-    @property
-    def pending(self) -> int:
-        """Changes handed over and not committed (or failed) yet."""
-        return self._pending
-
-    def check_room(self) -> None:
-        """Raise DeskError 503 when no change can be taken now (closed, or too many waiting)."""
-        if self._closed:
-            raise DeskError(503, "the agent desk is stopped")
-        if self._pending >= self._limit:
-            raise DeskError(503, f"{self._pending} desk changes are waiting for the database; "
-                            "try again shortly")
-
-    def submit(self, what: str, write: Write) -> None:
-        """Queue ``write`` to run in a transaction of its own after every earlier one."""
-        with self._lock:
-            self.check_room()
-            self._pending += 1
-            self._last = self._pool.submit(self._run, what, write)
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything handed over so far is committed (or failed); False when
-        ``timeout`` seconds passed first."""
-        with self._lock:
-            last = self._last
-        if last is None:
-            return True
-        try:
-            last.result(timeout)
-        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-            return False  # still waiting, or given up by a close() that timed out
-        return True
-
-    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
-        """Take no more changes, wait up to ``timeout`` s for the queued ones, stop the thread
-        and close the writer's connection. False (and logged) when some were still waiting."""
-        with self._lock:
-            self._closed = True
-        done = self.flush(timeout)
-        if not done:
-            log.error(kv(event="agent_desk_stop_unflushed", pending=self._pending))
-        self._pool.shutdown(wait=done, cancel_futures=not done)
-        if done and self._own:
-            self._db.close()
-        return done
-
-    def _run(self, what: str, write: Write) -> None:
-        try:
-            with eventlog.transaction(self._db) as conn:
-                write(conn, self._db)
-            self.committed += 1
-        except Exception as exc:  # rolled back whole; the next change still goes on
-            self.failed += 1
-            log.error(kv(event="agent_desk_write_failed", change=what, error=repr(exc)))
-        finally:
-            with self._lock:
-                self._pending -= 1
-
-
-def _writer_connection(db: sqlite_utils.Database) -> sqlite_utils.Database:
-    """A connection of the writer's own to ``db``'s file (``db`` itself for a memory db)."""
-    row = db.conn.execute("PRAGMA database_list").fetchone()
-    path = row[2] if row is not None else ""
-    if not path:
-        return db
-    return open_site_db(path)
-
-
 class AgentDesk:
     """The persistent, audited presence of every configured agent.
 
     Changes are checked, applied in memory and handed to ``on_event`` at once; their rows are
-    committed by ``writer`` (``DeskWriter``) in order. ``max_pending`` bounds the changes
+    committed by ``writer`` (``DatabaseWriter``) in order. ``max_pending`` bounds the changes
     waiting for the database (beyond it a change is refused with 503 and nothing changes).
     Call ``close()`` at stop so that the last changes are committed.
     """
@@ -484,12 +398,44 @@ class AgentDesk:
         """(agent, call) -> (kind, since): what the router held at the last watchdog run, as
         persisted in ``agent_desk_calls``."""
         self._load()
-        self.writer = DeskWriter(db, limit=max_pending)
-        """Commits the changes, in order, off the caller's thread."""
+        self.writer = DatabaseWriter(db, name="agent_desk", limit=max_pending,
+                                     own_connection=True)
+        """Commits the changes, in order and in groups, on a connection of its own, off the
+        caller's thread (``appliance.dbwriter``)."""
+        self._last_write: concurrent.futures.Future[Any] | None = None
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every change made so far is committed; False after ``timeout`` s."""
         return self.writer.flush(timeout)
+
+    def written(self) -> concurrent.futures.Future[Any] | None:
+        """The commit of the last change made (None before any): it resolves once that change
+        and every one before it are committed, with the change's exception if its transaction
+        failed. A caller that must answer only after the rows are on disk (the API) waits for
+        it right after making the change."""
+        return self._last_write
+
+    def _check_room(self) -> None:
+        """DeskError 503 when the writer cannot take a change now (stopped, or too many
+        waiting); checked before anything changes."""
+        try:
+            self.writer.check_room()
+        except WriterClosed:
+            raise DeskError(503, "the agent desk is stopped") from None
+        except WriterError:
+            raise DeskError(503, f"{self.writer.pending} desk changes are waiting for the "
+                            "database; try again shortly") from None
+
+    def _submit(self, what: str, write: Write) -> concurrent.futures.Future[Any]:
+        """Hand one change's rows to the writer (DeskError 503 when it cannot take them); the
+        future resolves once they are committed."""
+        self._check_room()
+        try:
+            future = self.writer.write(what, write)
+        except WriterError as exc:  # another thread filled it since the check
+            raise DeskError(503, str(exc)) from None
+        self._last_write = future
+        return future
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
         """Commit what is queued (waiting up to ``timeout`` s) and stop the writer; changes
@@ -555,7 +501,7 @@ class AgentDesk:
                                  "since": since, "source": "restart"})
                 conn.execute("DELETE FROM agent_desk_calls")
 
-            self.writer.submit("agent.watchdog:restart", write)
+            self._submit("agent.watchdog:restart", write)
             for (agent, call), (kind, _since) in stale:
                 log.warning(kv(event="agent_watchdog_cleared", agent=agent, call=call,
                                cleared=kind, source="restart"))
@@ -609,7 +555,7 @@ class AgentDesk:
             eventlog.append(db, "agent.disposition", payload, occurred_at=now,
                             site_id=site_id, now=now)
 
-        self.writer.submit(f"agent.disposition:{agent}", write)
+        self._submit(f"agent.disposition:{agent}", write)
         log.info(kv(event="agent_disposition", agent=agent, call=call_id, code=key))
         self._emit("agent.disposition", payload, now)
 
@@ -656,7 +602,7 @@ class AgentDesk:
             old = self._held.get(key)
             noted[key] = (kind, old[1] if old is not None and old[0] == kind else now)
         if due or noted != self._held:
-            self.writer.check_room()
+            self._check_room()
             cleared = tuple(due)
             gone = tuple(key for key in self._held if key not in noted)
             added = tuple((agent, call, kind, since) for (agent, call), (kind, since)
@@ -672,7 +618,7 @@ class AgentDesk:
                 conn.executemany("INSERT OR REPLACE INTO agent_desk_calls (agent, call_id, "
                                  "kind, since) VALUES (?, ?, ?, ?)", added)
 
-            self.writer.submit("agent.watchdog", write)
+            self._submit("agent.watchdog", write)
             self._held = noted
             for agent, call, kind in due:
                 suspects.pop((agent, call))
@@ -757,7 +703,7 @@ class AgentDesk:
                          "reason": new.reason or "", "source": source})
             eventlog.append(db, kind, payload, occurred_at=now, site_id=site_id, now=now)
 
-        self.writer.submit(f"{kind}:{agent}", write)
+        self._submit(f"{kind}:{agent}", write)
         self._rows[agent] = new
         change = DeskChange(agent, row.presence, after, new.reason, actor, source, now)
         log.info(kv(event="agent_presence", agent=agent, before=change.before.value,

@@ -218,6 +218,12 @@ class CallerJoin:
     """Caller's number, used to recognise a caller who abandoned and calls again."""
     priority: int = 0
     """Higher is served first (set from a CRM lookup or a customer list)."""
+    place_time: float | None = None
+    """When the caller's place counts from, on the router's clock, if earlier than now: a
+    caller sent back to the queue (a transfer that failed) gives their first join and takes
+    their old place among the callers of their priority, and their relaxation steps count from
+    it. Not after ``now``; None: the caller joins now (or at a place remembered for rejoining).
+    Wait timeouts (``max_wait``) still count from this join."""
 
 
 @dataclass(frozen=True)
@@ -734,6 +740,17 @@ def make_plan(config: RouterConfig) -> Plan:
         queue_requirements=tuple(reqs_out),
         queue_step_after=tuple(after_out),
     )
+
+
+def is_time(value: object) -> bool:
+    """Whether ``value`` is a finite number of seconds (a bool is not; an int too large for a
+    float is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 MASK64 = (1 << 64) - 1

@@ -3,7 +3,8 @@
 Rules of this file (the compiled ``_router.pyx`` follows them to the letter):
 
 - One global order of waiting callers across every queue: higher ``priority`` first, then the
-  earlier place time (a rejoining caller's first join), then arrival sequence.
+  earlier place time (a rejoining caller's first join, or the ``place_time`` a caller sent back
+  to the queue joins with), then arrival sequence.
 - Routing walks that order; for each caller it takes the *available* agents (logged in,
   unpaused, not in wrap-up, below their interaction cap) that are members of the caller's queue
   and meet its skill requirements as relaxed for the time waited, skips those that already
@@ -71,6 +72,7 @@ from appliance.acd.model import (
     RouterConfig,
     Strategy,
     WrapUpEnded,
+    is_time,
     make_plan,
     splitmix64,
 )
@@ -357,6 +359,10 @@ class ReferenceRouter:
             raise LocalProtocolError(
                 f"priority must be an integer in {MIN_PRIORITY}..{MAX_PRIORITY}, "
                 f"got {ev.priority!r}")
+        given = ev.place_time
+        if given is not None and (not is_time(given) or given > now):
+            raise LocalProtocolError(
+                f"place time must be a finite time not after {now}, got {given!r}")
         cfg = q.cfg
         if self._is_empty(q, cfg.join_empty):
             out.append(Overflow(ev.call, cfg.name, OverflowReason.NO_AGENTS, cfg.overflow_target))
@@ -369,7 +375,11 @@ class ReferenceRouter:
             return
         place_time, seq = now, self._seq
         key = (ev.caller_number, q.index)
-        remembered = self._rejoin.get(key) if ev.caller_number else None
+        # A place given by the appliance (a caller sent back) wins over a remembered one,
+        # which then stays remembered.
+        remembered = self._rejoin.get(key) if ev.caller_number and given is None else None
+        if given is not None:
+            place_time = float(given)
         rejoined = remembered is not None and now - remembered[2] <= cfg.rejoin_window
         if rejoined:
             place_time, seq, _ = remembered

@@ -3,7 +3,9 @@
 Parts of the appliance publish on the event loop; each WebSocket client holds a subscription
 with a bounded queue. A subscriber too slow to keep up is cut off rather than let its queue grow:
 it gets ``overflowed`` and the WebSocket ends it, so one stuck browser never costs memory.
-Events are serialised to JSON once, when published, and shared by every subscriber.
+Events are serialised to JSON once, when published, and shared by every subscriber; an event
+published while nobody is subscribed is only counted (nobody can receive it, so it is neither
+serialised nor checked), except ``call.offered``, kept for agents whose phone rings later.
 
 Agents see their own calls only: a subscriber below the supervisor role gets no
 ``call.offered`` as such, no event naming another agent, and no event of a call that was
@@ -20,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from appliance.api.users import Role
@@ -44,13 +47,20 @@ class HubEvent:
     """Unix time of publication."""
     audience: Role
     """Lowest role that receives it."""
-    message: str
-    """The JSON text sent to WebSocket clients (``type``, ``seq``, ``topic``, ``at``,
-    ``data``)."""
+    data: Mapping[str, Any]
+    """What was published."""
     agent: str | None = None
     """The agent the event names (its ``agent`` member), if any."""
     call_id: str | None = None
     """The call the event is about (its ``call_id`` member), if any."""
+
+    @cached_property
+    def message(self) -> str:
+        """The JSON text sent to WebSocket clients (``type``, ``seq``, ``topic``, ``at``,
+        ``data``); made once, on first use. TypeError/ValueError for data that is not JSON."""
+        return json.dumps({"type": "event", "seq": self.seq, "topic": self.topic,
+                           "at": self.at, "data": self.data},
+                          allow_nan=False, separators=(",", ":"))
 
 
 class Subscription:
@@ -154,17 +164,19 @@ class Hub:
                 audience: Role = Role.AGENT) -> HubEvent:
         """Deliver an event to every subscriber whose role reaches ``audience``.
 
-        ``data`` must be JSON-serialisable (TypeError/ValueError otherwise, nothing sent)."""
+        ``data`` must be JSON-serialisable (TypeError/ValueError otherwise, nothing sent);
+        it is checked when someone is subscribed (or for ``call.offered``), since only then is
+        it serialised."""
         if not topic or len(topic) > TOPIC_MAX_CHARS:
             raise ValueError(f"topic must be 1 to {TOPIC_MAX_CHARS} characters, got {topic!r}")
         at = self._clock()
-        message = json.dumps({"type": "event", "seq": self._seq + 1, "topic": topic, "at": at,
-                              "data": data}, allow_nan=False, separators=(",", ":"))
-        self._seq += 1
         agent, call_id = data.get("agent"), data.get("call_id")
-        event = HubEvent(self._seq, topic, at, audience, message,
+        event = HubEvent(self._seq + 1, topic, at, audience, data,
                          agent if isinstance(agent, str) else None,
                          call_id if isinstance(call_id, str) else None)
+        if self._subscribers or topic == "call.offered":
+            event.message  # noqa: B018 -- serialised (and checked) now: raises, nothing sent
+        self._seq += 1
         if event.call_id is not None:
             if topic == "call.offered":
                 self._offered[event.call_id] = event

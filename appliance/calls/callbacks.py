@@ -12,6 +12,7 @@ its record names the request in ``callback_of``). Requests are kept in the table
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -74,6 +75,18 @@ def callback_priority(variables: dict[str, str] | Any) -> int:
     return max(0, min(100, value))
 
 
+def _variables(stored: str | None) -> dict[str, str]:
+    """The flow variables kept with a request (``{}`` for none or a row that is not an
+    object of strings)."""
+    try:
+        value = json.loads(stored or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
 @dataclass
 class CallbackRequest:
     """A pending callback, as call control keeps it while the router holds it."""
@@ -94,6 +107,8 @@ class CallbackRequest:
     """Attempts dialled so far (across restarts)."""
     dialled: set[int] = field(default_factory=set)
     """Router attempt numbers already acted on (never dialled twice)."""
+    variables: dict[str, str] = field(default_factory=dict)
+    """What the IVR learnt on the requesting call (for the attempts' screen pops)."""
 
 
 @dataclass(eq=False)
@@ -158,7 +173,8 @@ class QueuedCallbacks:
         call.end_reason = "callback-requested"
         self._stop_queue_music(call)
         request = CallbackRequest(call.call_id, queue, action.number, call.caller, priority,
-                                  now, call.queued_at or now)
+                                  now, call.queued_at or now,
+                                  variables=dict(action.variables))
         self.callbacks[call.call_id] = request
         call.queue = queue
         log.info(kv(event="callback_requested", call=call.call_id, queue=queue,
@@ -190,11 +206,12 @@ class QueuedCallbacks:
         if self.router is None:
             return
         rows = self.db.execute(
-            "SELECT call_id, queue, number, caller, priority, requested_at, place_at, attempts"
-            " FROM callback_requests WHERE state IN ('waiting', 'dialling')"
+            "SELECT call_id, queue, number, caller, priority, requested_at, place_at, attempts,"
+            " variables FROM callback_requests WHERE state IN ('waiting', 'dialling')"
             " ORDER BY place_at, rowid").fetchall()
         restored = 0
-        for call_id, queue, number, caller, priority, requested_at, place_at, attempts in rows:
+        for (call_id, queue, number, caller, priority, requested_at, place_at, attempts,
+             variables) in rows:
             settings = self.queues.get(queue)
             if settings is None or attempts >= 1 + settings.callback_retries:
                 reason = "queue-removed" if settings is None else "attempts-used"
@@ -205,7 +222,7 @@ class QueuedCallbacks:
                      "reason": reason}, time.time())
                 continue
             request = CallbackRequest(call_id, queue, number, caller, priority, requested_at,
-                                      place_at, attempts)
+                                      place_at, attempts, variables=_variables(variables))
             try:
                 decisions = self.router.handle(acd.CallerJoin(
                     call_id, queue, caller_number=caller, priority=priority),
@@ -316,8 +333,12 @@ class QueuedCallbacks:
             settings.ring_timeout, self._callback_ring_timeout, call)
         log.info(kv(event="callback_agent_ringing", call=call_id, request=request.call_id,
                     agent=decision.agent, attempt=attempt.attempt))
-        self._emit("call.ringing", {"call_id": call_id, "agent": decision.agent,
-                                    "queue": request.queue}, now)
+        # The screen pop names the customer to call back and what the IVR learnt of them.
+        self._emit("call.ringing", {
+            "call_id": call_id, "agent": decision.agent, "queue": request.queue,
+            "caller": request.caller, "dialled": number, "flow": None,
+            "priority": request.priority, "tier": request.variables.get("tier"),
+            "variables": dict(request.variables), "callback_of": request.call_id}, now)
 
     def _callback_ring_timeout(self, call: Call) -> None:
         attempt = self.callback_attempts.get(call.call_id)
@@ -539,23 +560,34 @@ class QueuedCallbacks:
 
     def _callback_write(self, sql: str | None, args: tuple[Any, ...], kind: str | None,
                         payload: dict[str, Any] | None, at: float) -> None:
-        """On the database thread: the request's row and its event in one transaction; the
-        event then goes to ``on_event`` (on the loop) with its seq."""
+        """The request's row and its event in one transaction, by the calls' writer; the event
+        goes to ``on_event`` (on the loop, with its seq) only once that transaction committed,
+        never for a write that failed."""
         loop = asyncio.get_running_loop()
 
-        def write() -> None:
-            try:
-                with eventlog.transaction(self.db) as conn:
-                    if sql is not None:
-                        conn.execute(sql, args)
-                    # callback.* are essential (eventlog.ESSENTIAL_PREFIXES): a callback is a
-                    # promise to a customer, never dropped for the outbox quota.
-                    seq = (eventlog.append(self.db, kind, payload, occurred_at=at)
-                           if kind is not None else None)
-            except Exception:
-                log.exception(kv(event="callback_write_failed", kind=kind or ""))
-                return
-            if kind is not None and payload is not None:
-                loop.call_soon_threadsafe(self._emit, kind, {**payload, "seq": seq}, at)
+        def write() -> int | None:
+            with eventlog.transaction(self.db) as conn:
+                if sql is not None:
+                    conn.execute(sql, args)
+                # callback.* are essential (eventlog.ESSENTIAL_PREFIXES): a callback is a
+                # promise to a customer, never dropped for the outbox quota.
+                return (eventlog.append(self.db, kind, payload, occurred_at=at)
+                        if kind is not None else None)
 
-        self._db_thread.submit(write)
+        def written(future: concurrent.futures.Future[int | None]) -> None:
+            # On the writer's thread, after the batch's COMMIT (appliance.dbwriter): the
+            # live feed never shows an event the database does not hold.
+            if future.cancelled() or future.exception() is not None:
+                log.error(kv(event="callback_write_failed", kind=kind or "",
+                             error="cancelled" if future.cancelled()
+                             else repr(future.exception())))
+                return
+            if kind is not None and payload is not None and not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(self._emit, kind,
+                                              {**payload, "seq": future.result()}, at)
+
+        try:
+            self._db_thread.submit(write).add_done_callback(written)
+        except Exception as exc:  # WriterFull / WriterClosed: nothing was queued
+            log.error(kv(event="callback_write_failed", kind=kind or "", error=repr(exc)))

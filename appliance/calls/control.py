@@ -17,7 +17,8 @@ The leg states are ``appliance.calls.leg`` tables; signalling goes through
 ``appliance.calls.DialogSignalling``; routing decisions come from ``appliance.acd``. This module
 is an asyncio adapter: it reads clocks (wall time for records and the IVR's schedules, the
 monotonic clock for the router) and arms timers. Database and recording-store work runs on one
-worker thread, never on the event loop.
+writer thread (``appliance.dbwriter``: group commit, each job a savepoint), never on the event
+loop; a call's record is durable once its job's future resolved.
 
 Agents log in, pause and log out through the agent desk (``appliance.acd.desk``: feature codes
 and the API); a logged-in agent whose phone holds no registration is not offered calls.
@@ -43,12 +44,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import sqlite_utils
 
+from appliance import audit as audit_chain
 from appliance import eventlog
 from appliance.acd import model as acd
 from appliance.calls import CallControlError, DialogSignalling
@@ -78,6 +81,7 @@ from appliance.calls.supervision import Supervision
 from appliance.calls.transfer import Transfers
 from appliance.calls.voicemail import VoicemailTaking
 from appliance.config import SiteConfig
+from appliance.dbwriter import DatabaseWriter, WriterError
 from appliance.ivr import runner as ivr
 from appliance.ivr.flow import Flow
 from appliance.ivr.lookup import CrmLookup, listed_customer
@@ -196,8 +200,10 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         self.signalling: DialogSignalling | None = None
         self.service: Any = None
         self.calls: dict[str, Call] = {}
-        self._by_dialog: dict[DialogId, tuple[Call, AgentLeg | None]] = {}
-        self._by_invite: dict[TransactionKey, tuple[Call, AgentLeg | None]] = {}
+        self._by_dialog: CallIndex[DialogId] = CallIndex()
+        self._by_invite: CallIndex[TransactionKey] = CallIndex()
+        """INVITE transaction -> (call, agent leg); its ``fresh`` calls are those an INVITE
+        was sent or received for since ``_offer`` last looked."""
         self._by_media: dict[int, Call] = {}
         self._logged_in: set[str] = set()
         self._agent_invites: dict[str, tuple[str, Any]] = {}
@@ -213,7 +219,11 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events_task: asyncio.Task[None] | None = None
         self._presence_task: asyncio.Task[None] | None = None
-        self._db_thread = concurrent.futures.ThreadPoolExecutor(1, "edgecc-calls-db")
+        self.writer = DatabaseWriter(db, name="calls")
+        """Commits the calls' rows (traces, records, events, audit) in order and in groups, on
+        its own thread: the only user of ``db`` (``appliance.dbwriter``)."""
+        self._db_thread: concurrent.futures.Executor = self.writer
+        """The writer as an executor (``loop.run_in_executor``, ``submit``) for the parts."""
         self._scratch_given = scratch_dir
         self._scratch: Path | None = scratch_dir
         self.completed = 0
@@ -282,7 +292,7 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
             if call.recording_path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(call.recording_path)  # no plaintext audio left behind
-        self._db_thread.shutdown(wait=True, cancel_futures=False)
+        await asyncio.to_thread(self.writer.close)
         if self._scratch is not None and self._scratch_given is None:
             with contextlib.suppress(OSError):
                 self._scratch.rmdir()  # empty unless a call was cut off mid-recording
@@ -471,11 +481,11 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
                     flow=flow_name, codec=negotiated.codec.name,
                     dtmf="rfc4733" if negotiated.telephone_event_pt is not None else "inband",
                     sip_call_id=request.call_id))
-        self._emit("call.offered", {"call_id": call_id, "caller": caller, "dialled": dialled,
-                                    "flow": flow_name}, now)
         self._note_in_progress(call)
+        customer = listed_customer(self.config.ivr.customers, caller)
         call.run = ivr.FlowRun(self.flows[flow_name], now, caller, dialled=dialled,
-                               customer=listed_customer(self.config.ivr.customers, caller))
+                               customer=customer)
+        self._emit_offered(call, customer, now)
         self._ivr_actions(call, call.run.take_actions())
 
     def _apply_media(self, media: int, negotiated: sdp.Negotiated) -> None:
@@ -821,7 +831,10 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         self._router_now = max(self._router_now, time.monotonic())
         return self._router_now
 
-    def _enter_queue(self, call: Call, action: ivr.RouteToQueue) -> None:
+    def _enter_queue(self, call: Call, action: ivr.RouteToQueue, *,
+                     keep_place: bool = False) -> None:
+        """Put the caller in ``action.queue``; ``keep_place``: they were in it already and take
+        back their place (``call.place_at``) among the callers of their priority."""
         now = time.time()
         if self.router is None or action.queue not in self.queues:
             log.error(kv(event="queue_unknown", call=call.call_id, queue=action.queue))
@@ -831,17 +844,29 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         self._sync_presence()
         call.queue = action.queue
         call.queued_at = now
+        if not keep_place or call.place_at is None:
+            call.place_at = now
         call.priority = action.priority
+        # A caller sent back to a queue (overflow, a failed transfer) keeps what the IVR learnt.
+        if action.tier is not None:
+            call.tier = action.tier
+        if action.variables:
+            call.variables = dict(action.variables)
         call.in_router = True
         self._log_event(call, "queue.enter", {
             "call_id": call.call_id, "queue": action.queue, "caller": call.caller,
-            "priority": action.priority, "dialled": call.dialled, "tier": action.tier}, now)
+            "priority": action.priority, "dialled": call.dialled, "tier": call.tier}, now)
         log.info(kv(event="queue_enter", call=call.call_id, queue=action.queue))
         self._queue_music(call)
         self._arm_announcement(call)
+        clock = self._router_clock()
+        # The router's clock is monotonic, call times are wall-clock: the place is carried over
+        # as the time since it, never after now (the KPIs keep queued_at, the real entry).
+        place = (clock - max(0.0, now - call.place_at)
+                 if keep_place and call.place_at is not None else None)
         self._route(self.router.handle(acd.CallerJoin(
-            call.call_id, action.queue, caller_number=call.caller, priority=action.priority),
-            self._router_clock()))
+            call.call_id, action.queue, caller_number=call.caller, priority=action.priority,
+            place_time=place), clock))
 
     def _queue_music(self, call: Call) -> None:
         """Start (or restart, looping) the queue's music on a caller still waiting."""
@@ -951,7 +976,7 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
                     log.info(kv(event="queue_overflow", call=call.call_id, queue=decision.queue,
                                 target=decision.target, reason=decision.reason.value))
                     self._enter_queue(call, ivr.RouteToQueue(
-                        decision.target, call.priority, None, {}))
+                        decision.target, call.priority, call.tier, call.variables))
                     continue
                 call.end_reason = f"overflow-{decision.reason.value}"
                 self._hangup_caller(call, EndReason.SYSTEM)
@@ -1064,8 +1089,16 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
             # (docs/routing.md §6). A call that started since it was last told, and so is not
             # yet counted, makes this offer one too many: it is refused without ringing, and
             # the router, now counting that call, does not offer the agent again meanwhile.
-            for other in list(self.calls.values()):
-                if other is not call:
+            # Only a call with an INVITE sent or received since the last look can have started
+            # busying an agent unseen (every other change comes with a dialog event, which
+            # syncs its call), and only a call told before can have stopped: not every call.
+            fresh = self._by_invite.take_fresh()
+            for call_id in list(self._outside_told):
+                other = self.calls.get(call_id)
+                if other is not None:
+                    fresh.setdefault(call_id, other)
+            for other in fresh.values():
+                if other is not call and self.calls.get(other.call_id) is other:
                     self._sync_outside(other)
             if self._over_cap_outside(agent):
                 log.info(kv(event="agent_busy_outside", call=call.call_id, agent=agent))
@@ -1121,7 +1154,7 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         log.info(kv(event="agent_offered", call=call.call_id, agent=agent, queue=call.queue,
                     contact=binding.contact))
         self._emit("call.ringing", {"call_id": call.call_id, "agent": agent,
-                                    "queue": call.queue}, now)
+                                    "queue": call.queue, **self._screen_facts(call)}, now)
         if transfer:
             self._sync_outside(call)  # a transfer rings the agent: a call outside the queues
         return agent_leg
@@ -1401,6 +1434,12 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
 
     def _agent_digit_call(self, media: int) -> Call | None:
         """The connected call whose agent side is engine leg ``media``."""
+        own = self._by_media.get(media)
+        if own is not None and own.direction == "inbound":
+            return None  # a caller's leg (an IVR digit): no agent side, no need to look
+        if own is not None:
+            # Outbound calls: the call's own leg is the agent's.
+            return own if own.connected is not None and own.ended_at is None else None
         for call in self.calls.values():
             if call.connected is None or call.ended_at is not None:
                 continue
@@ -1487,10 +1526,10 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
             return
         log.info(kv(event="agent_leg_ended", call=call.call_id, agent=agent_leg.agent,
                     reason=event.reason))
-        if call.transfer is not None and call.transfer["from"] is agent_leg:
-            # The transferring agent hung up before the target answered (RFC 5589 §6.1).
-            call.transfer["from_gone"] = True
-            self._maybe_finish(call)
+        if call.transfer is not None and agent_leg in (call.transfer["from"],
+                                                       call.transfer["to"]):
+            # The transferring agent or the consulted target hung up (transfer.py).
+            self._transfer_party_gone(call, agent_leg)
             return
         if call.connected is agent_leg and call.end_reason is None:
             call.end_reason = (leg.end_reason or EndReason.AGENT_HUNG_UP).value
@@ -1554,10 +1593,8 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*releases, return_exceptions=True),
                                    RELEASE_TIMEOUT)
-        for key in [k for k, v in self._by_invite.items() if v[0] is call]:
-            del self._by_invite[key]
-        for dialog in [d for d, v in self._by_dialog.items() if v[0] is call]:
-            del self._by_dialog[dialog]
+        self._by_invite.drop_call(call)
+        self._by_dialog.drop_call(call)
         # The engine may already have given this leg id to a newer call (the release awaited
         # above freed it): drop the mapping only while it is still this call's.
         if self._by_media.get(call.media) is call:
@@ -1728,24 +1765,15 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
             self._caller_gone(call, "hung-up-by-api")
 
     def _note_in_progress(self, call: Call, *, agent: str | None = None) -> None:
-        """Keep the call in ``calls_in_progress`` (database thread) until its record is
-        written, so that a crash leaves a trace the next start turns into a record."""
+        """Keep the call in ``calls_in_progress`` until its record is written, so that a crash
+        leaves a trace the next start turns into a record. A job of the writer's group commit:
+        no transaction (fsync) of its own."""
         row = (call.call_id, call.sip_call_id, call.caller, call.dialled, call.flow_name or None,
                call.direction, call.started_at, call.queue, agent, call.answered_at)
-
-        def write() -> None:
-            try:
-                with eventlog.transaction(self.db) as conn:
-                    conn.execute(
-                        "INSERT INTO calls_in_progress (call_id, sip_call_id, caller, dialled,"
-                        " flow, direction, started_at, queue, agent, answered_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_id) DO UPDATE"
-                        " SET queue = excluded.queue, agent = excluded.agent,"
-                        " answered_at = excluded.answered_at", row)
-            except Exception:
-                log.exception(kv(event="call_in_progress_failed", call=call.call_id))
-
-        self._db_thread.submit(write)
+        try:
+            self.writer.write(f"calls_in_progress:{call.call_id}", partial(_in_progress, row))
+        except WriterError as exc:  # stopping, or the database is stuck: the call goes on
+            log.error(kv(event="call_in_progress_failed", call=call.call_id, error=str(exc)))
 
     def _record_interrupted(self, now: float) -> None:
         """Database thread, at start: a call record (end reason ``appliance-crashed``) and its
@@ -1781,16 +1809,13 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
             conn.execute("DELETE FROM calls_in_progress")
 
     def _audit(self, actor: str, action: str, detail: str) -> None:
-        """An audit-log row, written by the database thread (never on the loop)."""
-        from appliance.store import audit
-
-        def write() -> None:
-            try:
-                audit(self.db, actor, action, detail)
-            except Exception:
-                log.exception(kv(event="audit_failed", action=action))
-
-        self._db_thread.submit(write)
+        """An audit-log row, committed by the writer (never on the loop)."""
+        at = time.time()
+        try:
+            self.writer.write(f"audit:{action}", lambda conn, _db: audit_chain.append(
+                conn, at, actor, action, detail))
+        except WriterError as exc:
+            log.error(kv(event="audit_failed", action=action, error=str(exc)))
 
     def _log_event(self, call: Call, kind: str, payload: dict[str, Any], at: float) -> None:
         """Keep one event-log row of the call (written with its record, in one transaction);
@@ -1798,6 +1823,25 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         call.events.append((kind, payload, at))
         if kind in LIVE_FIRST:
             self._emit(kind, payload, at)
+
+    @staticmethod
+    def _screen_facts(call: Call) -> dict[str, Any]:
+        """What a screen pop shows of ``call`` (``call.offered`` / ``call.ringing``): caller,
+        dialled number, flow, priority, tier and the IVR's variables (a copy: the event may be
+        serialised after the flow changed them)."""
+        variables = call.variables
+        if not variables and call.run is not None:
+            variables = call.run.variables  # still in the IVR (an IVR transfer, the offer)
+        return {"caller": call.caller, "dialled": call.dialled, "flow": call.flow_name,
+                "priority": call.priority, "tier": call.tier, "variables": dict(variables)}
+
+    def _emit_offered(self, call: Call, customer: dict[str, Any] | None, now: float) -> None:
+        """``call.offered`` at the INVITE, with what is known before the IVR runs: the customer
+        list's priority and tier, if the caller is listed."""
+        self._emit("call.offered", {
+            "call_id": call.call_id, **self._screen_facts(call),
+            "priority": None if customer is None else customer.get("priority"),
+            "tier": None if customer is None else customer.get("tier")}, now)
 
     def _emit(self, kind: str, payload: dict[str, Any], at: float) -> None:
         """Hand one event to ``on_event``; a failing callback never breaks a call."""
@@ -1876,12 +1920,6 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
                 if event.completed:
                     self._queue_music(call)  # loop until an agent is bridged
                 return
-            held = self._by_hold_leg(event.leg)
-            if held is not None and held.hold_play == event.prompt_id:
-                if event.completed and (held.hold_started is not None
-                                        or held.transfer is not None):
-                    held.hold_play = self.engine.play(event.leg, self.hold_music)  # loop
-                return
             if call is not None and call.playing is not None and (
                     call.playing[0] == event.prompt_id):
                 name = call.playing[1]
@@ -1889,6 +1927,11 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
                 self._feed_ivr(call, ivr.PromptFinished(name))
                 if call.playing is None:
                     self._next_prompt(call)
+                return
+            held = self._by_hold_leg(event.leg)
+            if held is not None and held.hold_play == event.prompt_id and event.completed and (
+                    held.hold_started is not None or held.transfer is not None):
+                held.hold_play = self.engine.play(event.leg, self.hold_music)  # loop
 
     async def _presence_loop(self) -> None:
         while True:
@@ -1916,6 +1959,10 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
 
     def _by_hold_leg(self, media: int) -> Call | None:
         """The call whose customer leg ``media`` plays hold music, if any."""
+        own = self._by_media.get(media)
+        if own is not None:  # the leg is this call's own: no other call's customer leg
+            return own if own.hold_play is not None and own.connected is not None and (
+                self._customer_media(own) == media) else None
         for call in self.calls.values():
             if call.hold_play is not None and call.connected is not None and (
                     self._customer_media(call) == media):
@@ -1926,6 +1973,71 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         if self.signalling is None:
             raise RuntimeError("call control is not attached to a SIP service")
         return self.signalling
+
+
+K = TypeVar("K")
+
+
+class CallIndex(dict[K, tuple[Call, "AgentLeg | None"]]):
+    """A map of SIP keys (INVITE transactions, dialogs) to (call, agent leg) that also knows
+    each call's keys, so that a call's end drops its own entries instead of walking every live
+    call's, and the calls given an entry since ``take_fresh()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._keys: dict[str, set[K]] = {}
+        self._fresh: dict[str, Call] = {}
+
+    def __setitem__(self, key: K, value: tuple[Call, AgentLeg | None]) -> None:
+        old = dict.get(self, key)
+        if old is not None and old[0] is not value[0]:
+            self._forget(key, old[0])
+        dict.__setitem__(self, key, value)
+        self._keys.setdefault(value[0].call_id, set()).add(key)
+        self._fresh[value[0].call_id] = value[0]
+
+    def __delitem__(self, key: K) -> None:
+        old = dict.pop(self, key)
+        self._forget(key, old[0])
+
+    def pop(self, key: K, *default: Any) -> Any:  # type: ignore[override]
+        """``dict.pop``, keeping the per-call index."""
+        if key in self:
+            value = dict.__getitem__(self, key)
+            del self[key]
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def drop_call(self, call: Call) -> None:
+        """Remove every entry of ``call``."""
+        for key in self._keys.pop(call.call_id, ()):
+            entry = dict.get(self, key)
+            if entry is not None and entry[0] is call:
+                dict.__delitem__(self, key)
+        self._fresh.pop(call.call_id, None)
+
+    def take_fresh(self) -> dict[str, Call]:
+        """The calls given an entry since the last call (and forget them)."""
+        fresh, self._fresh = self._fresh, {}
+        return fresh
+
+    def _forget(self, key: K, call: Call) -> None:
+        keys = self._keys.get(call.call_id)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._keys[call.call_id]
+
+
+def _in_progress(row: tuple[Any, ...], conn: Any, _db: Any) -> None:
+    """Writer job: insert or update one call's ``calls_in_progress`` row."""
+    conn.execute(
+        "INSERT INTO calls_in_progress (call_id, sip_call_id, caller, dialled, flow, direction,"
+        " started_at, queue, agent, answered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (call_id) DO UPDATE SET queue = excluded.queue, agent = excluded.agent,"
+        " answered_at = excluded.answered_at", row)
 
 
 def announcement_prompts(position: int, estimated_wait: float) -> list[str]:

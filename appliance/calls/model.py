@@ -94,6 +94,9 @@ class Call:
     ivr_timer: asyncio.TimerHandle | None = None
     queue: str | None = None
     queued_at: float | None = None
+    place_at: float | None = None
+    """When the caller's place in their queue counts from (their first entry into it); a caller
+    sent back to the same queue (a failed transfer) keeps it. Wall clock, as ``queued_at``."""
     offered_at: float | None = None
     answered_at: float | None = None
     ended_at: float | None = None
@@ -159,6 +162,11 @@ class Call:
     """The engine prompt id of the announcement's prompt playing, if any."""
     priority: int = 0
     """The caller's priority in the queue (kept when they overflow to another queue)."""
+    tier: str | None = None
+    """The caller's customer tier (the flow's ``tier`` variable), kept like the priority."""
+    variables: dict[str, str] = field(default_factory=dict)
+    """What the IVR learnt (its flow variables when it routed the call to a queue), for the
+    screen pop; kept when the caller moves to another queue."""
     overflows: int = 0
     """Queues this caller overflowed from (bounded: no overflow loop between queues)."""
     callback_request: str | None = None

@@ -402,7 +402,9 @@ class OutboundCalls:
         the carrier's leg takes that answer and is bridged to the agent's phone at once, which
         gets a 183 with our description, so the agent hears the carrier's ringback and
         announcements; a 180 (or a 183 we cannot use) gives the phone a 180 and it plays its
-        own ringback (RFC 3261 §21.1.2)."""
+        own ringback (RFC 3261 §21.1.2). A transfer's carrier leg: see ``_transfer_progress``."""
+        if self._transfer_progress(call, far_leg, response, inp):
+            return
         early = False
         if inp is LegInput.RX_183:
             # Only an outbound call's own leg is bridged early.
@@ -549,8 +551,7 @@ class OutboundCalls:
         signalling.answer(event.key, 200, headers=SDP_HEADERS, body=offer)
         log.info(kv(event="call_started", call=call_id, caller=caller, dialled=dialled,
                     flow=flow_name, offer="late", sip_call_id=request.call_id))
-        self._emit("call.offered", {"call_id": call_id, "caller": caller, "dialled": dialled,
-                                    "flow": flow_name}, now)
+        self._emit_offered(call, listed_customer(self.config.ivr.customers, caller), now)
 
     def _reoffer(self, event: InDialogRequest, call: Call, agent_leg: AgentLeg | None) -> None:
         """A re-INVITE without a description (RFC 3264 §5, e.g. a session refresh): we offer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -38,8 +39,14 @@ from media_core import sdp
 from media_core.engine import (
     EngineError,
 )
+from media_core.sip import SipMessage
 
 log = logging.getLogger("edgecc.calls")
+
+TRANSFER_RING_TIMEOUT = 30.0
+"""Seconds a number (or an agent, for a call without a queue) may ring for a transfer once
+the transferring agent hung up; an agent's phone rings for the queue's ``ring_timeout``."""
+
 
 class Transfers:
     """The transfers of ``CallControl`` (a part of it: the state lives there)."""
@@ -84,6 +91,42 @@ class Transfers:
         call.ivr_transfer_timer = asyncio.get_running_loop().call_later(
             action.timeout, self._ivr_transfer_timeout, call, leg)
         self._queue_music(call)
+
+    def _transfer_progress(self, call: Call, far_leg: AgentLeg, response: SipMessage,
+                           inp: LegInput) -> bool:
+        """A 180/183 from the carrier leg of an IVR ``transfer`` node or a blind transfer: the
+        caller hears the far end's early media (RFC 3960: a 183 with a description, bridged
+        at once: ringback, announcements), else local ringback instead of the music. False
+        when ``far_leg`` rings for no such transfer (a consultation keeps the caller on hold)."""
+        transfer = call.transfer
+        blind = transfer is not None and transfer["to"] is far_leg and (
+            not transfer.get("consult") or transfer.get("from_gone"))
+        if call.direction != "inbound" or not (blind or call.ivr_transfer is far_leg):
+            return False
+        if call.ended_at is not None or call.connected is far_leg:
+            return True
+        if inp is LegInput.RX_183 and self._take_early_answer(call, far_leg, response,
+                                                              bridge=True):
+            call.queue_play = call.hold_play = None
+            with contextlib.suppress(EngineError):
+                self.engine.stop_play(call.media)  # the bridged far end is heard
+            log.info(kv(event="early_media", call=call.call_id, target=far_leg.number,
+                        kind="ivr-transfer" if call.ivr_transfer is far_leg else "transfer"))
+            return True
+        if far_leg.leg.state is LegState.EARLY:
+            return True  # the early media goes on (RFC 3960 §3: a later 180 changes nothing)
+        from appliance.calls.callbacks import RINGBACK
+
+        # A 180 (or a 183 we cannot use): ringback from us, from its start (a 180 repeated
+        # each minute, RFC 3261 §13.3.1.1, restarts it), replacing the music.
+        log.info(kv(event="transfer_ringback", call=call.call_id, target=far_leg.number))
+        with contextlib.suppress(EngineError):
+            ringback = self.engine.play(call.media, RINGBACK)
+            if call.ivr_transfer is far_leg:
+                call.queue_play = ringback  # when it ends the music comes back
+            else:
+                call.hold_play = ringback
+        return True
 
     def _ivr_transfer_timeout(self, call: Call, leg: AgentLeg) -> None:
         call.ivr_transfer_timer = None
@@ -318,6 +361,7 @@ class Transfers:
             self._close_hold(call, now)
         old: AgentLeg = transfer["from"]
         call.transfer = None
+        _cancel_ring_timer(transfer)
         call.hold_play = None
         with contextlib.suppress(EngineError):
             self.engine.stop_play(call.media)
@@ -366,6 +410,7 @@ class Transfers:
         if transfer is None:
             return
         call.transfer = None
+        _cancel_ring_timer(transfer)
         old: AgentLeg = transfer["from"]
         log.info(kv(event="transfer_failed", call=call.call_id, target=transfer["target"],
                     status=status))
@@ -382,8 +427,10 @@ class Transfers:
             return
         call.hold_play = None
         if transfer.get("from_gone") or old.leg.state is LegState.ENDED:
-            call.end_reason = "transfer-failed"
-            self._hangup_caller(call, EndReason.SYSTEM)
+            # Nobody left to take the caller back: their queue does, else the call ends.
+            if not self._requeue_after_transfer(call, old):
+                call.end_reason = "transfer-failed"
+                self._hangup_caller(call, EndReason.SYSTEM)
             return
         if transfer["notify"] is not None:
             dialog, event_id = transfer["notify"]
@@ -490,7 +537,6 @@ class Transfers:
         consultation in progress."""
         call, transfer = self._consultation(call_id)
         self._audit(by, "call.consult_cancelled", kv(call=call_id, target=transfer["target"]))
-        call.transfer = None
         target: AgentLeg | None = transfer["to"]
         if target is not None:
             with contextlib.suppress(EngineError):
@@ -499,5 +545,154 @@ class Transfers:
         log.info(kv(event="consult_cancelled", call=call_id, by=by, target=transfer["target"]))
         self._emit("call.consult", {"call_id": call_id, "by": by, "target": transfer["target"],
                                     "state": "cancelled"}, time.time())
+        if transfer.get("from_gone"):
+            self._transfer_failed(call, 487)  # the agent has gone: back to the queue
+            return
+        call.transfer = None
+        _cancel_ring_timer(transfer)
         if call.hold_started is not None:
             self._end_hold(call, by)
+
+    # -- a party of the transfer hangs up (docs/calls.md, "Transfer") --------------------------
+
+    def _transfer_party_gone(self, call: Call, agent_leg: AgentLeg) -> None:
+        """The transferring agent, or an answered consultation's target, hung up while the
+        transfer was in progress (the leg has ended)."""
+        transfer = call.transfer
+        assert transfer is not None
+        now = time.time()
+        if agent_leg is transfer["to"]:
+            self._consult_target_gone(call, agent_leg, now)
+            return
+        transfer["from_gone"] = True
+        target: AgentLeg | None = transfer["to"]
+        if transfer.get("consult") and transfer.get("answered") and target is not None:
+            # Transfer on hang-up (RFC 5589 §6.1 spirit, what PBXs do): the agent introduced
+            # the caller and left, so the caller goes to the target at once.
+            log.info(kv(event="consult_completed", call=call.call_id, by=agent_leg.agent,
+                        target=transfer["target"], cause="agent-hung-up"))
+            transfer["consult"] = False
+            with contextlib.suppress(EngineError):
+                self.engine.unbridge(agent_leg.media)
+            if call.hold_started is not None:
+                self._close_hold(call, now)
+            self._transfer_answered(call, target, now)
+            return
+        if transfer.get("consult"):
+            # Still ringing: a blind transfer now; unanswered, the caller goes back to the queue.
+            transfer["kind"] = "blind"
+            self._emit("call.consult", {"call_id": call.call_id, "by": transfer["by"],
+                                        "target": transfer["target"], "state": "blind"}, now)
+        if target is not None and transfer.get("ring_timer") is None:
+            settings = self.queues.get(call.queue or "")
+            timeout = (settings.ring_timeout if settings is not None and target.number is None
+                       else TRANSFER_RING_TIMEOUT)
+            transfer["ring_timer"] = asyncio.get_running_loop().call_later(
+                timeout, self._transfer_ring_timeout, call, target)
+        log.info(kv(event="transferring_agent_gone", call=call.call_id, agent=agent_leg.agent,
+                    target=transfer["target"], kind=transfer["kind"]))
+        self._maybe_finish(call)
+
+    def _transfer_ring_timeout(self, call: Call, target: AgentLeg) -> None:
+        if call.transfer is not None and call.transfer["to"] is target:
+            call.transfer["ring_timer"] = None
+            self._hangup_agent(call, target, EndReason.NO_ANSWER)  # CANCEL; its 487 fails it
+
+    def _consult_target_gone(self, call: Call, target: AgentLeg, now: float) -> None:
+        """The answered consultation's target hung up: the agent has the caller back."""
+        transfer = call.transfer
+        assert transfer is not None
+        call.transfer = None
+        _cancel_ring_timer(transfer)
+        agent: AgentLeg = transfer["from"]
+        with contextlib.suppress(EngineError):
+            self.engine.unbridge(agent.media)
+        log.info(kv(event="consult_ended", call=call.call_id, target=transfer["target"],
+                    cause="target-hung-up"))
+        self._emit("call.consult", {"call_id": call.call_id, "by": transfer["by"],
+                                    "target": transfer["target"], "state": "ended"}, now)
+        self._agent_leg_over(call, target)
+        if call.hold_started is not None:
+            self._end_hold(call, target.number or target.agent)
+
+    def _requeue_after_transfer(self, call: Call, old: AgentLeg) -> bool:
+        """The transfer failed after the transferring agent left: the caller goes back to
+        the call's queue with their priority. False when there is no queue to go back to."""
+        if (self.router is None or call.queue not in self.queues or call.ended_at is not None
+                or call.direction != "inbound"):
+            return False
+        now = time.time()
+        if call.hold_started is not None:
+            self._close_hold(call, now)
+        call.hold_play = None
+        with contextlib.suppress(EngineError):
+            self.engine.stop_play(call.media)
+            self.engine.unbridge(call.media)
+        was_connected = call.connected is old
+        if was_connected:
+            # The agent's talk ended when they left (queue_log TRANSFER); wrap-up starts.
+            call.events.append(("queue.complete", {
+                "call_id": call.call_id, "queue": call.queue, "agent": old.agent,
+                "talk_s": round(now - (call.talk_started or call.answered_at or now), 3),
+                "ended_by": "transferred"}, now))
+            call.connected = None
+            self._set_aside_recording(call, old.agent, now)
+            self._agent_leg_over(call, old)
+        log.info(kv(event="caller_requeued", call=call.call_id, queue=call.queue,
+                    priority=call.priority))
+        self._enter_queue(call, ivr.RouteToQueue(call.queue, call.priority, None, {}),
+                          keep_place=True)
+        if was_connected:
+            # The agent's router call ends once the caller is back at their place: the agent
+            # it frees finds them there, ahead of those who joined during the transfer.
+            with contextlib.suppress(acd.LocalProtocolError):
+                self._route(self.router.handle(acd.CallEnded(call.call_id, old.agent),
+                                               self._router_clock()))
+        return True
+
+    def _set_aside_recording(self, call: Call, agent: str, now: float) -> None:
+        """A requeued caller's recording so far becomes a recording of its own (the next
+        agent's talk starts another): stopped, encrypted into the store, then removed."""
+        if call.recording is None or call.recording_path is None:
+            return
+        try:
+            done = self.engine.record_stop(call.recording)
+        except EngineError as exc:
+            log.error(kv(event="recording_stop_failed", call=call.call_id, error=repr(exc)))
+            return
+        # Out of the way of the next agent's recording (same name); the engine finishes this
+        # one through the handle it holds.
+        path = f"{call.recording_path}.part-{int(now * 1000)}"
+        try:
+            os.replace(call.recording_path, path)
+        except OSError as exc:
+            log.error(kv(event="recording_set_aside_failed", call=call.call_id, error=repr(exc)))
+            path = call.recording_path
+        started = call.recording_started or now
+        call.recording = call.recording_path = call.recording_started = None
+
+        async def store() -> None:
+            try:
+                finished = await asyncio.wait_for(done, 3.0)
+                if finished.ok:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._db_thread, lambda: self.recordings.import_wav(
+                            path, call_id=call.call_id, caller=call.caller,
+                            started_at=started, ended_at=time.time(), agent=agent,
+                            queue=call.queue))
+            except Exception:
+                log.exception(kv(event="recording_import_failed", call=call.call_id))
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # never leave plaintext audio behind
+
+        task = asyncio.get_running_loop().create_task(store())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _cancel_ring_timer(transfer: dict[str, Any]) -> None:
+    timer = transfer.get("ring_timer")
+    if timer is not None:
+        timer.cancel()
+        transfer["ring_timer"] = None

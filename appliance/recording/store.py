@@ -9,7 +9,8 @@ the file, and any copy of it, can no longer be decrypted. Erasure and export wri
 rows in the same transaction as their effect.
 
 All methods block on SQLite and the file system: call them from a worker thread, never on the
-event loop. ``now`` is passed in; nothing here reads a clock.
+event loop. Their writes are all-or-nothing and join a transaction already open (a savepoint:
+e.g. a ``DatabaseWriter`` batch, where a call's recording and its record commit together). ``now`` is passed in; nothing here reads a clock.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import sqlite_utils
 
 from appliance import audit as audit_chain
+from appliance.dbwriter import atomic
 from appliance.recording.crypto import (
     DEFAULT_SEGMENT_BYTES,
     IncompleteRecording,
@@ -252,7 +254,7 @@ class RecordingStore:
             path, data_key, rid, segment_bytes=self._segment_bytes, fsync=self._fsync
         )
         try:
-            with self.db.conn:
+            with atomic(self.db.conn):
                 self.db.conn.execute(
                     "INSERT INTO recordings (id, call_id, caller, agent, queue, started_at, path,"
                     " wrapped_key, legal_hold) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
@@ -303,7 +305,7 @@ class RecordingStore:
 
     def _finish(self, rid: str, ended_at: float) -> None:
         self._active.discard(rid)
-        with self.db.conn:
+        with atomic(self.db.conn):
             self.db.conn.execute("UPDATE recordings SET ended_at = ? WHERE id = ?", (ended_at, rid))
         log.info("recording_finished recording=%s", rid)
 
@@ -389,7 +391,7 @@ class RecordingStore:
 
     def set_legal_hold(self, rid: str, on: bool, *, actor: str, now: float) -> None:
         self.get(rid)
-        with self.db.conn:
+        with atomic(self.db.conn):
             self.db.conn.execute("UPDATE recordings SET legal_hold = ? WHERE id = ?", (int(on), rid))
             _audit(self.db, now, actor, "recording_legal_hold", f"recording={rid} on={int(on)}")
 
@@ -508,7 +510,7 @@ class RecordingStore:
         }
         manifest_path = dest / "manifest.json"
         _write_private(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
-        with self.db.conn:
+        with atomic(self.db.conn):
             audit_id = _audit(
                 self.db, now, actor, "recording_export",
                 f"caller_sha256={_digest(caller)} exported={len(exported)} failed={len(failed)}",
