@@ -1,8 +1,10 @@
 """The composition root of ``edgecc appliance``: builds every service, starts and stops them.
 
-Start order: config -> site database -> guard -> digest authenticator -> binding store ->
-registrar -> SIP service -> carrier trunk -> webhooks -> alerts -> live feed -> agent desk -> call control ->
-API (users, recordings) -> HTTP server (API and web pages). Stop order is the reverse.
+Start order: config -> site database -> component log -> guard -> digest authenticator ->
+binding store -> registrar -> SIP service -> carrier trunk -> webhooks -> alerts -> live feed ->
+agent desk -> call control -> API (users, recordings) -> HTTP server (API and web pages). Stop
+order is the reverse. The component log writes ``component.up`` / ``component.down`` rows (the
+appliance, the trunk, the cloud link) whenever one changes state: uptime per component.
 Services get what they need as constructor arguments; nothing here is global. Call control and
 the desk report each event to one ``LiveFeed`` as it happens: the hub (``/api/events``), the
 wallboard (``/api/kpi/live``), the alert rules and the screen-pop webhook. One asyncio loop
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import inspect
+import json
 import logging
 import math
 import os
@@ -23,7 +27,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,6 +40,7 @@ from appliance.api import ApiContext, Hub, Role, UserStore
 from appliance.api.calls import RecordingAccess
 from appliance.calls.control import start_call_control
 from appliance.config import ConfigError, SiteConfig, load_site
+from appliance.dbwriter import DatabaseWriter, WriterError
 from appliance.http import HealthSource, HttpServer, build_http_app
 from appliance.log import kv
 from appliance.recording.crypto import load_site_key
@@ -46,7 +51,7 @@ from appliance.sip.digest import DigestAuthenticator
 from appliance.sip.guard import Guard
 from appliance.sip.registrar import BindingStore, Registrar
 from appliance.sip.service import SipService
-from appliance.sip.trunk import TrunkLink
+from appliance.sip.trunk import TrunkLink, TrunkState, TrunkStateChanged
 from appliance.store import audit, open_site_db, running_config_version
 from appliance.webhooks import Poster, ScreenPop, WebhookRouter
 
@@ -116,11 +121,14 @@ class LinkWatch:
     """Reads the edge agent's link-state row (``eventlog.read_link_state``) every
     ``interval_s`` and, when the state changes, hands a ``link.state`` event {state, since,
     lag_events, lag_seconds, detail} to the live feed: the wallboard shows it and the
-    ``link_down`` alert rule hears it. No row (no edge agent yet): nothing is said."""
+    ``link_down`` alert rule hears it; ``on_state`` (the ``ComponentLog``) gets the state too.
+    No row (no edge agent yet): nothing is said."""
 
     def __init__(self, feed: Callable[[str, Mapping[str, Any]], None], database: os.PathLike[str] | str,
-                 *, interval_s: float = 1.0) -> None:
+                 *, interval_s: float = 1.0,
+                 on_state: Callable[[eventlog.LinkState], None] | None = None) -> None:
         self.feed = feed
+        self.on_state = on_state
         self.database = str(database)
         self.interval_s = interval_s
         self.current: eventlog.LinkState | None = None
@@ -146,6 +154,11 @@ class LinkWatch:
                         "state": state.state, "since": state.since,
                         "lag_events": state.lag_events, "lag_seconds": state.lag_seconds,
                         "detail": state.detail})
+                    if self.on_state is not None:
+                        try:
+                            self.on_state(state)
+                        except Exception:
+                            log.exception(kv(event="link_state_consumer_failed"))
             await asyncio.sleep(self.interval_s)
 
     def _read(self) -> eventlog.LinkState | None:
@@ -159,10 +172,117 @@ class LinkWatch:
                 await self._task
 
 
+#: The link states (``eventlog.LinkState.state``) in which the cloud link counts as up.
+LINK_UP_STATES = frozenset({"online", "degraded"})
+
+
+class ComponentLog:
+    """Writes ``component.up`` / ``component.down`` {component, detail} event-log rows, the
+    source of the uptime-per-component KPI (docs/kpis.md), only when a component's state
+    changes: the appliance itself at start and stop, the carrier trunk as its OPTIONS
+    keep-alives see it, the cloud link as the edge agent reports it.
+
+    Times are wall-clock seconds and never go back per component (a state first seen with an
+    older ``since`` is dated no earlier than this log's start or the component's last row), so
+    the KPI engine reads the rows in order. Rows are committed by a ``DatabaseWriter`` of their
+    own; a row that cannot be written is logged, never raised."""
+
+    def __init__(self, db: sqlite_utils.Database, *, clock: Callable[[], float] = time.time
+                 ) -> None:
+        self._clock = clock
+        self._writer = DatabaseWriter(db, name="components")
+        self._started = clock()
+        self.states: dict[str, bool] = {}
+        """Component -> up, as last written."""
+        self._last: dict[str, float] = {}
+        self._stopped = False
+
+    def recover(self) -> list[str]:
+        """At start: components the log last showed up (the appliance stopped without saying
+        so, e.g. killed) are written down at the last event the log holds, the best evidence
+        of when the site stopped. Returns those components."""
+        def job(conn: sqlite3.Connection, _db: sqlite_utils.Database) -> list[str]:
+            rows = conn.execute(
+                "SELECT kind, payload, occurred_at FROM events WHERE seq IN (SELECT max(seq) "
+                "FROM events WHERE kind IN ('component.up', 'component.down') "
+                "GROUP BY json_extract(payload, '$.component'))").fetchall()
+            up = [(json.loads(p)["component"], at) for k, p, at in rows
+                  if k == "component.up"]
+            if not up:
+                return []
+            last = conn.execute("SELECT max(occurred_at) FROM events").fetchone()[0]
+            for component, since in up:
+                at = min(max(float(last), float(since)), self._started)
+                eventlog.append(_db, "component.down", {
+                    "component": component, "detail": "stopped without a clean shutdown"},
+                    occurred_at=at)
+            return [c for c, _ in up]
+
+        try:
+            lost = self._writer.write("component recovery", job).result(10)
+        except Exception as exc:
+            log.error(kv(event="component_recovery_failed", error=repr(exc)))
+            return []
+        for component in lost:
+            log.warning(kv(event="component_unclean_stop", component=component))
+        return lost
+
+    def set(self, component: str, up: bool, *, at: float | None = None,
+            detail: str = "") -> None:
+        """Record that ``component`` is up (or down) since ``at`` (default now); nothing when
+        it already was, or after ``stop()``."""
+        if self._stopped or self.states.get(component) is up:
+            return
+        self.states[component] = up
+        when = self._clock() if at is None else at
+        when = max(when, self._started, self._last.get(component, -math.inf))
+        self._last[component] = when
+        kind = "component.up" if up else "component.down"
+        log.info(kv(event=kind.replace(".", "_"), component=component, detail=detail or None))
+        try:
+            future = self._writer.submit(eventlog.append, self._writer.db, kind,
+                                         {"component": component, "detail": detail},
+                                         occurred_at=when)
+        except WriterError as exc:
+            log.error(kv(event="component_write_failed", component=component, error=str(exc)))
+            return
+        future.add_done_callback(functools.partial(_log_failure, "component_write_failed"))
+
+    def stop(self, detail: str = "appliance stopped") -> None:
+        """Every component still up goes down now (with the appliance stopped, the site has
+        neither its trunk nor its cloud link). Later changes are not written: the services
+        still stopping say nothing more."""
+        for component, up in list(self.states.items()):
+            if up:
+                self.set(component, False, detail=detail)
+        self._stopped = True
+
+    def on_trunk(self, change: Any) -> None:
+        """``TrunkLink``'s ``on_change``: the keep-alive state up/down (unknown says
+        nothing)."""
+        after = getattr(change, "after", None)
+        if isinstance(change, TrunkStateChanged) and after is not TrunkState.UNKNOWN:
+            self.set("trunk", after is TrunkState.UP, detail=change.reason)
+
+    def on_link(self, state: eventlog.LinkState) -> None:
+        """A link state read from the edge agent's row: online or degraded is up."""
+        self.set("cloud-link", state.state in LINK_UP_STATES, at=state.since,
+                 detail=state.detail or state.state)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the rows set so far are committed."""
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Let the last rows commit (at most ``timeout`` seconds), then stop the writer."""
+        self._writer.close(timeout)
+
+
 class AlertLoop:
-    """Runs the sans-IO ``AlertEngine`` on the loop: fed every live event, ticked after each
-    one and at its ``next_timer()``. Each alert raised or cleared becomes an event-log row
-    (``alert.raised`` / ``alert.cleared``, written by a worker thread), a hub event (topic
+    """Runs the sans-IO ``AlertEngine`` on the loop: fed every live event, evaluated once per
+    pass of the loop that fed it (a burst of events costs one evaluation) and at its
+    ``next_timer()``. Each alert raised or cleared becomes an event-log row (``alert.raised`` /
+    ``alert.cleared``, committed by the alerts' ``DatabaseWriter``), a hub event (topic
     ``alert``, supervisors), a webhook post and, through the hub, the wallboard's banner."""
 
     def __init__(self, engine: AlertEngine, hub: Hub, db: sqlite_utils.Database, *,
@@ -170,21 +290,32 @@ class AlertLoop:
         self.engine = engine
         self.hub = hub
         self.poster = poster
-        self._db = db
         self._clock = clock
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="alerts-db")
+        self._writer = DatabaseWriter(db, name="alerts")
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due: float | None = None  # the next_timer() the armed timer is for
+        self._tick_due = False  # a tick is scheduled for this pass of the loop
+        self.ticks = 0
+        """Evaluations of the rules since start."""
 
     def feed(self, kind: str, payload: Mapping[str, Any], at: float) -> None:
-        """Take one event, then evaluate the rules (never raises)."""
+        """Take one event; the rules are evaluated once, after the events of this loop pass
+        (never raises)."""
         if kind.startswith("alert"):
             return  # our own output
         self.engine.feed(kind, payload, at)
-        self.tick()
+        if self._tick_due:
+            return
+        self._tick_due = True
+        try:
+            asyncio.get_running_loop().call_soon(self.tick)
+        except RuntimeError:  # no loop (a caller outside the appliance): evaluate now
+            self.tick()
 
     def tick(self) -> None:
-        """Evaluate the rules now and re-arm the timer."""
-        self._timer = None
+        """Evaluate the rules now and re-arm the timer when its due time moved."""
+        self._tick_due = False
+        self.ticks += 1
         try:
             for alert in self.engine.tick(self._clock()):
                 self._publish(alert)
@@ -192,9 +323,17 @@ class AlertLoop:
             log.exception(kv(event="alerts_failed"))
         self._arm()
 
+    def _on_timer(self) -> None:
+        self._timer = self._timer_due = None
+        self.tick()
+
     def active(self) -> list[dict[str, Any]]:
         """The alerts raised and not cleared."""
         return [a.as_dict() for a in self.engine.active()]
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the event-log rows of the alerts published so far are committed."""
+        return self._writer.flush(timeout)
 
     def _publish(self, alert: Alert) -> None:
         kind = "alert.raised" if alert.cleared_at is None else "alert.cleared"
@@ -206,31 +345,46 @@ class AlertLoop:
         if self.poster is not None:
             self.poster.post(kind, data)
         at = alert.raised_at if alert.cleared_at is None else alert.cleared_at
-        future = self._writer.submit(eventlog.append, self._db, kind, data, occurred_at=at)
-        future.add_done_callback(_log_failure)
+        try:
+            future = self._writer.submit(eventlog.append, self._writer.db, kind, data,
+                                         occurred_at=at)
+        except WriterError as exc:  # stopped or stuck: shown live, not logged to the cloud
+            log.error(kv(event="alert_write_failed", rule=alert.rule, error=str(exc)))
+            return
+        future.add_done_callback(functools.partial(_log_failure, "alert_write_failed"))
 
     def _arm(self) -> None:
         when = self.engine.next_timer()
+        if self._timer is not None and when == self._timer_due:
+            return  # armed for that time already
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_due = None
+        if when is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop: the caller ticks by hand
+            return
+        delay = max(0.0, when - self._clock())
+        self._timer = loop.call_at(loop.time() + delay, self._on_timer)
+        self._timer_due = when
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the timer and let the last writes commit (at most ``timeout`` seconds)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if when is None:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, when - self._clock())
-        self._timer = loop.call_at(loop.time() + delay, self.tick)
-
-    def close(self) -> None:
-        """Stop the timer and let the last writes finish."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._writer.shutdown(wait=True)
+        self._writer.close(timeout)
 
 
-def _log_failure(future: Future[Any]) -> None:
+def _log_failure(event: str, future: Future[Any]) -> None:
+    if future.cancelled():
+        log.error(kv(event=event, error="cancelled at stop"))
+        return
     exc = future.exception()
     if exc is not None:
-        log.error(kv(event="alert_write_failed", error=repr(exc)))
+        log.error(kv(event=event, error=repr(exc)))
 
 
 @dataclass
@@ -248,6 +402,7 @@ class Appliance:
     started_at: float = field(default_factory=time.monotonic)
     _stack: list[tuple[str, Callable[[], Any]]] = field(default_factory=list, repr=False)
     api: ApiContext | None = None
+    components: ComponentLog | None = None
 
     @classmethod
     async def start(cls, config: SiteConfig) -> Appliance:
@@ -257,6 +412,12 @@ class Appliance:
             db = open_site_db(config.storage.database)
             stack.append(("database", db.close))
             eventlog.bind_site(db, config.site.id)
+            # Uptime per component: component.up/down rows on each change of state.
+            components_db = open_site_db(config.storage.database)
+            stack.append(("components-db", components_db.close))
+            components = ComponentLog(components_db)
+            stack.append(("components", components.close))
+            await asyncio.to_thread(components.recover)
             guard = Guard(config.guard)
             # A fresh nonce secret per run: nonces from before a restart answer stale=true,
             # and phones retry at once (RFC 7616 §3.3).
@@ -272,7 +433,8 @@ class Appliance:
             sip = await SipService.start(config, registrar=registrar, guard=guard)
             stack.append(("sip", sip.close))
             # Registration to the carrier and OPTIONS keep-alive (none without trunk.carrier).
-            trunk = await TrunkLink.start(config, sip, database=str(config.storage.database))
+            trunk = await TrunkLink.start(config, sip, database=str(config.storage.database),
+                                          on_change=components.on_trunk)
             if trunk is not None:
                 stack.append(("trunk", trunk.stop))
             hub, board = Hub(), LiveBoard()
@@ -298,7 +460,7 @@ class Appliance:
                 loop.call_soon_threadsafe(feed, kind, data)
 
             # The cloud link as the edge agent reports it: wallboard, /health, link_down alert.
-            link = LinkWatch(feed, config.storage.database)
+            link = LinkWatch(feed, config.storage.database, on_state=components.on_link)
             link.start()
             stack.append(("link-watch", link.stop))
             # The agents' own choices (login, pause, logout), persisted and audited; on the
@@ -340,8 +502,9 @@ class Appliance:
             await _stop_all(stack)
             raise
         audit(db, "appliance", "start", kv(site=config.site.id, pid=os.getpid()))
+        components.set("appliance", True, detail="started")
         return cls(config, db, guard, auth, bindings, registrar, sip, http, started_at, stack,
-                   api=api)
+                   api=api, components=components)
 
     def startup_line(self) -> str:
         """``edgecc appliance site=ID sip=udp:H:P,tcp:H:P,tls:H:P http=URL`` (bound ports)."""
@@ -358,6 +521,8 @@ class Appliance:
         """Stop every service in reverse start order, each bounded in time."""
         with contextlib.suppress(Exception):
             audit(self.db, "appliance", "stop", kv(site=self.config.site.id, pid=os.getpid()))
+        if self.components is not None:
+            self.components.stop()  # committed when its writer stops, before the database
         stack, self._stack = self._stack, []
         await _stop_all(stack)
 

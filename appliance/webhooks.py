@@ -34,6 +34,7 @@ import random
 import ssl
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,12 +309,24 @@ SCREEN_POP_FIELDS = ("call_id", "caller", "dialled", "queue", "agent", "priority
                      "flow")
 
 
+SCREEN_POP_CALLS = 10_000
+"""Offered calls whose facts are kept for their later ``call.ringing`` (oldest forgotten)."""
+
+
 class ScreenPop:
     """Posts a ``screen.pop`` for each offered call: who calls, what they dialled, what the
-    IVR learnt (variables, priority, tier), and the queue and agent once known."""
+    IVR learnt (variables, priority, tier), and the queue and agent once known.
 
-    def __init__(self, sender: Poster) -> None:
+    ``call.ringing`` names only the call, agent and queue: the facts of the call's earlier
+    offer (caller, dialled number, flow, ...) are kept, bounded, and sent with it, so the pop
+    the CRM gets when an agent's phone rings says who is calling."""
+
+    def __init__(self, sender: Poster, *, calls: int = SCREEN_POP_CALLS) -> None:
+        if calls < 1:
+            raise ValueError(f"calls must be at least 1, got {calls}")
         self.sender = sender
+        self._limit = calls
+        self._known: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     @staticmethod
     def payload(call: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,4 +338,13 @@ class ScreenPop:
 
     def offered(self, call: Mapping[str, Any]) -> None:
         """A call was offered (``call.offered``) or rang an agent (``call.ringing``)."""
+        call_id = call.get("call_id")
+        if isinstance(call_id, str) and call_id:
+            known = self._known.pop(call_id, {})
+            # What this event says wins; what it leaves out (null or absent) is kept.
+            merged = {**known, **{k: v for k, v in call.items() if v is not None}}
+            self._known[call_id] = merged
+            while len(self._known) > self._limit:
+                self._known.popitem(last=False)
+            call = merged
         self.sender.post("screen.pop", self.payload(call))

@@ -10,8 +10,11 @@ The order (docs/backups.md, "Config push"):
    link to the site's files, with the new ``site.yaml``) and validated there with
    ``appliance.config.load_site``, exactly as the appliance reads it at start, with the paths
    it names resolved;
-4. only then the running ``site.yaml`` is kept as ``site.yaml.prev`` and the new file is moved
-   into place with one ``rename`` (atomic: a crash leaves the old or the new file, never half).
+4. only then, under the database's write lock (``BEGIN IMMEDIATE``, the lock a local API edit
+   takes too), the version is checked again, the running ``site.yaml`` is kept as
+   ``site.yaml.prev``, the new file is moved into place with one ``rename`` (atomic: a crash
+   leaves the old or the new file, never half) and the ``edge_config`` row is written; the
+   lock is released by the commit.
 
 Every outcome is a row of ``edge_config``; the running version is the highest row with
 ok = 1. The appliance reads ``site.yaml`` when it starts: a new version takes effect at its
@@ -69,31 +72,65 @@ def apply_config(
     site_dir: Path | str, db: sqlite_utils.Database, *, ca_pem: bytes, site_id: str,
     version: int, text: bytes, signature: bytes, now: float,
 ) -> ConfigResult:
-    """Verify and apply one pushed ``site.yaml``; never raises for a bad push (ok = False)."""
+    """Verify and apply one pushed ``site.yaml``; never raises for a bad push (ok = False).
+
+    The version check, the file swap and the ``edge_config`` row are one ``BEGIN IMMEDIATE``
+    transaction: a local edit (``appliance.config_edit``, which takes the same lock) cannot
+    install a version between the check and the row, so two writers never both take the same
+    version number nor leave a row that describes another file."""
     directory = Path(site_dir)
     digest = hashlib.sha256(text).hexdigest()
-    result = _check_and_swap(directory, db, ca_pem, site_id, version, text, signature, digest)
+    # Everything slow (signature, YAML, the staged validation) runs before the lock; only the
+    # version check is repeated under it.
+    result = _check(directory, db, ca_pem, site_id, version, text, signature, digest)
+    conn = db.conn
     try:
-        with db.conn:
-            db.conn.execute(
-                "INSERT INTO edge_config (version, received_at, ok, error, sha256) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (version) DO UPDATE SET "
-                "received_at = excluded.received_at, ok = MAX(ok, excluded.ok), "
-                "error = CASE WHEN ok = 1 THEN error ELSE excluded.error END, "
-                "sha256 = CASE WHEN ok = 1 THEN sha256 ELSE excluded.sha256 END",
-                (version, now, int(result.ok), result.error[:2000], digest),
-            )
+        conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
+        result = ConfigResult(version, False, f"cannot lock the site database, try again: "
+                                              f"{exc}")
+        log.warning(kv(event="config_refused", site=site_id, version=version,
+                       error=result.error))
+        return result
+    running_text = _read_or_none(directory / SITE_FILE)
+    swapped = False
+    try:
+        if result.ok:
+            result = _swap_locked(directory, db, version, text, digest)
+            swapped = result.ok and _read_or_none(directory / SITE_FILE) != running_text
+        conn.execute(
+            "INSERT INTO edge_config (version, received_at, ok, error, sha256) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (version) DO UPDATE SET "
+            "received_at = excluded.received_at, ok = MAX(ok, excluded.ok), "
+            "error = CASE WHEN ok = 1 THEN error ELSE excluded.error END, "
+            "sha256 = CASE WHEN ok = 1 THEN sha256 ELSE excluded.sha256 END",
+            (version, now, int(result.ok), result.error[:2000], digest),
+        )
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         log.warning(kv(event="config_result_not_recorded", version=version, error=exc))
+        if swapped:
+            # No row, no version: the file goes back to what the database still says runs.
+            _restore(directory, running_text)
+            result = ConfigResult(version, False, f"the version could not be recorded: {exc}")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if swapped:
+            _restore(directory, running_text)
+        raise
     log.info(kv(event="config_applied" if result.ok else "config_refused", site=site_id,
                 version=version, error=result.error or None))
     return result
 
 
-def _check_and_swap(
+def _check(
     directory: Path, db: sqlite_utils.Database, ca_pem: bytes, site_id: str, version: int,
     text: bytes, signature: bytes, digest: str,
 ) -> ConfigResult:
+    """Every check of a push but the swap; ok when it may be installed."""
     if len(text) > MAX_CONFIG_BYTES:
         return ConfigResult(version, False, f"config of {len(text)} bytes over {MAX_CONFIG_BYTES}")
     try:
@@ -104,12 +141,9 @@ def _check_and_swap(
         reason = "the signature does not verify with the cloud CA for this site and version"
     if not signed:
         return ConfigResult(version, False, reason)
-    running = running_config_version(db)
-    if version == running and _applied_digest(db, version) == digest:
-        return ConfigResult(version, True)  # sent again (our answer was lost): still applied
-    if version <= running:
-        return ConfigResult(version, False, f"version {version} is not newer than the running "
-                                            f"version {running}")
+    refused = _version_refusal(db, version, digest)
+    if refused is not None:
+        return refused
     try:
         data = yaml.safe_load(text.decode("utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -121,6 +155,28 @@ def _check_and_swap(
     problem = _validate_staged(directory, text)
     if problem:
         return ConfigResult(version, False, problem)
+    return ConfigResult(version, True)
+
+
+def _version_refusal(db: sqlite_utils.Database, version: int,
+                     digest: str) -> ConfigResult | None:
+    """None when ``version`` is newer than the running one; else the answer (ok when this
+    very text is the running version: sent again because our answer was lost)."""
+    running = running_config_version(db)
+    if version == running and _applied_digest(db, version) == digest:
+        return ConfigResult(version, True)
+    if version <= running:
+        return ConfigResult(version, False, f"version {version} is not newer than the running "
+                                            f"version {running}")
+    return None
+
+
+def _swap_locked(directory: Path, db: sqlite_utils.Database, version: int, text: bytes,
+                 digest: str) -> ConfigResult:
+    """Inside the write transaction: check the version again, then swap the file in."""
+    refused = _version_refusal(db, version, digest)
+    if refused is not None:
+        return ConfigResult(version, refused.ok, "" if refused.ok else refused.error)
     try:
         install_site_file(directory, text)
     except OSError as exc:
@@ -147,6 +203,24 @@ def _validate_staged(directory: Path, text: bytes) -> str:
         return ""
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _restore(directory: Path, text: bytes | None) -> None:
+    """Put the running site.yaml back after a swap whose version row was not committed."""
+    if text is None:
+        return
+    try:
+        current = directory / SITE_FILE
+        write_atomic(current, text, current.stat().st_mode & 0o777)
+    except OSError as exc:
+        log.error(kv(event="config_restore_failed", error=exc))
 
 
 def install_site_file(directory: Path, text: bytes) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.reporting.alerts import (
     AgentPausedRule,
@@ -358,3 +362,42 @@ def test_hysteresis_keys_come_from_site_yaml(tmp_path) -> None:
     ]:
         with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
             parse_site_yaml(f"sip: {{tls_port: null}}\nalerts:\n  {text}\n", site_dir=tmp_path)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["offer", "enter", "connect", "end", "tick"]),
+                          st.integers(0, 7), st.integers(0, 50)), max_size=60))
+def test_call_timers_match_a_scan_of_every_call(steps: list[tuple[str, int, int]]) -> None:
+    # The engine keeps the oldest live call and waiting caller at hand rather than scanning
+    # them all at every event: its long-call alerts and next_timer() must be what a scan of
+    # every call gives, whatever the order of offers, queue events and ends.
+    engine = only(long_call=LongCallRule(above_s=20),
+                  longest_wait=LongestWaitRule(above_s=15, clear_below_s=10, clear_after_s=0))
+    started: dict[str, float] = {}
+    waiting: dict[str, float] = {}
+    now = T0
+    for action, n, dt in steps:
+        now += dt
+        cid = f"c{n}"
+        if action == "offer":
+            engine.feed("call.offered", {"call_id": cid, "caller": "+1", "dialled": "1"}, now)
+            started.setdefault(cid, now)
+        elif action == "enter":
+            enter(engine, cid, now)
+            waiting[cid] = now
+            started.setdefault(cid, now)
+        elif action == "connect":
+            connect(engine, cid, now)
+            waiting.pop(cid, None)
+        elif action == "end":
+            engine.feed("call.ended", {"call_id": cid, "end_reason": "x"}, now)
+            started.pop(cid, None)
+        else:
+            engine.tick(now)
+            long_calls = {a.key for a in engine.active() if a.rule == "long_call"}
+            assert long_calls == {c for c, at in started.items() if now - at > 20}
+        times = [min(waiting.values()) + 15] if waiting else []
+        times += [min(started.values()) + 20] if started else []
+        due = engine.next_timer()
+        if not engine.active():
+            assert due == (math.nextafter(min(times), math.inf) if times else None)

@@ -376,3 +376,24 @@ def conform(served: AgentsApi, positive: bool, *, examples: int, derandomize: bo
 
         run()
     assert set(seen) == AGENT_OPERATIONS
+
+
+def test_an_agent_on_a_call_outside_the_queues_is_shown_on_a_call(api: AgentsApi) -> None:
+    # Click-to-dial, an outbound call or a transfer to the agent: the router offers nothing
+    # to them meanwhile, and the desk must not show them as available.
+    assert api.as_("alex", "POST", "/api/agents/1001/login").status == 200
+    api.call_soon(lambda: api.router.handle(m.OutsideCallStarted("1001", "out-1", api.router_now),
+                                            api.tick()))
+    reply = api.as_("alex", "GET", "/api/agents/1001")
+    assert (reply.body["state"], reply.body["presence"], reply.body["outside"]) == (
+        "on-call", "available", 1)
+    # Paused while dialling out (agents often are): still on a call, the pause kept.
+    assert api.as_("alex", "POST", "/api/agents/1001/pause", {"reason": "break"}).status == 200
+    listed = {a["agent"]: a for a in api.as_("sam", "GET", "/api/agents").body["agents"]}
+    assert (listed["1001"]["state"], listed["1001"]["presence"], listed["1001"]["outside"]) == (
+        "on-call", "paused", 1)
+    assert (listed["1002"]["state"], listed["1002"]["outside"]) == ("logged-out", 0)
+    api.call_soon(lambda: api.router.handle(m.OutsideCallEnded("1001", "out-1", api.router_now),
+                                            api.tick()))
+    reply = api.as_("alex", "GET", "/api/agents/1001")
+    assert (reply.body["state"], reply.body["outside"]) == ("paused", 0)

@@ -28,6 +28,8 @@ from edge_agent.config_apply import (  # noqa: E402
 )
 
 SITE = "demo"
+RACE_ROUNDS = 6
+"""Push-against-edit races run (each a few hundred ms)."""
 EDGECC = str(Path(sys.executable).parent / "edgecc")
 
 
@@ -268,3 +270,142 @@ def test_a_pushed_config_waits_for_the_last_call_to_end(tmp_path: Path, monkeypa
         await asyncio.wait_for(watch, 10)
 
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# A cloud push and a local API edit at the same instant (appliance.config_edit): one version
+# number, one winner, and the edge_config row always describes the file on disk.
+
+
+def _rename_site_edit(name: str):
+    from appliance.config_edit import Change
+
+    def change(data: dict) -> Change:
+        data["site"]["name"] = name
+        return Change("site", "name", "replace", None, name)
+
+    return change
+
+
+def _installed_matches_its_row(site: Path) -> int:
+    import hashlib
+    import sqlite3
+
+    conn = sqlite3.connect(site / "edgecc.db")
+    try:
+        version = running_config_version(conn)
+        [(digest,)] = conn.execute(
+            "SELECT sha256 FROM edge_config WHERE version = ? AND ok = 1", (version,)).fetchall()
+    finally:
+        conn.close()
+    assert hashlib.sha256((site / "site.yaml").read_bytes()).hexdigest() == digest
+    return version
+
+
+def test_a_push_validated_while_an_edit_installs_is_refused_not_swapped_over(
+    site: Path, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import edge_agent.config_apply as config_apply
+    from appliance.config_edit import SiteEditor
+
+    pushed = _renamed(site, "Pushed")
+    editor = SiteEditor(site, site / "edgecc.db")
+    edited = threading.Event()
+    real_validate = config_apply._validate_staged
+
+    def validate_then_let_the_edit_in(directory: Path, text: bytes) -> str:
+        problem = real_validate(directory, text)
+        # The push has checked the version (0) and validated; the API edit installs version 1
+        # now, before the push reaches its swap.
+        worker = threading.Thread(target=lambda: (
+            editor.edit(0, "api:ada", _rename_site_edit("Edited")), edited.set()))
+        worker.start()
+        worker.join(30)
+        assert edited.is_set()
+        return problem
+
+    monkeypatch.setattr(config_apply, "_validate_staged", validate_then_let_the_edit_in)
+    ok, error = _apply(site, ca, 1, pushed)
+    assert (ok, error) == (False, "version 1 is not newer than the running version 1")
+    assert load_site(site).site.name == "Edited"
+    assert _installed_matches_its_row(site) == 1
+
+
+def test_push_and_edit_racing_in_two_threads_leave_one_consistent_version(
+    site: Path, ca: CertificateAuthority
+) -> None:
+    from appliance.config_edit import SiteEditor
+
+    editor = SiteEditor(site, site / "edgecc.db")
+    for round_ in range(RACE_ROUNDS):
+        version = _running(site)
+        push_ok, edit_answer = _race(site, ca, editor, version, round_)
+        edit_ok = edit_answer == version + 1
+        # Exactly one of them installed version + 1; the other was refused cleanly.
+        assert push_ok != edit_ok, (push_ok, edit_answer)
+        if not edit_ok:
+            assert edit_answer == 412
+        assert _installed_matches_its_row(site) == version + 1
+        name = load_site(site).site.name
+        assert name == (f"Pushed {round_}" if push_ok else f"Edited {round_}")
+
+
+def _race(site: Path, ca: CertificateAuthority, editor, version: int,
+          round_: int) -> tuple[bool, int]:
+    """A push of version + 1 and an API edit based on ``version``, released together:
+    (the push's ok, the edit's new version or refusal status)."""
+    import threading
+
+    from appliance.config_edit import ConfigEditError
+
+    start = threading.Barrier(2, timeout=30)
+    pushed = _renamed_any(site, f"Pushed {round_}")
+    outcome: dict[str, object] = {}
+
+    def push() -> None:
+        start.wait()
+        outcome["push"] = _apply(site, ca, version + 1, pushed)[0]
+
+    def edit() -> None:
+        start.wait()
+        try:
+            outcome["edit"] = editor.edit(version, "api:ada",
+                                          _rename_site_edit(f"Edited {round_}")).version
+        except ConfigEditError as exc:
+            outcome["edit"] = exc.status
+
+    threads = [threading.Thread(target=push), threading.Thread(target=edit)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return bool(outcome["push"]), int(outcome["edit"])  # type: ignore[call-overload]
+
+
+def _renamed_any(site: Path, name: str) -> bytes:
+    import yaml
+
+    data = yaml.safe_load((site / "site.yaml").read_text())
+    data["site"]["name"] = name
+    return yaml.safe_dump(data, sort_keys=False).encode()
+
+
+def test_a_version_row_that_cannot_be_written_puts_the_running_file_back(
+    site: Path, ca: CertificateAuthority
+) -> None:
+    import sqlite3
+
+    before = (site / "site.yaml").read_bytes()
+    conn = sqlite3.connect(site / "edgecc.db")
+    with conn:
+        conn.execute("CREATE TRIGGER refuse_versions BEFORE INSERT ON edge_config "
+                     "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END")
+    conn.close()
+    ok, error = _apply(site, ca, 1, _renamed(site, "Never recorded"))
+    assert not ok and "could not be recorded" in error and "disk trouble" in error
+    # The swap was undone: the file is the one the database says runs.
+    assert (site / "site.yaml").read_bytes() == before
+    assert _running(site) == 0

@@ -3,8 +3,11 @@ values, and a direct numerical solution of the Erlang A birth–death chain."""
 
 from __future__ import annotations
 
+import csv
 import math
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +245,116 @@ def test_an_occupancy_cap_that_needs_absurd_staffing_is_refused_quickly() -> Non
         required_agents(5000, 1, 1, max_occupancy=1e-9)
     with pytest.raises(StaffingError, match="max_occupancy"):
         required_agents(5000, 1, 1, max_occupancy=1e-9, patience=60)
+
+
+# --------------------------------------------------------------------------------------------
+# Published values (tests/vectors/erlang_published.csv; sources in erlang_published.md). Rows
+# printed with 6 or more decimals are checked to 1e-6; shorter ones to half a unit of their last
+# printed digit. Tables that print the traffic a group carries at a target (B or C, as in ITU-T
+# E.520 dimensioning) are checked by bracketing: B and C grow with the traffic, so the target must
+# lie between the model's value half a printed unit below and half a unit above the printed A.
+# Rows noted "disagrees: exact value X" are misprints in their source: exact rational arithmetic
+# must reject the printed value and accept X.
+
+PUBLISHED = Path(__file__).parent / "vectors" / "erlang_published.csv"
+KINDS = ("erlang_c", "service_level", "asa", "traffic_for_blocking", "traffic_for_wait")
+
+
+def published_rows() -> list[dict[str, str]]:
+    with PUBLISHED.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for number, row in enumerate(rows, start=2):
+        if row["kind"] not in KINDS or not (row["source"] or "").strip() or row["note"] is None:
+            raise ValueError(f"{PUBLISHED.name} line {number}: bad kind, no source or no note "
+                             f"column: {row}")
+    return rows
+
+
+def _tolerance(row: dict[str, str]) -> float:
+    decimals = int(row["decimals"])
+    return 1e-6 if decimals >= 6 else 0.5 * 10.0**-decimals
+
+
+def published_error(row: dict[str, str], published: float) -> float:
+    """How far the model is from ``published`` for this row, in units of the row's tolerance
+    (at most 1 passes)."""
+    agents, tol = int(row["agents"]), _tolerance(row)
+    kind = row["kind"]
+    if kind in ("erlang_c", "service_level", "asa"):
+        traffic = float(row["traffic"])
+        if kind == "erlang_c":
+            model = erlang_c(traffic, agents)
+        elif kind == "asa":  # seconds
+            model = erlang_c_figures(traffic, agents, float(row["aht_s"]), 0.0).asa
+        else:
+            model = erlang_c_figures(traffic, agents, float(row["aht_s"]),
+                                     float(row["threshold_s"])).service_level
+        return abs(model - published) / tol
+    func = erlang_b if kind == "traffic_for_blocking" else erlang_c
+    target = float(row["target"])
+    # The 1e-12 absorbs the binary representation of a printed boundary such as 0.05.
+    low = func(max(published - tol - 1e-12, 0.0), agents)
+    high = func(published + tol + 1e-12, agents)
+    return 0.0 if low <= target <= high else math.inf
+
+
+def test_published_table_has_every_kind_and_enough_rows() -> None:
+    rows = published_rows()
+    assert len(rows) >= 200
+    assert {row["kind"] for row in rows} >= {"erlang_c", "service_level", "asa",
+                                             "traffic_for_blocking", "traffic_for_wait"}
+    assert sum(int(row["decimals"]) >= 6 for row in rows) >= 18
+
+
+def _row_id(row: dict[str, str]) -> str:
+    return (f"{row['kind']}-A{row['traffic'] or row['published']}-N{row['agents']}"
+            f"-{row['target'] or row['threshold_s']}")
+
+
+def _misprint(row: dict[str, str]) -> bool:
+    return row["note"].startswith("disagrees")
+
+
+@pytest.mark.parametrize("row", [r for r in published_rows() if not _misprint(r)], ids=_row_id)
+def test_erlang_matches_the_published_value(row: dict[str, str]) -> None:
+    assert published_error(row, float(row["published"])) <= 1.0, row["source"]
+
+
+def _exact_bracket(row: dict[str, str], printed: str) -> bool:
+    """Whether the Erlang B target lies between exact B at the printed traffic ± half a unit."""
+    half = Fraction(1, 2 * 10 ** int(row["decimals"]))
+    agents, target = int(row["agents"]), Fraction(row["target"])
+    return (exact_erlang_b(Fraction(printed) - half, agents) <= target
+            <= exact_erlang_b(Fraction(printed) + half, agents))
+
+
+@pytest.mark.parametrize("row", [r for r in published_rows() if _misprint(r)], ids=_row_id)
+def test_a_misprinted_table_value_is_rejected_and_the_exact_value_accepted(
+        row: dict[str, str]) -> None:
+    assert row["kind"] == "traffic_for_blocking"
+    exact = row["note"].split("exact value ")[1].split()[0]
+    assert not _exact_bracket(row, row["published"])
+    assert _exact_bracket(row, exact)
+    assert published_error(row, float(row["published"])) > 1.0
+    assert published_error(row, float(exact)) <= 1.0
+
+
+def test_the_published_check_rejects_a_value_two_printed_units_off() -> None:
+    # The comparison is sharp: moving any printed value by two units of its last digit (or by
+    # 2e-6 for long values) makes it fail, so a drift in erlang.py of that size cannot pass.
+    for row in (r for r in published_rows() if not _misprint(r)):
+        value = float(row["published"])
+        step = 2e-6 if int(row["decimals"]) >= 6 else 2 * 10.0**-int(row["decimals"])
+        assert published_error(row, value + step) > 1.0, row
+        if value - step >= 0:
+            assert published_error(row, value - step) > 1.0, row
+
+
+def test_a_published_row_without_a_source_is_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "erlang_published.csv"
+    bad.write_text("kind,traffic,agents,target,published,decimals,aht_s,threshold_s,source,note\n"
+                   "erlang_c,10,14,,0.174132,6,,,,\n", encoding="utf-8")
+    monkeypatch.setattr(sys.modules[__name__], "PUBLISHED", bad)
+    with pytest.raises(ValueError, match="line 2"):
+        published_rows()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import json
 import re
 import shutil
 import time
@@ -19,11 +20,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from peers import CALLER, agent_phone, sipp, sipp_failed
+from peers import CALLER, Carrier, agent_phone, free_port, sipp, sipp_failed
 from test_web_pages import HEIGHT, WIDTH, Browser, WebSite, close_web_site, log_in, png_pixels
 from test_web_pages import start_web_site as start_site
 
 APPEAR_WITHIN_S = 2.0
+OUTSIDE_NUMBER = "15551230000"  # the dial rules of this site allow it without a "+"
 pytestmark = [
     pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium missing"),
     pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (sip-tester) missing"),
@@ -43,13 +45,95 @@ true
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Iterator[WebSite]:
+def carrier_port() -> int:
+    return free_port()
+
+
+CRM_KEY = b"crm-signing-key-0123456789"
+
+
+class CrmReceiver:
+    """A CRM's screen-pop endpoint on 127.0.0.1: the first attempt of each delivery is answered
+    503 (the appliance must try again), the next 204. Keeps every request."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[tuple[dict[str, str], bytes, int]] = []
+        self.changed = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                with receiver.changed:
+                    tried = any(h.get("x-edgecc-delivery") == headers.get("x-edgecc-delivery")
+                                for h, _, _ in receiver.requests)
+                    status = 204 if tried else 503
+                    receiver.requests.append((headers, body, status))
+                    receiver.changed.notify_all()
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def delivered(self, match, timeout: float = 20.0) -> list[tuple[dict[str, str], dict]]:
+        """The screen pops accepted (204) whose payload satisfies ``match``, once there is
+        one (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                found = [(h, json.loads(b)) for h, b, status in self.requests
+                         if status == 204 and match(json.loads(b)["payload"])]
+                if found:
+                    return found
+                left = deadline - time.monotonic()
+                assert left > 0, f"no matching screen pop; got {len(self.requests)} requests"
+                self.changed.wait(left)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def crm() -> Iterator[CrmReceiver]:
+    receiver = CrmReceiver()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, carrier_port, crm) -> Iterator[WebSite]:
+    directory = tmp_path_factory.mktemp("web-live-site")
+
     def quick(data: dict) -> None:
+        # Screen pops go to the CRM receiver, signed, retried quickly.
+        key = directory / "crm.key"
+        key.write_bytes(CRM_KEY)
+        key.chmod(0o600)
+        data["webhooks"] = [{"url": f"http://127.0.0.1:{crm.port}/pop", "secret_file": "crm.key",
+                             "kinds": ["screen.pop"], "backoff": 0.05, "retries": 3}]
         data["queues"][0]["record"] = False
         # The carrier (SIPp) calls from 127.0.0.2; the agents' phones are on 127.0.0.1.
-        data.setdefault("trunk", {})["allowed_sources"] = ["127.0.0.2/32"]
+        # Calls out go to the carrier's SIPp on carrier_port (no OPTIONS keep-alive: its
+        # scenario expects an INVITE first).
+        data.setdefault("trunk", {}).update(
+            allowed_sources=["127.0.0.2/32"], options_interval=None,
+            carrier={"host": "127.0.0.1", "port": carrier_port})
 
-    running = start_site(tmp_path_factory.mktemp("web-live-site"), edit=quick)
+    running = start_site(directory, edit=quick)
     try:
         yield running
     finally:
@@ -130,7 +214,7 @@ def test_a_carrier_call_shows_on_the_wallboard_within_two_seconds(site: WebSite,
     assert border[1] > border[0] and border[1] > border[2], border
 
 
-def test_a_supervisor_holds_resumes_and_hangs_up_a_live_call_by_api(site: WebSite,
+def test_a_supervisor_holds_resumes_and_hangs_up_a_live_call_by_api(site: WebSite, crm,
                                                                       tmp_path) -> None:
     token = site.token("sue")
     status, body = site.api("POST", "/api/calls/no-such-call/hangup", token=token)
@@ -141,12 +225,36 @@ def test_a_supervisor_holds_resumes_and_hangs_up_a_live_call_by_api(site: WebSit
         log_in(desk, site, "alex")
         desk.wait_for("location.pathname === '/agent.html' && "
                       "document.getElementById('live').textContent === 'live'", "the desk")
-        _held_call(site, desk, token, tmp_path)
+        call_id = _held_call(site, desk, token, tmp_path)
     finally:
         desk.close()
+    _check_screen_pops(crm, call_id)
 
 
-def _held_call(site: WebSite, desk: Browser, token: str, tmp_path) -> None:
+def _check_screen_pops(crm: CrmReceiver, call_id: str) -> None:
+    """The CRM got the call's screen pop at the offer and again when 1001's phone rang, each
+    signed, each refused once and delivered again with the same delivery id."""
+    import hmac
+
+    from appliance.webhooks import sign
+
+    offered = crm.delivered(lambda p: p["call_id"] == call_id and p["agent"] is None)
+    ringing = crm.delivered(lambda p: p["call_id"] == call_id and p["agent"] == "1001")
+    for headers, event in (offered[0], ringing[0]):
+        pop = event["payload"]
+        assert (event["kind"], pop["caller"], pop["dialled"], pop["flow"]) == (
+            "screen.pop", CALLER, "+15550100", "main"), event
+        attempts = [(h, b) for h, b, _ in crm.requests
+                    if h["x-edgecc-delivery"] == headers["x-edgecc-delivery"]]
+        assert [status for h, _, status in crm.requests
+                if h["x-edgecc-delivery"] == headers["x-edgecc-delivery"]] == [503, 204]
+        for h, body in attempts:
+            assert hmac.compare_digest(h["x-edgecc-signature"],
+                                       sign(CRM_KEY, h["x-edgecc-timestamp"], body))
+    assert ringing[0][1]["payload"]["queue"] == "support"
+
+
+def _held_call(site: WebSite, desk: Browser, token: str, tmp_path) -> str:
     with agent_phone(tmp_path, site, site, "answer", talk=60.0) as agent, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
         carrier = pool.submit(sipp, tmp_path, site, "trunk_call", keys={"hangup": "agent"})
@@ -196,3 +304,85 @@ def _held_call(site: WebSite, desk: Browser, token: str, tmp_path) -> None:
     assert {"call_hold", "call_resume", "call_hangup"} <= set(actions), actions
     assert all(r["actor"] == "api:sue" for r in rows if call["call_id"] in r["detail"]
                and r["action"].startswith("call_"))
+    return str(call["call_id"])
+
+
+def test_the_desk_shows_an_agent_on_an_outside_call_as_on_a_call(site: WebSite, carrier_port,
+                                                                  tmp_path) -> None:
+    # The agent dials out from their phone (a call outside the queues): the router offers
+    # them nothing meanwhile, and the desk says so instead of showing them available.
+    token = site.token("sue")
+    desk = Browser(tmp_path / "desk-profile")
+    carrier = Carrier(tmp_path, "callback_customer", calls=1, port=carrier_port)
+    try:
+        log_in(desk, site, "alex")
+        desk.wait_for("location.pathname === '/agent.html' && "
+                      "document.getElementById('live').textContent === 'live'", "the desk")
+        status, body = site.api("POST", "/api/agents/1001/login", token=token)
+        assert status in (200, 409), body  # 409: still logged in from an earlier test
+        state = "document.getElementById('state').dataset.state"
+        desk.wait_for(f"{state} === 'available'", "available before the call")
+        with agent_phone(tmp_path, site, site, f"dial:{OUTSIDE_NUMBER}", talk=5.0) as agent:
+            agent.wait("answered", timeout=30)
+            desk.wait_for(f"{state} === 'on-call'", "on a call while dialled out")
+            assert desk.eval("document.getElementById('reason').textContent") == (
+                "(outside call)")
+            status, view = site.api("GET", "/api/agents/1001", token=token)
+            assert status == 200 and (view["state"], view["presence"], view["outside"]) == (
+                "on-call", "available", 1), view
+            shot = png_pixels(desk.screenshot())
+            assert shot.shape[:2] == (HEIGHT, WIDTH) and shot[..., :3].std() > 10
+            agent.wait("closed", timeout=30)
+        desk.wait_for(f"{state} === 'available'", "available once the call is over")
+        assert desk.eval("document.getElementById('reason').textContent") == ""
+        assert carrier.finish() == 0, carrier.text()[-3000:] + site.log_text()[-3000:]
+    finally:
+        carrier.close()
+        desk.close()
+
+
+def test_click_to_dial_over_the_api_rings_the_agent_then_the_number(site: WebSite,
+                                                                     carrier_port,
+                                                                     tmp_path) -> None:
+    # A supervisor clicks to dial for agent 1001: the phone rings, then the customer (SIPp
+    # as the carrier) is called; the call shows in /api/calls as outbound, the agent's view
+    # as on a call outside the queues; the request is audited.
+    token = site.token("sue")
+    status, body = site.api("POST", "/api/calls/dial",
+                            {"agent": "1001", "number": "+442071234567"}, token=token)
+    assert status == 403, body  # a dial rule (international) refuses before anything rings
+    carrier = Carrier(tmp_path, "callback_customer", calls=1, port=carrier_port)
+    try:
+        with agent_phone(tmp_path, site, site, "idle") as agent:
+            status, body = site.api("POST", "/api/calls/dial",
+                                    {"agent": "1001", "number": OUTSIDE_NUMBER}, token=token)
+            assert status == 200, body
+            call_id = body["call_id"]
+            assert OUTSIDE_NUMBER in agent.next("incoming", timeout=30)["remote"]
+            agent.command("answer")
+            agent.next("answered", timeout=30)
+
+            def outbound() -> list[dict]:
+                status, listed = site.api("GET", "/api/calls", token=token)
+                assert status == 200, listed
+                return [c for c in listed["calls"] if c["call_id"] == call_id
+                        and c["state"] == "connected"]
+
+            deadline = time.monotonic() + 15
+            while not outbound():
+                assert time.monotonic() < deadline, "the dialled call never connected"
+                time.sleep(0.1)
+            [call] = outbound()
+            assert (call["agent"], call.get("direction")) == ("1001", "outbound"), call
+            status, view = site.api("GET", "/api/agents/1001", token=token)
+            assert status == 200 and (view["state"], view["outside"]) == ("on-call", 1), view
+            assert site.api("POST", f"/api/calls/{call_id}/hangup", token=token) == (
+                200, {"ok": True})
+            agent.next("disconnected", timeout=30)
+        assert carrier.finish() == 0, carrier.text()[-3000:] + site.log_text()[-3000:]
+    finally:
+        carrier.close()
+    assert site.users is not None
+    actions = {(r["actor"], r["action"]) for r in site.users.audit_rows(300)
+               if call_id in r["detail"]}
+    assert {("api:sue", "call_dial"), ("api:sue", "call_hangup")} <= actions, actions

@@ -274,6 +274,22 @@ class WebSite:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"null")
 
+    def api_if_match(self, method: str, path: str, body: Any, *, token: str,
+                     version: int) -> tuple[int, Any]:
+        """A configuration change based on config ``version`` (its If-Match)."""
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            self.url + path, method=method, data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                     "If-Match": f'"{version}"'})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                return reply.status, json.loads(reply.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
 
 USERS = {"ada": Role.ADMIN, "sam": Role.SUPERVISOR, "sue": Role.SUPERVISOR, "alex": Role.AGENT}
 
@@ -379,12 +395,32 @@ def log_in(browser: Browser, site: WebSite, name: str, password: str = PASSWORD)
     browser.click("#submit")
 
 
+def open_as(browser: Browser, site: WebSite, name: str, page: str) -> None:
+    """Open ``page`` with a session of ``name`` put in the tab as the login page would (a
+    token from the user store): for a second login of an admin or supervisor within the 30 s
+    their TOTP code is valid, which the API rightly refuses as a replay."""
+    browser.goto(site.url + "/")
+    role = USERS[name].value
+    session = {"token": site.token(name), "name": name, "role": role,
+               "expires_at": time.time() + 3600}
+    browser.eval(f"sessionStorage.setItem('edgecc.session', {json.dumps(json.dumps(session))})")
+    browser.goto(site.url + "/" + page)
+
+
 # --------------------------------------------------------------------------- tests
+
+
+PAUSE_ALERT_S = 1.0
+"""agent_paused fires this soon here, so the banner test need not wait long."""
+
+
+def _quick_pause_alert(data: dict) -> None:
+    data.setdefault("alerts", {})["agent_paused"] = {"above": PAUSE_ALERT_S, "clear_after": 0}
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[WebSite]:
-    running = start_web_site(tmp_path_factory.mktemp("web-site"))
+    running = start_web_site(tmp_path_factory.mktemp("web-site"), edit=_quick_pause_alert)
     try:
         yield running
     finally:
@@ -483,6 +519,67 @@ def test_an_agents_state_changes_by_a_click(site: WebSite, browser: Browser) -> 
     assert "logged" in message
     # An agent may not act on another extension: the field is read-only for them.
     assert browser.eval("document.getElementById('agent').readOnly") is True
+
+
+def test_an_alert_shows_on_the_wallboard_banner_and_clears(site: WebSite,
+                                                            browser: Browser) -> None:
+    # An agent paused longer than alerts.agent_paused.above: the alert goes to the event log,
+    # /api/alerts and the live stream, and the wallboard's banner shows it until it clears.
+    log_in(browser, site, "sue")  # (sam's code of this 30 s step may be spent already)
+    browser.wait_for("location.pathname === '/wallboard.html' && "
+                     "document.getElementById('live').textContent === 'live'", "the wallboard")
+    banner = "document.getElementById('alerts')"
+    assert browser.eval(f"{banner}.classList.contains('on')") is False
+    # The chart has a line per queue, in the colour its legend names.
+    colour = browser.wait_for("(e => e && e.dataset.colour)(document.querySelector("
+                              "'#chart-legend [data-queue=support]'))", "the chart's legend")
+    red, green, blue = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    # (A line needs two samples: the page samples every second.)
+    browser.wait_for(f"""(() => {{
+        const c = document.getElementById('chart'), d = c.getContext('2d')
+            .getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < d.length; i += 4)
+            if (Math.abs(d[i] - {red}) + Math.abs(d[i + 1] - {green})
+                + Math.abs(d[i + 2] - {blue}) < 30) n++;
+        return n > 20; }})()""", "the support line drawn")
+    token = site.token("sue")
+    status, body = site.api("POST", "/api/agents/1002/login", token=token)
+    assert status in (200, 409), body
+    status, body = site.api("POST", "/api/agents/1002/pause", {"reason": "1"}, token=token)
+    assert status == 200, body
+    shown = browser.wait_for(f"{banner}.classList.contains('on') && {banner}.textContent",
+                             "the alert banner")
+    assert "1002" in shown, shown
+    status, active = site.api("GET", "/api/alerts", token=token)
+    assert status == 200 and [a["rule"] for a in active["alerts"]] == ["agent_paused"], active
+    pixels = png_pixels(browser.screenshot())
+    box = browser.eval(f"(r => [r.top, r.bottom, r.left, r.right])({banner}"
+                       ".getBoundingClientRect())")
+    top, bottom, left, right = (int(v) for v in box)
+    assert bottom > top and right > left
+    strip = pixels[top:bottom, left:right, :3].astype(int)
+    assert strip.std() > 10, "the banner is drawn blank"  # text on the banner's colour
+    status, body = site.api("POST", "/api/agents/1002/unpause", token=token)
+    assert status == 200, body
+    browser.wait_for(f"!{banner}.classList.contains('on')", "the banner cleared", timeout=20)
+    import sqlite3
+
+    def logged() -> list[str]:
+        conn = sqlite3.connect(f"file:{site.directory / 'edgecc.db'}?mode=ro", uri=True,
+                               timeout=5)
+        try:
+            return [k for (k,) in conn.execute(
+                "SELECT kind FROM events WHERE kind LIKE 'alert.%' ORDER BY seq")]
+        finally:
+            conn.close()
+
+    # The rows are written by a worker thread: wait (bounded) for both.
+    deadline = time.monotonic() + 10
+    while (kinds := logged())[-2:] != ["alert.raised", "alert.cleared"]:
+        assert time.monotonic() < deadline, kinds
+        time.sleep(0.1)
+    site.api("POST", "/api/agents/1002/logout", token=token)
 
 
 def test_admin_sees_queues_and_agents_and_flow_errors_by_line(site: WebSite, browser: Browser,
@@ -625,3 +722,96 @@ def test_admin_changes_queues_agents_skills_and_flows_with_errors_shown(
     assert browser.wait_for("document.getElementById('flow-list').textContent === "
                             "'main, sales_line'", "the flow list")
     wait_until_running(site, 4)
+
+
+def test_admin_sets_a_queues_overflow_relaxation_penalties_and_weights(
+        editable_site: WebSite, browser: Browser) -> None:
+    site = editable_site
+    admin = site.token("ada")
+    open_as(browser, site, "ada", "admin.html")
+    browser.wait_for("document.querySelector('#queues tr[data-queue=support]') !== null",
+                     "the support queue")
+    version = "document.getElementById('config-version').dataset.version"
+    start = int(browser.wait_for(version, "the config version"))
+    error = "document.getElementById('queue-error').textContent"
+
+    def submit() -> None:
+        browser.eval("document.getElementById('queue-form').requestSubmit()")
+
+    def invalid(selector: str) -> str | None:
+        return browser.eval(f"document.querySelector({json.dumps(selector)})"
+                            ".getAttribute('aria-invalid')")
+
+    def refused(selector: str, what: str) -> str:
+        browser.eval("document.getElementById('queue-error').textContent = ''")
+        submit()
+        message = browser.wait_for(f"{error} && document.querySelector("
+                                   f"{json.dumps(selector)}).getAttribute('aria-invalid') "
+                                   f"=== 'true' && {error}", what)
+        assert browser.eval(version) == str(start)  # nothing written
+        return message
+
+    browser.fill("#q-name", "overflowq")
+    browser.fill("#q-members", "1001, 1002")
+    # A penalty for someone who is not a member: refused, naming the member's key.
+    browser.fill("#q-penalties", "1009:5")
+    message = refused("#q-penalties", "the penalty refusal")
+    assert re.match(r"queues\[\d+\]\.penalties\.1009: expected a member", message), message
+    # A relaxation step dropping a skill the queue does not require.
+    browser.fill("#q-penalties", "1002:5")
+    browser.fill("#q-relax", "30:1:french")
+    message = refused("#q-relax", "the relaxation refusal")
+    assert message.startswith("relax.0.drop: ") and "french" in message
+    assert invalid("#q-penalties") is None  # only the field at fault is marked
+    # An overflow target that is no queue.
+    browser.fill("#q-relax", "30:1")
+    browser.eval("document.getElementById('q-join-empty').value = 'unstaffed'")
+    browser.fill("#q-overflow", "nowhere")
+    message = refused("#q-overflow", "the overflow refusal")
+    assert re.match(r"queues\[\d+\]\.overflow: ", message) and "nowhere" in message, message
+
+    browser.fill("#q-overflow", "support")
+    browser.eval("document.getElementById('q-leave-empty').value = 'unavailable'")
+    browser.fill("#q-max-length", "5")
+    browser.fill("#q-max-est-wait", "120")
+    browser.fill("#q-rejoin", "60")
+    browser.fill("#q-weights", "1001:3, 1002:1")
+    submit()
+    browser.wait_for(f"{version} === '{start + 1}'", "the queue saved")
+    wait_until_running(site, start + 1)
+    status, body = site.api("GET", "/api/config/queues/overflowq", token=admin)
+    assert status == 200, body
+    queue = body["queue"]
+    assert {k: queue[k] for k in ("members", "penalties", "weights", "max_length",
+                                  "max_estimated_wait", "join_empty", "leave_empty",
+                                  "overflow", "rejoin_window", "relax")} == {
+        "members": ["1001", "1002"], "penalties": {"1002": 5}, "weights": {"1001": 3, "1002": 1},
+        "max_length": 5, "max_estimated_wait": 120.0, "join_empty": "unstaffed",
+        "leave_empty": "unavailable", "overflow": "support", "rejoin_window": 60.0,
+        "relax": [{"after": 30.0, "lower_by": 1, "drop": []}]}
+    row = "document.querySelector('#queues tr[data-queue=overflowq]')"
+    assert browser.wait_for(f"{row} && {row}.children[8].textContent", "the overflow column") == (
+        "over 5 waiting, est. wait over 120 s, join unstaffed, leave unavailable → support")
+
+    # A key the form has no input for (set through the API) survives an edit in the page.
+    queue["announce_every"] = 45.0
+    status, body = site.api_if_match("PUT", "/api/config/queues/overflowq", queue,
+                                     token=admin, version=start + 1)
+    assert status == 200, body
+    wait_until_running(site, start + 2)
+    browser.goto(site.url + "/admin.html")
+    browser.wait_for(f"{version} === '{start + 2}' && {row} !== null", "the list again")
+    browser.eval(f"{row}.querySelector('button').click()")  # Edit
+    assert browser.wait_for("document.getElementById('q-penalties').value", "the form filled"
+                            ) == "1002:5"
+    assert browser.eval("[document.getElementById('q-relax').value, "
+                        "document.getElementById('q-join-empty').value, "
+                        "document.getElementById('q-overflow').value]") == [
+        "30:1", "unstaffed", "support"]
+    browser.fill("#q-max-length", "7")
+    submit()
+    browser.wait_for(f"{version} === '{start + 3}'", "the edit saved")
+    wait_until_running(site, start + 3)
+    queue = site.api("GET", "/api/config/queues/overflowq", token=admin)[1]["queue"]
+    assert (queue["max_length"], queue["announce_every"], queue["penalties"]) == (
+        7, 45.0, {"1002": 5})

@@ -262,3 +262,33 @@ def test_secret_files_are_checked(tmp_path) -> None:
     short.chmod(0o600)
     with pytest.raises(WebhookConfigError, match="16 bytes"):
         load_secret(short)
+
+
+class _Collected:
+    """A Poster that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.posted: list[tuple[str, dict]] = []
+
+    def post(self, kind: str, payload: dict) -> None:
+        self.posted.append((kind, payload))
+
+
+def test_the_pop_at_ringing_carries_the_facts_of_the_offer() -> None:
+    sink = _Collected()
+    pop = ScreenPop(sink, calls=2)
+    pop.offered({"call_id": "c1", "caller": "+331", "dialled": "100", "flow": "main",
+                 "at": 1.0})
+    pop.offered({"call_id": "c1", "agent": "1001", "queue": "sales"})  # call.ringing
+    assert [p for _, p in sink.posted] == [
+        {"call_id": "c1", "caller": "+331", "dialled": "100", "queue": None, "agent": None,
+         "priority": None, "tier": None, "flow": "main", "variables": {}},
+        {"call_id": "c1", "caller": "+331", "dialled": "100", "queue": "sales",
+         "agent": "1001", "priority": None, "tier": None, "flow": "main", "variables": {}}]
+    # Bounded: the oldest call is forgotten first; a ringing without its offer still pops.
+    pop.offered({"call_id": "c2", "caller": "+332"})
+    pop.offered({"call_id": "c3", "caller": "+333"})
+    pop.offered({"call_id": "c1", "agent": "1002"})
+    assert sink.posted[-1][1]["caller"] is None and sink.posted[-1][1]["agent"] == "1002"
+    with pytest.raises(ValueError):
+        ScreenPop(sink, calls=0)

@@ -205,3 +205,43 @@ def test_forecast_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "--timezone" in capsys.readouterr().err
     assert wfm_main(["forecast", "--aht", "180"]) == 2
     assert "--queue-log" in capsys.readouterr().err
+
+
+def test_forecast_staffs_with_erlang_a_from_the_patience_the_log_shows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every fourth caller of the simulated log hangs up after 40 s instead of being answered:
+    # total wait (36 calls x 10 s + 12 x 40 s a day) / 12 abandons = 70 s of mean patience.
+    lines = []
+    for line in simulated_queue_log(15).splitlines():
+        at, call, queue, agent, verb, *rest = line.split("|")
+        if call.startswith("d") and int(call.split("c")[1]) % 4 == 0:
+            if verb == "CONNECT":
+                lines.append(f"{int(at) + 30}|{call}|{queue}|NONE|ABANDON|1|1|40")
+                continue
+            if verb == "COMPLETECALLER":
+                continue
+        lines.append(line)
+    log = tmp_path / "queue_log"
+    log.write_text("\n".join(lines) + "\n")
+    assert wfm_main(["forecast", "--queue-log", str(log), "--interval", "3600", "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert (measured["model"], measured["patience_from"]) == ("erlang-a", "measured")
+    assert measured["patience"] == pytest.approx((36 * 10 + 12 * 40) / 12)
+    # A patience given wins; a log without abandons staffs with Erlang C.
+    assert wfm_main(["forecast", "--queue-log", str(log), "--interval", "3600", "--json",
+                     "--patience", "300"]) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert (given["model"], given["patience"], given["patience_from"]) == (
+        "erlang-a", 300.0, "--patience")
+    # Callers who wait longer before giving up need fewer agents for the same target.
+    busiest = max(range(len(given["plan"])), key=lambda i: given["plan"][i]["calls"])
+    assert given["plan"][busiest]["required"] <= measured["plan"][busiest]["required"]
+    plain = tmp_path / "plain_log"
+    plain.write_text(simulated_queue_log(15))
+    assert wfm_main(["forecast", "--queue-log", str(plain), "--interval", "3600",
+                     "--json"]) == 0
+    without = json.loads(capsys.readouterr().out)
+    assert (without["model"], without["patience"]) == ("erlang-c", None)
+    assert wfm_main(["forecast", "--queue-log", str(log), "--interval", "3600"]) == 0
+    assert "Erlang A, caller patience 70 s (measured from the abandons)" in (
+        capsys.readouterr().out)

@@ -9,6 +9,7 @@ then the desk's router inputs go to the running router through ``DeskService.app
 Handlers are ``async``: the desk and the router live on the event loop's thread.
 """
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ AGENT_PATTERN = r"^[A-Za-z0-9._+-]{1,64}$"
 """An agent id: the user of a SIP account (as in ``site.yaml`` ``sip.accounts``)."""
 
 _AUTH_ERRORS = (401, 403)
+COMMIT_WAIT_S = 10.0
+"""Longest an answer waits for its change to be committed by the desk's writer."""
 
 AgentId = Annotated[str, Path(pattern=AGENT_PATTERN, description="agent extension")]
 
@@ -75,6 +78,9 @@ class AgentOut(BaseModel):
     """Consecutive offers that rang out."""
     in_sync: bool
     """Whether the router's presence matches the desk's."""
+    outside: int = 0
+    """Calls outside the queues in progress (click-to-dial, outbound, a transfer to the
+    agent): while there is one, ``state`` is ``on-call`` whatever the presence."""
 
 
 class AgentsOut(BaseModel):
@@ -115,12 +121,19 @@ def build_agents_router(desk_provider: Callable[[], DeskService | None],
 
     def view(svc: DeskService, agent: str) -> AgentOut:
         try:
-            return AgentOut(**svc.desk.view(agent, svc.router_view(agent)))
+            routing = svc.router_view(agent)
+            shown = svc.desk.view(agent, routing)
         except DeskError as exc:
             raise _api_error(exc) from None
+        outside = getattr(routing, "outside", 0) if routing is not None else 0
+        if outside and shown["state"] not in ("on-call", "ringing"):
+            # A call outside the queues keeps the agent busy though the router offers
+            # nothing: never shown as available (or paused, or in wrap-up) while on it.
+            shown["state"] = "on-call"
+        return AgentOut(**shown, outside=outside)
 
-    def act(request: Request, principal: Principal, agent: str, action: str,
-            change: Callable[[DeskService, float, str, str], Any]) -> AgentOut:
+    async def act(request: Request, principal: Principal, agent: str, action: str,
+                  change: Callable[[DeskService, float, str, str], Any]) -> AgentOut:
         check_own(principal, agent)
         svc = service()
         actor, source = f"api:{principal.name}", _source(request)
@@ -137,6 +150,7 @@ def build_agents_router(desk_provider: Callable[[], DeskService | None],
                 # desk). The answer shows in_sync false; the log says why.
                 log.error(kv(event="agent_desk_apply_failed", agent=agent, action=action,
                              error=repr(exc)))
+        await _committed(svc, agent, action)
         return view(svc, agent)
 
     @router.get("", response_model=AgentsOut, summary="Every agent's state (supervisors)",
@@ -156,14 +170,14 @@ def build_agents_router(desk_provider: Callable[[], DeskService | None],
                  responses=responses(400, *_AUTH_ERRORS, 404, 409, 413, 422, 503))
     async def login(agent: AgentId, request: Request,
                     principal: Annotated[Principal, Depends(any_role)]) -> AgentOut:
-        return act(request, principal, agent, "login",
+        return await act(request, principal, agent, "login",
                    lambda s, now, actor, src: s.desk.login(agent, now, actor=actor, source=src))
 
     @router.post("/{agent}/logout", response_model=AgentOut, summary="Log the agent out",
                  responses=responses(400, *_AUTH_ERRORS, 404, 409, 413, 422, 503))
     async def logout(agent: AgentId, request: Request,
                      principal: Annotated[Principal, Depends(any_role)]) -> AgentOut:
-        return act(request, principal, agent, "logout",
+        return await act(request, principal, agent, "logout",
                    lambda s, now, actor, src: s.desk.logout(agent, now, actor=actor, source=src))
 
     @router.post("/{agent}/pause", response_model=AgentOut,
@@ -173,7 +187,7 @@ def build_agents_router(desk_provider: Callable[[], DeskService | None],
                     principal: Annotated[Principal, Depends(any_role)],
                     body: Annotated[PauseRequest | None, Body()] = None) -> AgentOut:
         reason = body.reason if body is not None else None
-        return act(request, principal, agent, "pause",
+        return await act(request, principal, agent, "pause",
                    lambda s, now, actor, src: s.desk.pause(agent, reason, now, actor=actor,
                                                            source=src))
 
@@ -181,7 +195,7 @@ def build_agents_router(desk_provider: Callable[[], DeskService | None],
                  responses=responses(400, *_AUTH_ERRORS, 404, 409, 413, 422, 503))
     async def unpause(agent: AgentId, request: Request,
                       principal: Annotated[Principal, Depends(any_role)]) -> AgentOut:
-        return act(request, principal, agent, "unpause",
+        return await act(request, principal, agent, "unpause",
                    lambda s, now, actor, src: s.desk.unpause(agent, now, actor=actor,
                                                              source=src))
 
@@ -191,11 +205,28 @@ def build_agents_router(desk_provider: Callable[[], DeskService | None],
     async def disposition(agent: AgentId, body: DispositionRequest, request: Request,
                           principal: Annotated[Principal, Depends(any_role)]) -> AgentOut:
         note(request, call_id=body.call_id)
-        return act(request, principal, agent, "disposition",
+        return await act(request, principal, agent, "disposition",
                    lambda s, now, actor, src: s.desk.disposition(
                        agent, body.call_id, body.code, now, actor=actor, source=src))
 
     return router
+
+
+async def _committed(svc: DeskService, agent: str, action: str) -> None:
+    """Answer only once the change's rows are committed (durable): a client that reads the
+    database or the audit log after the answer finds them. 503 when the commit failed or
+    took longer than COMMIT_WAIT_S (the change is in effect; its rows may be missing)."""
+    written = getattr(svc.desk, "written", lambda: None)()
+    if written is None:
+        return
+    try:
+        # Shielded: a timeout or a client gone must not cancel the change's write.
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(written)), COMMIT_WAIT_S)
+    except Exception as exc:
+        log.error(kv(event="agent_desk_commit_failed", agent=agent, action=action,
+                     error=repr(exc)))
+        raise ApiError(503, f"the {action} of agent {agent} is in effect but could not be "
+                       "recorded in the site database; see the appliance log") from None
 
 
 def _api_error(exc: DeskError) -> ApiError:

@@ -1,7 +1,8 @@
 """Call control and recordings over the API (docs/api.md, *Call control*).
 
 Supervisors and admins list the calls in progress and act on them (hang up, hold, resume,
-blind transfer, click-to-dial, pause and resume the recording, listen/whisper/barge), search
+blind and attended transfer, click-to-dial, pause and resume the recording,
+listen/whisper/barge), list and withdraw queued callbacks, search
 the recordings and download one decrypted (every download leaves an audit row). Call control's
 refusals (``CallControlError``: 404 unknown call or agent, 409 not possible now, 403 dial rule)
 come back with their status and message. Agents' states and dispositions are the agent desk's
@@ -96,6 +97,38 @@ class Done(BaseModel):
     """The action was taken."""
 
     ok: Literal[True] = True
+
+
+class CallbackOut(BaseModel):
+    """A queued callback still to be made."""
+
+    call_id: str
+    """The request's id (the id of the call that asked for it)."""
+    queue: str
+    number: str
+    """The number to call back."""
+    caller: str | None = None
+    """The requesting call's caller number."""
+    priority: int
+    requested_at: float
+    """Unix time of the request."""
+    place_at: float | None = None
+    """Unix time the request holds its place in the queue from."""
+    attempts: int
+    """Dial attempts made so far."""
+    state: str
+    """``callback-waiting``, ``callback-dialling`` (an agent's phone or the customer is being
+    rung: cannot be cancelled) or ``callback-retry`` (waiting for its next attempt)."""
+    agent: str | None = None
+    """The agent reserved while dialling."""
+    position: int | None = None
+    """1-based place in its queue."""
+
+
+class CallbacksOut(BaseModel):
+    """The pending callbacks, oldest place first."""
+
+    callbacks: list[CallbackOut]
 
 
 class RecordingOut(BaseModel):
@@ -303,6 +336,26 @@ def build_calls_router(ctx: ApiContext) -> APIRouter:
         note(request, action=f"supervise_{body.mode}", agent=body.agent, phone=phone)
         _act(_service(ctx, "calls"), "supervise", phone, body.agent, body.mode,
              by=principal.name)
+        return Done()
+
+    @router.get("/callbacks", response_model=CallbacksOut, tags=["calls"],
+                summary="Queued callbacks still to be made (supervisors, admins)",
+                responses=responses(*_AUTH, _UNAVAILABLE))
+    async def list_callbacks(principal: Annotated[Principal, Depends(supervisor)]
+                             ) -> CallbacksOut:
+        # async: call control lives on the event loop's thread.
+        pending = _act(_service(ctx, "calls"), "pending_callbacks")
+        return CallbacksOut(callbacks=[
+            CallbackOut(**{k: v for k, v in c.items() if k in CallbackOut.model_fields})
+            for c in pending])
+
+    @router.delete("/callbacks/{call_id}", response_model=Done, tags=["calls"],
+                   summary="Withdraw a pending callback (audited); 409 while it is dialled",
+                   responses=responses(*_AUTH, 404, 409, 422, _UNAVAILABLE))
+    async def cancel_callback(call_id: CallId, request: Request,
+                              principal: Annotated[Principal, Depends(supervisor)]) -> Done:
+        note(request, action="callback_cancel", call=call_id)
+        _act(_service(ctx, "calls"), "cancel_callback", call_id, by=principal.name)
         return Done()
 
     @router.get("/recordings", response_model=RecordingsOut, tags=["recordings"],

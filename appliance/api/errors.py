@@ -67,10 +67,26 @@ def _validation_message(error: Mapping[str, Any], field: str | None) -> str:
     return f"{field}: {message}" if field else message
 
 
+def _keyed(error: Mapping[str, Any]) -> tuple[tuple[Any, ...], str] | None:
+    """A model validator's complaint about a key below the model (``appliance.config``'s
+    keyed ValueError, carrying ``path``): the full location and its own message, so the
+    answer names e.g. ``relax[0].drop`` rather than the body as a whole."""
+    cause = (error.get("ctx") or {}).get("error")
+    path = getattr(cause, "path", None)
+    if not isinstance(cause, ValueError) or not isinstance(path, tuple) or not path:
+        return None
+    return (*error.get("loc", ()), *path), str(cause)
+
+
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {}
+    keyed = _keyed(first)
+    if keyed is not None:
+        loc, message = keyed
+        field = field_of(loc)
+        return error_response(422, f"{field}: {message}" if field else message, field)
     field = field_of(first.get("loc", ()))
     return error_response(422, _validation_message(first, field), field)
 

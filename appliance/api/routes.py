@@ -6,7 +6,7 @@ import math
 import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
@@ -18,7 +18,7 @@ from appliance.api.middleware import note
 from appliance.api.users import NAME_PATTERN, LoginOutcome, Principal, Role
 from appliance.config import SiteConfig
 from appliance.reporting.erlang import ErlangA, StaffingError, offered_traffic, required_agents
-from appliance.reporting.kpi import AgentState
+from appliance.reporting.kpi import INTERVALS, AgentState, KpiConfig, KpiRow, UptimeRow
 
 API_MAX_TRAFFIC = 5000.0
 """Largest offered load (Erlangs) the API sizes for; beyond it use ``edgecc wfm staff``.
@@ -30,6 +30,12 @@ LOGINS_AT_ONCE = 4
 """scrypt costs 32 MiB per verification: more concurrent logins wait."""
 STAFFING_AT_ONCE = 2
 """Staffing searches run at once (CPU-bound); more wait, so logins and reads keep flowing."""
+
+KPI_MAX_SPAN_S = 7 * 86400
+"""Longest period one KPI report covers: a bound on the work one request causes (the report
+reads every queue event of the period, about 10 s per day of a 200-agent site)."""
+KPI_REPORTS_AT_ONCE = 1
+"""KPI reports computed at once (CPU and I/O bound); more wait."""
 
 MAX_FLOW_CHARS = 60_000
 """Largest flow file checked (under the API's 64 KiB body limit)."""
@@ -122,6 +128,24 @@ class LiveOut(BaseModel):
     queues: list[LiveQueueOut]
     agents_by_state: dict[str, int]
     agents: dict[str, str]
+
+
+class KpiReportOut(BaseModel):
+    """KPIs computed from the event log (docs/kpis.md has every formula)."""
+
+    since: float
+    until: float
+    interval: int
+    """Interval length, seconds."""
+    service_level_threshold: float
+    short_abandon: float
+    rows: list[KpiRow]
+    """Per interval (oldest first), or for the whole period with ``totals``; ratios are null
+    when their denominator is zero."""
+    uptime: list[UptimeRow]
+    """Availability per component (from ``component.up`` / ``component.down`` rows)."""
+    anomalies: int
+    """Events that fit no transition and were skipped."""
 
 
 class AlertOut(BaseModel):
@@ -269,6 +293,7 @@ def build_api_router(ctx: ApiContext) -> APIRouter:
     admin = require(users, Role.ADMIN)
     login_slots = threading.BoundedSemaphore(LOGINS_AT_ONCE)
     staffing_slots = threading.BoundedSemaphore(STAFFING_AT_ONCE)
+    kpi_slots = threading.BoundedSemaphore(KPI_REPORTS_AT_ONCE)
 
     @router.post("/login", response_model=TokenResponse, tags=["auth"],
                  summary="Log in with name, password and (admins, supervisors) TOTP code",
@@ -393,6 +418,51 @@ def build_api_router(ctx: ApiContext) -> APIRouter:
             agents_by_state={state.value: n for state, n in snap.agents_by_state.items()},
             agents={agent: state.value for agent, state in snap.agents.items()})
 
+    @router.get("/kpi/report", response_model=KpiReportOut, tags=["kpi"],
+                summary="KPIs per interval and queue, agent or site from the event log "
+                        "(supervisors and admins)",
+                responses=responses(*_AUTH_ERRORS, 422, 503))
+    def kpi_report(
+        principal: Annotated[Principal, Depends(supervisor)],
+        since: Annotated[float, Query(ge=0, le=1e11, allow_inf_nan=False,
+                                      description="Unix time, inclusive")],
+        until: Annotated[float | None, Query(ge=0, le=1e11, allow_inf_nan=False,
+                                             description="Unix time, exclusive (default "
+                                                         "now)")] = None,
+        interval: Annotated[int, Query(ge=900, le=3600, json_schema_extra={
+            "enum": list(INTERVALS)}, description="interval length, seconds")] = 1800,
+        scope: Literal["queue", "agent", "site"] = "queue",
+        key: Annotated[str | None, Query(min_length=1, max_length=64,
+                                         description="one queue, agent or site")] = None,
+        totals: Annotated[bool, Query(description="the whole period instead of "
+                                                  "intervals")] = False,
+        threshold: Annotated[float, Query(ge=0, le=3600, allow_inf_nan=False,
+                                          description="service-level threshold, s")] = 20,
+        short_abandon: Annotated[float, Query(ge=0, le=3600, allow_inf_nan=False)] = 5,
+    ) -> KpiReportOut:
+        if interval not in INTERVALS:
+            raise ApiError(422, f"interval: expected one of {', '.join(map(str, INTERVALS))} "
+                                f"seconds, got {interval}", "interval")
+        site = ctx.site
+        if site is None:
+            raise ApiError(503, "the site database is not available here")
+        end = ctx.clock() if until is None else until
+        if end <= since:
+            raise ApiError(422, "until: expected a time after since", "until")
+        if end - since > KPI_MAX_SPAN_S:
+            raise ApiError(422, f"since: a report covers at most {KPI_MAX_SPAN_S // 86400} "
+                                "days; ask for several", "since")
+        config = KpiConfig(interval=interval, service_level_threshold=threshold,
+                           short_abandon=short_abandon)
+        with kpi_slots:
+            report = _kpi_report(site, config, since, end)
+        rows = [r for r in (report.totals if totals else report.intervals)
+                if r.scope == scope and (key is None or r.key == key)]
+        uptime = [u for u in report.uptime if (u.interval_start is None) == totals]
+        return KpiReportOut(since=since, until=end, interval=interval,
+                            service_level_threshold=threshold, short_abandon=short_abandon,
+                            rows=rows, uptime=uptime, anomalies=report.anomalies)
+
     @router.get("/alerts", response_model=AlertsOut, tags=["kpi"],
                 summary="Alerts active now (supervisors and admins)",
                 responses=responses(*_AUTH_ERRORS, 503))
@@ -465,6 +535,35 @@ def build_api_router(ctx: ApiContext) -> APIRouter:
         return AuditOut(rows=[AuditRow(**row) for row in users.audit_rows(limit, before)])
 
     return router
+
+
+def _kpi_report(site: SiteConfig, config: KpiConfig, since: float, until: float) -> Any:
+    """``compute_kpis`` over the site's event log in [since, until), read through a
+    read-only connection of its own; the report ends at ``until``."""
+    import sqlite3
+
+    import sqlite_utils
+
+    from appliance.reporting.events import EventError
+    from appliance.reporting.from_log import component_events_from_db, queue_events_from_db
+    from appliance.reporting.kpi import compute_kpis
+
+    try:
+        conn = sqlite3.connect(f"file:{site.storage.database}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise ApiError(503, f"the site database cannot be read: {exc}") from None
+    try:
+        db = sqlite_utils.Database(conn)
+        events: list[Any] = list(queue_events_from_db(db, since, until))
+        events += component_events_from_db(db, since, until)
+    except sqlite3.Error as exc:
+        raise ApiError(503, f"the site database cannot be read: {exc}") from None
+    except EventError as exc:
+        raise ApiError(503, f"the event log holds a row the report cannot read: {exc}"
+                       ) from None
+    finally:
+        conn.close()
+    return compute_kpis(events, config, end=until)
 
 
 def _check_flows(site: SiteConfig, text: str) -> FlowCheckOut:

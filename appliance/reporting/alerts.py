@@ -32,6 +32,7 @@ Queue facts come through ``appliance.reporting.from_log.to_queue_events`` and th
 from __future__ import annotations
 
 import enum
+import heapq
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -291,6 +292,38 @@ class _Outcomes:
         return self.ok / len(self.entries)
 
 
+class _Times(dict[str, float]):
+    """Call -> time, with the earliest time at hand: a heap beside the dict, its entries for
+    calls gone or retimed dropped when they reach the top (and all rebuilt when most are
+    stale), so that the rules need not scan every live call at every event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._heap: list[tuple[float, str]] = []
+
+    def __setitem__(self, key: str, value: float) -> None:
+        dict.__setitem__(self, key, value)
+        heapq.heappush(self._heap, (value, key))
+        if len(self._heap) > 2 * len(self) + 64:
+            self._heap = [(v, k) for k, v in self.items()]
+            heapq.heapify(self._heap)
+
+    def setdefault(self, key: str, value: float) -> float:  # type: ignore[override]
+        """``dict.setdefault``, keeping the heap."""
+        if key not in self:
+            self[key] = value
+        return dict.__getitem__(self, key)
+
+    def earliest(self) -> float | None:
+        """The smallest time; None when empty."""
+        heap = self._heap
+        while heap and dict.get(self, heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        if heap:
+            return heap[0][0]
+        return min(self.values()) if self else None  # only times that are not numbers left
+
+
 class AlertEngine:
     """Raises and clears alerts from fed events; see the module docstring."""
 
@@ -303,10 +336,10 @@ class AlertEngine:
         self._queues: set[str] = set()
         # queue -> (left_at, answered within threshold) of callers who left, oldest first
         self._outcomes: dict[str, _Outcomes] = {}
-        self._entered: dict[str, float] = {}  # waiting call -> when it entered
+        self._entered = _Times()  # waiting call -> when it entered
         self._paused: dict[str, float] = {}  # agent -> paused since
         self._unpaused: dict[str, tuple[float, float]] = {}  # agent -> (paused since, until)
-        self._calls: dict[str, float] = {}  # live call -> started at
+        self._calls = _Times()  # live call -> started at
         self._link: tuple[str, float] | None = None  # (state, since)
         self._outage: tuple[float, float] | None = None  # last outage (offline since, until)
         self._security: deque[float] = deque()
@@ -440,7 +473,12 @@ class AlertEngine:
                         rules.agent_paused.severity, f"agent {agent} paused for "
                         f"{now - since:.0f} s, limit {rules.agent_paused.above_s:g} s")
         if rules.long_call is not None:
-            for call_id, started in self._calls.items():
+            first = self._calls.earliest()
+            # Only when the oldest call is over the limit is any call (O(calls) otherwise,
+            # at every event).
+            long_calls = (self._calls.items() if first is not None
+                          and now - first > rules.long_call.above_s else ())
+            for call_id, started in long_calls:
                 if now - started > rules.long_call.above_s:
                     found[("long_call", call_id)] = _Condition(
                         rules.long_call.severity, f"call {call_id} has lasted "
@@ -495,11 +533,11 @@ class AlertEngine:
         harmless."""
         rules, times = self.rules, []
         if rules.longest_wait is not None and self._entered:
-            times.append(min(self._entered.values()) + rules.longest_wait.above_s)
+            times.append(self._entered.earliest() + rules.longest_wait.above_s)  # type: ignore[operator]
         if rules.agent_paused is not None and self._paused:
             times.append(min(self._paused.values()) + rules.agent_paused.above_s)
         if rules.long_call is not None and self._calls:
-            times.append(min(self._calls.values()) + rules.long_call.above_s)
+            times.append(self._calls.earliest() + rules.long_call.above_s)  # type: ignore[operator]
         if rules.link_down is not None and self._link and self._link[0] == "offline":
             times.append(self._link[1] + rules.link_down.after_s)
         if rules.security is not None and self._security:

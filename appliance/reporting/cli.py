@@ -36,7 +36,14 @@ from appliance.reporting.forecast import (
     offered_history,
     staffing_plan,
 )
-from appliance.reporting.kpi import INTERVALS, KpiConfig, KpiRow, compute_kpis, row_as_dict
+from appliance.reporting.kpi import (
+    INTERVALS,
+    KpiConfig,
+    KpiReport,
+    KpiRow,
+    compute_kpis,
+    row_as_dict,
+)
 from appliance.reporting.plots import forecast_chart, staffing_chart
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
@@ -169,7 +176,9 @@ def _fill_wfm_parser(wfm: argparse.ArgumentParser) -> None:
     forecast.add_argument("--shrinkage", type=_number(0, 1, high_open=True, what="a fraction"),
                           default=0.0, help="share of paid time off the phones (default 0)")
     forecast.add_argument("--patience", type=_SECONDS,
-                          help="mean caller patience, seconds: Erlang A staffing")
+                          help="mean caller patience, seconds: Erlang A staffing (default "
+                               "with --queue-log: measured from its abandons, when it has "
+                               "some; else Erlang C)")
     forecast.add_argument("--svg-dir", type=Path,
                           help="write forecast.svg and staffing.svg here")
     forecast.add_argument("--json", action="store_true", help="print JSON")
@@ -418,9 +427,24 @@ def _read_history_csv(path: Path) -> dict[int, float]:
     return history
 
 
+def _measured_patience(report: KpiReport, queue: str | None) -> float | None:
+    """Mean caller patience of the queue (or of the whole site) from its abandons (docs/kpis.md,
+    ``mean_patience``); None when nobody abandoned, so Erlang A has nothing to go on."""
+    if queue is not None:
+        rows = [r for r in report.totals if r.scope == "queue" and r.key == queue]
+    else:
+        rows = [r for r in report.totals if r.scope == "site"]
+    found = [r.mean_patience for r in rows if r.mean_patience is not None
+             and r.abandoned + r.short_abandoned > 0]
+    if len(found) != 1 or not (math.isfinite(found[0]) and found[0] > 0):
+        return None  # no abandons (or several sites in one log: no single patience)
+    return found[0]
+
+
 def _cmd_forecast(args: argparse.Namespace) -> int:
     logged_in: dict[int, float] | None = None
     aht = args.aht
+    patience, patience_from = args.patience, "--patience" if args.patience else None
     try:
         if args.queue_log is not None:
             source = f"--queue-log {args.queue_log}"
@@ -428,6 +452,10 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
                                   KpiConfig(interval=args.interval))
             history = offered_history(report, queue=args.queue)
             logged_in = logged_in_agents(report, site=args.site or None)
+            if patience is None:
+                # Erlang A where the log has abandonment data (callers do give up).
+                patience = _measured_patience(report, args.queue)
+                patience_from = "measured" if patience is not None else None
             if aht is None:
                 handled = [r for r in report.totals if r.scope == "queue"
                            and (args.queue is None or r.key == args.queue) and r.handled]
@@ -455,13 +483,13 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
         ahead = model.next_intervals(horizon)
         plan = staffing_plan(ahead, aht=aht, interval=args.interval, service_level=args.sl,
                              threshold=args.threshold, asa=args.asa,
-                             shrinkage=args.shrinkage, patience=args.patience)
+                             shrinkage=args.shrinkage, patience=patience)
         last_week = None
         if check is not None:
             last_week = staffing_plan(zip(check.starts, check.actual, strict=True), aht=aht,
                                       interval=args.interval, service_level=args.sl,
                                       threshold=args.threshold, asa=args.asa,
-                                      shrinkage=args.shrinkage, patience=args.patience,
+                                      shrinkage=args.shrinkage, patience=patience,
                                       logged_in=logged_in)
     except ForecastError as exc:
         message = str(exc)
@@ -493,6 +521,8 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
             return _fail("forecast", f"--svg-dir: cannot write: {exc}", EXIT_PROBLEM)
     result = {
         "interval": args.interval, "aht": aht, "level": model.level,
+        "model": "erlang-a" if patience is not None else "erlang-c",
+        "patience": patience, "patience_from": patience_from,
         "holdout": None if check is None else {"mape": check.mape, "wape": check.wape},
         "plan": [{"start": p.start, "calls": p.calls, "required": p.required,
                   "scheduled": p.scheduled, "service_level": p.service_level,
@@ -507,6 +537,11 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
     else:
         print(f"hold-out week: MAPE {_pct(check.mape)}, WAPE {_pct(check.wape)}")
     print(f"AHT used: {aht:.0f} s")
+    if patience is None:
+        print("staffing: Erlang C (no caller patience known)")
+    else:
+        print(f"staffing: Erlang A, caller patience {patience:.0f} s"
+              f"{' (measured from the abandons)' if patience_from == 'measured' else ''}")
     print(f"{'interval (UTC)':16} {'calls':>7} {'agents':>6} {'sched':>6}")
     for p in plan:
         when = dt.datetime.fromtimestamp(p.start, dt.UTC).strftime("%Y-%m-%d %H:%M")

@@ -19,6 +19,11 @@ the live board count the same things.
 | ``agent.wrapup_start`` / ``agent.wrapup_end`` | ``WRAPUPSTART`` / ``WRAPUPEND`` |
 | ``agent.disposition`` | ``DISPOSITION`` (``code``) |
 
+Component availability (uptime per component, docs/kpis.md) comes from ``component.up`` /
+``component.down`` rows {component, detail} through ``to_component_event`` and
+``component_events_from_db``; the appliance writes them for ``appliance``, ``trunk`` and
+``cloud-link`` on each change of state (``appliance.app.ComponentLog``).
+
 ``call.record`` (the summary row of a finished call), ``call.transfer`` and every other kind
 give no queue event: their facts are carried by the queue events of the same call (a
 transferred call's talk ends with its ``queue.complete``, ``ended_by`` ``transferred``). As in ``queue_log``,
@@ -33,7 +38,7 @@ from typing import Any
 
 import sqlite_utils
 
-from appliance.reporting.events import EventError, QueueEvent, QueueVerb
+from appliance.reporting.events import ComponentEvent, EventError, QueueEvent, QueueVerb
 
 #: Event-log kinds that give queue events; the database readers fetch only these.
 QUEUE_KINDS = (
@@ -41,6 +46,11 @@ QUEUE_KINDS = (
     "call.hold", "call.resume", "agent.login", "agent.logout", "agent.pause", "agent.unpause",
     "agent.wrapup_start", "agent.wrapup_end", "agent.disposition",
 )
+#: Event-log kinds that say a component of the site (``appliance``, ``sip``, ``trunk``,
+#: ``cloud-link``, ...) came up or went down.
+COMPONENT_KINDS = ("component.up", "component.down")
+#: Longest component name accepted.
+MAX_COMPONENT_CHARS = 64
 #: Rows fetched per database round trip while reading the log.
 BATCH_ROWS = 20_000
 
@@ -211,3 +221,39 @@ def queue_events_after(db: sqlite_utils.Database, after_seq: int,
         if kind in _CONVERTERS:
             out.extend((int(seq), e) for e in _row_events(seq, site, kind, at, text))
     return out, int(rows[-1][0]) if rows else after_seq
+
+
+def to_component_event(kind: str, payload: Mapping[str, Any], at: float, *,
+                       site: str = "") -> ComponentEvent | None:
+    """The ComponentEvent of a ``component.up`` / ``component.down`` row; None for other
+    kinds. Raises ``EventError`` naming the field when the row is malformed."""
+    if kind not in COMPONENT_KINDS:
+        return None
+    if not isinstance(payload, Mapping):
+        raise EventError(f"{kind}: payload must be a JSON object, got {type(payload).__name__}")
+    component = payload.get("component")
+    if not isinstance(component, str) or not 0 < len(component) <= MAX_COMPONENT_CHARS:
+        raise EventError(f"{kind}: component must be a name of 1 to {MAX_COMPONENT_CHARS} "
+                         f"characters, got {component!r}")
+    return ComponentEvent(float(at), component, kind == "component.up", site)
+
+
+def component_events_from_db(db: sqlite_utils.Database, since: float | None = None,
+                             until: float | None = None) -> list[ComponentEvent]:
+    """Every component event of the site's log with ``since <= at < until``, in time order
+    (they are few: one per start, stop or change of state)."""
+    low = float("-inf") if since is None else float(since)
+    high = float("inf") if until is None else float(until)
+    rows = db.conn.execute(
+        "SELECT seq, site_id, kind, occurred_at, payload FROM events WHERE kind IN (?, ?) "
+        "AND occurred_at >= ? AND occurred_at < ? ORDER BY occurred_at, seq",
+        (*COMPONENT_KINDS, low, high)).fetchall()
+    out = []
+    for seq, site, kind, at, text in rows:
+        try:
+            event = to_component_event(kind, json.loads(text), float(at), site=str(site))
+        except (EventError, ValueError) as exc:
+            raise EventError(f"event seq {seq} ({kind}): {exc}") from None
+        if event is not None:
+            out.append(event)
+    return out

@@ -89,9 +89,38 @@
 
   // ------------------------------------------------------------------ queues
 
+  // "30:1, 60:0:french+billing" -> [{after: 30, lower_by: 1}, {after: 60, lower_by: 0, drop: ["french", "billing"]}];
+  // what does not parse is sent as is, for the API to name.
+  function relaxSteps(text) {
+    return list(text).map((item) => {
+      const [after, lower, drop] = item.split(":").map((v) => v.trim());
+      const step = { after: /^\d+(\.\d+)?$/.test(after) ? Number(after) : after };
+      if (lower !== undefined && lower !== "") step.lower_by = /^\d+$/.test(lower) ? Number(lower) : lower;
+      if (drop) step.drop = drop.split("+").map((v) => v.trim()).filter(Boolean);
+      return step;
+    });
+  }
+
+  function showRelax(steps) {
+    return (steps || []).map((r) => r.after + ":" + (r.lower_by || 0) + (r.drop && r.drop.length ? ":" + r.drop.join("+") : "")).join(", ");
+  }
+
+  function showOverflow(q) {
+    const when = [];
+    if (q.max_length !== null && q.max_length !== undefined) when.push("over " + q.max_length + " waiting");
+    if (q.max_estimated_wait !== null && q.max_estimated_wait !== undefined) when.push("est. wait over " + q.max_estimated_wait + " s");
+    if (q.join_empty && q.join_empty !== "never") when.push("join " + q.join_empty);
+    if (q.leave_empty && q.leave_empty !== "never") when.push("leave " + q.leave_empty);
+    if (!when.length) return "—";
+    return when.join(", ") + " → " + (q.overflow || "end");
+  }
+
+  let editing = null;  // the queue being replaced, as read: keys the form has no input for are kept
+
   function editQueue(q) {
     const form = $("queue-form");
     form.dataset.mode = "replace";
+    editing = q;
     $("queue-title").textContent = "Queue " + q.name;
     $("q-name").value = q.name; $("q-name").readOnly = true;
     $("q-strategy").value = q.strategy;
@@ -100,6 +129,15 @@
     $("q-max-wait").value = q.max_wait === null ? "" : q.max_wait;
     $("q-record").value = q.record === true ? "yes" : q.record === false ? "no" : q.record;
     $("q-skills").value = showLevels(q.required_skills);
+    $("q-relax").value = showRelax(q.relax);
+    $("q-penalties").value = showLevels(q.penalties);
+    $("q-weights").value = showLevels(q.weights);
+    $("q-max-length").value = q.max_length === null || q.max_length === undefined ? "" : q.max_length;
+    $("q-max-est-wait").value = q.max_estimated_wait === null || q.max_estimated_wait === undefined ? "" : q.max_estimated_wait;
+    $("q-join-empty").value = q.join_empty || "never";
+    $("q-leave-empty").value = q.leave_empty || "never";
+    $("q-overflow").value = q.overflow || "";
+    $("q-rejoin").value = q.rejoin_window || 0;
     $("queue-error").textContent = "";
   }
 
@@ -107,6 +145,7 @@
     const form = $("queue-form");
     form.reset();
     form.dataset.mode = "create";
+    editing = null;
     $("q-name").readOnly = false;
     $("queue-title").textContent = "New queue";
   }
@@ -115,9 +154,14 @@
   $("queue-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const form = $("queue-form");
-    const body = { name: $("q-name").value.trim(), strategy: $("q-strategy").value, members: list($("q-members").value),
+    const body = Object.assign({}, form.dataset.mode === "create" ? {} : editing || {}, {
+      name: $("q-name").value.trim(), strategy: $("q-strategy").value, members: list($("q-members").value),
       ring_timeout: number($("q-ring").value), wrap_up: number($("q-wrap").value), max_wait: number($("q-max-wait").value),
-      record: recordValue($("q-record").value), required_skills: levels($("q-skills").value) };
+      record: recordValue($("q-record").value), required_skills: levels($("q-skills").value),
+      relax: relaxSteps($("q-relax").value), penalties: levels($("q-penalties").value), weights: levels($("q-weights").value),
+      max_length: number($("q-max-length").value), max_estimated_wait: number($("q-max-est-wait").value),
+      join_empty: $("q-join-empty").value, leave_empty: $("q-leave-empty").value,
+      overflow: $("q-overflow").value.trim() || null, rejoin_window: number($("q-rejoin").value) ?? 0 });
     try {
       if (form.dataset.mode === "create") await change("POST", "/api/config/queues", body);
       else await change("PUT", "/api/config/queues/" + encodeURIComponent(body.name), body);
@@ -204,7 +248,7 @@
           el("td", {}, q.ring_timeout + " s"), el("td", {}, q.wrap_up + " s"),
           el("td", {}, q.max_wait === null ? "none" : q.max_wait + " s"),
           el("td", {}, q.record === true ? "yes" : q.record === false ? "no" : q.record + " %"),
-          el("td", {}, showLevels(q.required_skills) || "—"),
+          el("td", {}, showLevels(q.required_skills) || "—"), el("td", {}, showOverflow(q)),
           el("td", {}, edit, " ", confirmButton("Delete", remover("/api/config/queues/" + encodeURIComponent(q.name), $("queue-error"), $("queue-form")))));
       }));
       $("agents").replaceChildren(...agents.agents.map((a) => {

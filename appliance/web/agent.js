@@ -14,6 +14,7 @@
   const offered = new Map();   // call_id -> call.offered data (caller, dialled, flow)
   let current = null;          // the agent's call: {call_id, caller, queue, state}
   let lastCall = null;
+  const mine = new Set();      // ids of calls that named this agent (to reload when they end)
 
   function agent() { return agentInput.value.trim(); }
 
@@ -23,7 +24,13 @@
     state.textContent = name;
     state.dataset.state = name;
     state.className = "pill " + name;
-    $("reason").textContent = view && view.reason ? "(" + view.reason + ")" : "";
+    // A call outside the queues (click-to-dial, outbound, a transfer to the agent) shows as
+    // on-call with what it is; the pause reason (if paused meanwhile) stays visible.
+    const notes = [];
+    if (view && view.outside > 0) notes.push(view.outside > 1 ? view.outside + " outside calls" : "outside call");
+    if (view && view.reason) notes.push(view.reason);
+    $("reason").textContent = notes.length ? "(" + notes.join(", ") + ")" : "";
+    state.dataset.outside = view && view.outside > 0 ? String(view.outside) : "0";
   }
 
   async function load() {
@@ -69,6 +76,16 @@
     const d = msg.data || {}, topic = msg.topic;
     if (topic === "call.offered") { offered.set(d.call_id, d); if (offered.size > 500) offered.delete(offered.keys().next().value); }
     if (topic.startsWith("agent.") && d.agent === agent()) load();
+    // Calls outside the queues (call.dialling of a click-to-dial, a transfer ringing the
+    // agent) change the state shown too: reload on any call event naming the agent, and when
+    // one of those calls ends.
+    if (topic.startsWith("call.") && (d.agent === agent() || d.target === agent())) {
+      mine.add(d.call_id);
+      if (mine.size > 200) mine.delete(mine.values().next().value);
+      load();
+    } else if (topic === "call.ended" && mine.delete(d.call_id)) {
+      load();
+    }
     if ((topic === "call.ringing" || topic === "queue.connect") && d.agent === agent()) {
       const o = offered.get(d.call_id) || {};
       current = { call_id: d.call_id, caller: o.caller || d.caller, queue: d.queue, state: topic === "call.ringing" ? "ringing" : "on call" };

@@ -1,6 +1,6 @@
 // The wallboard: one tile per queue (waiting, longest wait, service level, answered and
-// abandoned, its agents by state), agents by state over the site, a chart of callers waiting, the alert banner and the calls in
-// progress. Figures come from /api/kpi/live, fetched again as soon as an event arrives on
+// abandoned, its agents by state), agents by state over the site, a chart of callers waiting, the alert banner, the calls in
+// progress and the queued callbacks still to make. Figures come from /api/kpi/live, fetched again as soon as an event arrives on
 // /api/events; calls in progress from /api/calls, then from the call events themselves.
 "use strict";
 
@@ -12,7 +12,14 @@
   const SL_WARN = 0.8, SL_BAD = 0.6, HISTORY = 600;
   const calls = new Map();        // call_id -> call
   const alerts = new Map();       // rule/key -> message
-  const history = [];             // [unix seconds, callers waiting]
+  const history = [];             // [unix seconds, {queue: callers waiting}]
+  // One colour per queue, in the order queues were first seen (kept while the page lives).
+  const PALETTE = ["#388bfd", "#2ea043", "#d29922", "#f85149", "#a371f7", "#3fb9a0", "#db61a2", "#e3b341"];
+  const colours = new Map();
+  function colourOf(queue) {
+    if (!colours.has(queue)) colours.set(queue, PALETTE[colours.size % PALETTE.length]);
+    return colours.get(queue);
+  }
   let board = null, boardAt = 0, refreshing = false, again = false;
 
   async function refresh() {
@@ -59,11 +66,20 @@
 
   function sample() {
     const now = Date.now() / 1000;
-    const waiting = board ? board.queues.reduce((n, q) => n + q.waiting, 0) : 0;
+    const waiting = {};
+    for (const q of board ? board.queues : []) waiting[q.queue] = q.waiting;
     history.push([now, waiting]);
     while (history.length && history[0][0] < now - HISTORY) history.shift();
     draw(now);
     render();
+  }
+
+  function legend(queues) {
+    const box = document.getElementById("chart-legend");
+    const shown = [...box.children].map((c) => c.dataset.queue).join(",");
+    if (shown === queues.join(",")) return;
+    box.replaceChildren(...queues.map((q) => el("span", { class: "state", "data-queue": q, "data-colour": colourOf(q) },
+      el("b", { style: "color:" + colourOf(q) }, "— "), q)));
   }
 
   function draw(now) {
@@ -71,7 +87,8 @@
     const g = canvas.getContext("2d");
     const w = canvas.width, h = canvas.height;
     g.clearRect(0, 0, w, h);
-    const top = Math.max(5, ...history.map((p) => p[1]));
+    const queues = [...new Set(history.flatMap(([, by]) => Object.keys(by)))].sort();
+    const top = Math.max(5, ...history.flatMap(([, by]) => Object.values(by)));
     g.strokeStyle = "#30363d";
     g.fillStyle = "#8b98a5";
     g.font = "12px sans-serif";
@@ -80,15 +97,18 @@
       g.beginPath(); g.moveTo(30, y); g.lineTo(w, y); g.stroke();
       g.fillText(String(Math.round(top * i / 4)), 4, y + 4);
     }
-    g.strokeStyle = "#388bfd";
     g.lineWidth = 2;
-    g.beginPath();
-    history.forEach(([t, v], i) => {
-      const x = 30 + (w - 30) * (1 - (now - t) / HISTORY);
-      const y = h - 10 - (h - 20) * v / top;
-      if (i) g.lineTo(x, y); else g.moveTo(x, y);
-    });
-    g.stroke();
+    for (const queue of queues) {  // one line per queue (0 while it was not listed yet)
+      g.strokeStyle = colourOf(queue);
+      g.beginPath();
+      history.forEach(([t, by], i) => {
+        const x = 30 + (w - 30) * (1 - (now - t) / HISTORY);
+        const y = h - 10 - (h - 20) * (by[queue] || 0) / top;
+        if (i) g.lineTo(x, y); else g.moveTo(x, y);
+      });
+      g.stroke();
+    }
+    legend(queues);
   }
 
   function renderCalls() {
@@ -150,6 +170,7 @@
       renderAlerts();
     }
     if (topic.startsWith("queue.") || topic.startsWith("agent.") || topic.startsWith("call.")) refresh();
+    if (topic.startsWith("callback.")) loadCallbacks();
   }
 
   async function loadCalls() {
@@ -159,6 +180,40 @@
       renderCalls();
     } catch (e) {
       console.warn("calls", e.message);
+    }
+  }
+
+  // Queued callbacks (/api/callbacks): refreshed on callback events; a supervisor withdraws
+  // one with two clicks (Withdraw, Confirm); one being dialled cannot be (409, shown).
+  const armed = new Set();        // callbacks whose Withdraw was clicked once
+  async function loadCallbacks() {
+    try {
+      const reply = await Edgecc.api("GET", "/api/callbacks");
+      for (const id of [...armed]) if (!reply.callbacks.some((c) => c.call_id === id)) armed.delete(id);
+      const now = Date.now() / 1000;
+      document.getElementById("callbacks").replaceChildren(...reply.callbacks.map((c) => {
+        // The confirmation survives a refresh of the table (events may redraw it between
+        // the two clicks).
+        const withdraw = el("button", { type: "button", class: "secondary" }, armed.has(c.call_id) ? "Confirm withdraw" : "Withdraw");
+        withdraw.addEventListener("click", async () => {
+          if (!armed.has(c.call_id)) { armed.add(c.call_id); withdraw.textContent = "Confirm withdraw"; return; }
+          armed.delete(c.call_id);
+          const box = document.getElementById("callback-error");
+          try {
+            await Edgecc.api("DELETE", "/api/callbacks/" + encodeURIComponent(c.call_id));
+            box.textContent = "";
+          } catch (e) { box.textContent = e.message; }
+          loadCallbacks();
+        });
+        return el("tr", { "data-callback": c.call_id, "data-state": c.state },
+          el("td", {}, c.number), el("td", {}, c.queue), el("td", {}, c.position === null ? "—" : String(c.position)),
+          el("td", {}, seconds(now - c.requested_at) + " ago"), el("td", {}, String(c.attempts)),
+          el("td", {}, c.state.replace("callback-", "") + (c.agent ? " (" + c.agent + ")" : "")),
+          el("td", {}, withdraw));
+      }));
+      text(document.getElementById("callback-count"), reply.callbacks.length);
+    } catch (e) {
+      console.warn("callbacks", e.message);  // 503: no call control here; the table stays empty
     }
   }
 
@@ -177,13 +232,15 @@
     const live = document.getElementById("live");
     live.textContent = state === "live" ? "live" : "reconnecting";
     live.className = "pill " + (state === "live" ? "available" : "paused");
-    if (state === "live") { refresh(); loadCalls(); loadAlerts(); loadLink(); }
+    if (state === "live") { refresh(); loadCalls(); loadAlerts(); loadLink(); loadCallbacks(); }
   });
   refresh();
   loadCalls();
   loadAlerts();
+  loadCallbacks();
   loadLink();
   setInterval(sample, 1000);
   setInterval(renderCalls, 1000);
   setInterval(refresh, 15000);
+  setInterval(loadCallbacks, 15000);
 })();
