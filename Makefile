@@ -40,7 +40,7 @@ run: sysdeps build
 	$(VENV)/bin/edgecc demo --site-dir $(SITE) --simulate
 
 test: sysdeps build
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-long: sysdeps build
 	$(PY) -m pytest -q -m long

@@ -76,6 +76,7 @@ setup(
             "schemathesis>=4.0",
             "pytest>=8.0",
             "pytest-timeout>=2.2",
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "pjsua2-python>=2.14",
             "ruff>=0.5",
