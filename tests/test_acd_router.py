@@ -628,3 +628,217 @@ def test_facade_uses_the_compiled_core_when_built():
     except ImportError:
         pytest.skip("extension not built")
     assert COMPILED and Router is compiled
+
+
+# ------------------------------------------------------------------------------ issue 5 §1, rule by rule
+
+def test_longest_idle_counts_from_the_end_of_wrap_up_and_not_from_a_pause(make):
+    r = make([queue("q", "a0", "a1", wrap_up=30.0)], agents("a0", "a1"))
+    login_all(r, ["a0", "a1"])  # both idle since 0: a tie goes to the member listed first
+    assert r.handle(CallerJoin("c1", "q"), 1) == [Offer("c1", ("a0",), "q")]
+    r.handle(OfferAccepted("c1", "a0"), 1)
+    assert r.handle(CallerJoin("c2", "q"), 2) == [Offer("c2", ("a1",), "q")]
+    r.handle(OfferAccepted("c2", "a1"), 2)
+    r.handle(CallEnded("c2", "a1"), 5)  # a1 wraps up until 35
+    r.handle(CallEnded("c1", "a0"), 11)  # a0 wraps up until 41
+    r.handle(WrapUpEnded("a0"), 20)  # a0 ends early: idle since 20
+    assert r.agent_view("a0").idle_since == 20.0
+    assert r.handle_timer(35.0) == []
+    assert r.agent_view("a1").idle_since == 35.0  # the planned end, by the timer
+    # a break does not make a0 "idle longer" or "idle shorter"
+    r.handle(AgentPause("a0", "break"), 40)
+    r.handle(AgentUnpause("a0"), 90)
+    assert r.agent_view("a0").idle_since == 20.0
+    assert r.handle(CallerJoin("c3", "q"), 100) == [Offer("c3", ("a0",), "q")]  # 20 < 35
+
+
+def test_a_call_ending_while_another_is_in_progress_leaves_idle_since(make):
+    r = make([queue("q", "multi")], [AgentConfig("multi", max_interactions=2)])
+    login_all(r, ["multi"])
+    r.handle(CallerJoin("c1", "q"), 1)
+    r.handle(OfferAccepted("c1", "multi"), 1)
+    r.handle(CallerJoin("c2", "q"), 2)
+    r.handle(OfferAccepted("c2", "multi"), 2)
+    r.handle(CallEnded("c1", "multi"), 10)  # c2 still in progress: not idle
+    assert r.agent_view("multi").idle_since == 0.0
+    r.handle(CallEnded("c2", "multi"), 20)
+    assert r.agent_view("multi").idle_since == 20.0
+
+
+def test_wrap_up_of_two_queues_keeps_the_later_end(make):
+    r = make([queue("long", "x", wrap_up=30.0), queue("short", "x", wrap_up=5.0)],
+             [AgentConfig("x", max_interactions=2)])
+    login_all(r, ["x"])
+    for call, q in (("c1", "long"), ("c2", "short")):
+        assert r.handle(CallerJoin(call, q), 1) == [Offer(call, ("x",), q)]
+        r.handle(OfferAccepted(call, "x"), 1)
+    r.handle(CallEnded("c1", "x"), 10)  # wrap-up of "long" until 40
+    r.handle(CallerJoin("c3", "short"), 11)  # in wrap-up: no offer from any queue
+    r.handle(CallEnded("c2", "x"), 12)  # "short" would end at 17: the later end stays
+    assert r.next_timer() == 40.0
+    assert r.handle_timer(17.0) == []
+    assert r.handle_timer(40.0) == [Offer("c3", ("x",), "short")]
+    # the other way round: the later wrap-up replaces the earlier one
+    r.handle(OfferAccepted("c3", "x"), 41)
+    r.handle(CallerJoin("c4", "long"), 42)
+    r.handle(OfferAccepted("c4", "x"), 42)
+    r.handle(CallEnded("c3", "x"), 50)  # until 55
+    r.handle(CallEnded("c4", "x"), 51)  # until 81
+    assert r.next_timer() == 81.0
+    assert r.agent_view("x").idle_since == 40.0
+
+
+def test_declining_is_not_a_missed_offer(make):
+    r = make([queue("q", "a0", ring_timeout=10.0)], agents("a0"), auto_pause_after=1)
+    login_all(r, ["a0"])
+    r.handle(CallerJoin("c1", "q"), 0)
+    # a0 is the only agent: the tried list is cleared and a0 is offered again
+    assert r.handle(OfferRejected("c1", "a0"), 1) == [Offer("c1", ("a0",), "q")]
+    assert r.agent_view("a0").missed == 0 and r.agent_view("a0").presence == "ready"
+    assert r.handle(OfferTimeout("c1", "a0"), 2) == [AutoPause("a0", 1)]
+
+
+def test_caller_further_back_is_served_when_the_front_has_no_eligible_agent(make):
+    q = queue("q", "en_only", required_skills=(("fr", 5),))
+    r = make([q, queue("plain", "en_only")],
+             [AgentConfig("en_only", skills=(("en", 9),))])
+    r.handle(CallerJoin("needs-fr", "q"), 0)
+    r.handle(CallerJoin("anyone", "plain"), 5)
+    assert r.handle(AgentLogin("en_only"), 10) == [Offer("anyone", ("en_only",), "plain")]
+    assert r.waiting("q") == ("needs-fr",)
+
+
+def test_a_relax_step_drops_first_then_lowers_the_rest(make):
+    q = queue("q", "a0", required_skills=(("en", 8), ("fr", 9)),
+              relax_steps=(RelaxStep(10.0, lower_by=3, drop=("fr",)),))
+    r = make([q], [AgentConfig("a0", skills=(("en", 5),))])  # lacks fr: level 0
+    login_all(r, ["a0"])
+    assert r.handle(CallerJoin("c1", "q"), 0) == []
+    assert r.handle_timer(9.99) == []
+    assert r.handle_timer(10.0) == [Offer("c1", ("a0",), "q")]  # fr dropped, en 8 - 3 = 5
+
+
+def test_rejoined_caller_relaxes_from_their_old_place(make):
+    q = queue("q", "junior", required_skills=(("billing", 8),),
+              relax_steps=(RelaxStep(30.0, lower_by=4),), rejoin_window=60.0)
+    r = make([q], [AgentConfig("junior", skills=(("billing", 4),))])
+    login_all(r, ["junior"])
+    r.handle(CallerJoin("c1", "q", caller_number="5551001"), 0)
+    r.handle(CallerAbandon("c1"), 20)
+    r.handle(CallerJoin("c1-again", "q", caller_number="5551001"), 25)
+    assert r.next_timer() == 30.0  # old place 0 + 30 s, not 25 + 30 s
+    assert r.handle_timer(30.0) == [Offer("c1-again", ("junior",), "q")]
+
+
+def test_join_empty_unavailable_counts_paused_as_missing_but_not_busy(make):
+    r = make([queue("q", "a0", "a1", join_empty=EmptyRule.UNAVAILABLE, overflow_target="vm")],
+             agents("a0", "a1"))
+    login_all(r, ["a0", "a1"])
+    r.handle(AgentPause("a1", "break"), 0)
+    serve_out = r.handle(CallerJoin("c0", "q"), 1)
+    assert serve_out == [Offer("c0", ("a0",), "q")]
+    r.handle(OfferAccepted("c0", "a0"), 1)
+    assert r.handle(CallerJoin("c1", "q"), 2) == []  # a0 is talking: the queue is not empty
+    r.handle(AgentPause("a0", "break"), 3)
+    assert r.handle(CallerJoin("c2", "q"), 4) == [
+        Overflow("c2", "q", OverflowReason.NO_AGENTS, "vm")]
+
+
+def test_leave_empty_keeps_queued_callbacks(make):
+    r = make([queue("q", "a0", leave_empty=EmptyRule.UNSTAFFED, overflow_target="vm")],
+             agents("a0", "a1"))
+    login_all(r, ["a0"])
+    serve(r, "busy", "q", 0, talk=0)
+    r.handle(CallerJoin("x", "q"), 1)
+    r.handle(OfferAccepted("x", "a0"), 1)
+    r.handle(CallerJoin("cb", "q"), 2)
+    r.handle(CallbackRequested("cb", "+15550100"), 3)
+    r.handle(CallerJoin("voice", "q"), 4)
+    assert r.handle(AgentPause("a0", "break"), 5) == []  # paused is still staffed here
+    assert r.handle(AgentLogout("a0"), 6) == [Overflow("voice", "q", OverflowReason.NO_AGENTS,
+                                                       "vm")]
+    assert r.waiting("q") == ("cb",)
+
+
+def test_callback_under_ring_all_reserves_one_agent_only(make):
+    r = make([queue("q", "a0", "a1", strategy=Strategy.RING_ALL)], agents("a0", "a1"))
+    login_all(r, ["a0", "a1"])
+    assert r.handle(CallerJoin("cb", "q"), 1) == [Offer("cb", ("a0", "a1"), "q")]
+    # the caller asks for a callback while ringing everyone: one agent is reserved, once
+    assert r.handle(CallbackRequested("cb", "+15550100"), 2) == [
+        CancelOffer("cb", ("a0", "a1")), DialCallback("cb", "a0", "q", "+15550100", 1)]
+    assert r.handle(CallerJoin("voice", "q"), 3) == [Offer("voice", ("a1",), "q")]
+    assert r.handle_timer(200.0) == [CancelOffer("voice", ("a1",)), Offer("voice", ("a1",), "q")]
+    assert r.caller_view("cb").offered_to == ("a0",)
+
+
+def test_outside_calls_count_against_the_cap_without_wrap_up_or_statistics(make):
+    from appliance.acd.model import OutsideCallEnded, OutsideCallStarted
+    r = make([queue("q", "single", "double", strategy=Strategy.LINEAR, wrap_up=30.0)],
+             [AgentConfig("single"), AgentConfig("double", max_interactions=2)])
+    login_all(r, ["single", "double"])
+    r.handle(OutsideCallStarted("single", "out-1", 1.0), 1)
+    r.handle(OutsideCallStarted("double", "out-2", 1.0), 1)
+    # single (cap 1) is busy outside the queues; double (cap 2) still has room
+    assert r.handle(CallerJoin("c1", "q"), 2) == [Offer("c1", ("double",), "q")]
+    assert r.handle(CallerJoin("c2", "q"), 3) == []
+    assert r.handle(OutsideCallEnded("single", "out-1", 4.0), 4) == [
+        Offer("c2", ("single",), "q")]
+    view = r.agent_view("single")
+    assert (view.in_wrap_up, view.idle_since, view.outside) == (False, 0.0, 0)
+    assert r.snapshot()["queues"][0][2] == ()  # no handle-time sample from an outside call
+    for bad in (OutsideCallEnded("single", "out-1", 5.0),  # already ended
+                OutsideCallStarted("double", "out-2", 5.0),  # already started
+                OutsideCallStarted("single", "", 5.0),
+                OutsideCallStarted("single", "out-3", 6.0)):  # after now
+        before = r.snapshot()
+        with pytest.raises(LocalProtocolError):
+            r.handle(bad, 5)
+        assert r.snapshot() == before
+
+
+def test_logout_withdraws_every_ringing_offer_in_the_global_order(make):
+    r = make([queue("q", "multi", "a1", strategy=Strategy.LINEAR)],
+             [AgentConfig("multi", max_interactions=2), AgentConfig("a1")])
+    login_all(r, ["multi"])
+    r.handle(CallerJoin("plain", "q"), 1)
+    r.handle(CallerJoin("vip", "q", priority=1), 2)  # ahead of "plain" in the order
+    assert r.agent_view("multi").ringing == 2
+    r.handle(AgentLogin("a1"), 3)
+    assert r.handle(AgentLogout("multi"), 4) == [
+        CancelOffer("vip", ("multi",)), CancelOffer("plain", ("multi",)),
+        Offer("vip", ("a1",), "q")]
+    assert r.agent_view("multi").ringing == 0 and r.agent_view("multi").missed == 0
+
+
+def test_a_dropped_router_frees_its_callers(make):
+    """The compiled router keeps its objects out of the cycle collector (they hold no reference
+    back to a caller); a router dropped with callers waiting, ringing and reserved must free
+    them all the same."""
+    import gc
+    import tracemalloc
+
+    def busy_router() -> None:
+        r = make([queue("q", "a0", "a1", strategy=Strategy.RING_ALL, max_wait=500.0,
+                        rejoin_window=60.0)],
+                 [AgentConfig("a0", max_interactions=2), AgentConfig("a1")])
+        login_all(r, ["a0", "a1"])
+        for i in range(60):
+            r.handle(CallerJoin(f"c{i}", "q", caller_number=f"555{i}", priority=i % 3), 1.0)
+        r.handle(OfferRejected("c0", "a1"), 2.0)
+        r.handle(CallbackRequested("c10", "+15550100"), 2.0)
+        r.handle(CallerAbandon("c20"), 2.0)
+        r.handle_timer(30.0)
+
+    busy_router()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for _ in range(40):
+            busy_router()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes kept by 40 dropped routers"

@@ -25,6 +25,7 @@ cdef class _Agent:
     cdef public int missed
     cdef public double idle_since
     cdef public int free_pos          # index in Router._free, -1 when not available
+    cdef public set offered_calls     # ids of the callers ringing (or dialled) for this agent
 
 
 cdef class _Member:
@@ -59,8 +60,7 @@ cdef class _Queue:
     cdef public int n_steps
     cdef public int rr_last
     cdef public list samples
-    cdef public long long n_callers   # callers of this queue in the order
-    cdef public list order            # the callers of this queue, in the global order
+    cdef public long long n_callers   # callers of this queue (their order: Router._orders)
 
 
 cdef class _Caller:
@@ -71,9 +71,9 @@ cdef class _Caller:
     cdef public double place_time
     cdef public long long seq
     cdef public int state             # S_WAITING ...
-    cdef public list offered          # of _Agent
+    cdef public tuple offered         # of _Agent
     cdef public double deadline
-    cdef public set tried             # agent indices
+    cdef public set tried             # agent indices; None until an agent declines
     cdef public double overflow_at
     cdef public str cb_number
     cdef public int attempts
@@ -84,8 +84,8 @@ cdef class Router:
     cdef object _config
     cdef list _agents
     cdef list _queues
-    cdef list _order                  # every queued caller in the global order, and holes:
-    cdef Py_ssize_t _holes            #   removed callers (S_GONE) not yet compacted away
+    cdef list _orders                 # per queue, its callers in the global order
+    cdef long long _n_callers         # callers in every queue
     cdef dict _agent_by_id
     cdef dict _queue_by_name
     cdef dict _callers
@@ -114,6 +114,7 @@ cdef class Router:
     cdef int _n_free
     cdef int* _sq                     # staffed queues merged by _route, and where each stands
     cdef Py_ssize_t* _sq_at
+    cdef int* _heads                  # _route's binary heap of staffed-queue slots by head caller
     cdef _Timer* _timers              # binary min-heap by (t, tie); stale entries are
     cdef Py_ssize_t _n_timers         #   dropped when they reach the top
     cdef Py_ssize_t _timers_cap
@@ -121,7 +122,13 @@ cdef class Router:
     cdef Py_ssize_t _timer_limit
     cdef char* _staffed               # per queue: an available agent is a member
 
-    cdef list _live(self)
+    cdef list _in_order(self, object callers)
+    cdef int _ring(self, _Caller c, _Agent a) except -1
+    cdef int _unring(self, _Caller c, _Agent a) except -1
+    cdef bint _slot_before(self, int x, int y) noexcept
+    cdef void _heads_push(self, int n, int slot) noexcept
+    cdef int _heads_pop(self, int n) noexcept
+    cdef Py_ssize_t _skip_busy(self, list lst, Py_ssize_t at) noexcept
     cdef bint _available(self, _Agent a) noexcept
     cdef void _refresh(self, _Agent a) noexcept
     cdef int _try_route(self, _Caller c, int n_avail, double now, list out) except -1

@@ -1,10 +1,11 @@
 # cython: language_level=3
 """The compiled ACD router: the rules of ``appliance.acd.reference``, to the letter, with typed
 state and C arrays on the routing path (eligibility, skills, strategy picks), the available
-agents kept as they change, each queue's callers in the global order (a freed agent looks at
-the heads of their own queues) and a heap of timers, so that routing, ``handle_timer()``,
-``next_timer()``, positions and estimated waits do not scan every waiting caller (docs/acd.md,
-"Numbers").
+agents kept as they change, each queue's callers in the global order (routing merges the
+heads of the queues a free agent belongs to; there is no list of every caller), the offers
+ringing at each agent, and a heap of timers, so that routing, ``handle_timer()``,
+``next_timer()``, positions, estimated waits, a logout and a queue emptied by ``leave_empty`` do
+not scan every waiting caller (docs/acd.md, "Numbers").
 
 The reference's module docstring states the rules; ``tests/test_acd_equivalence.py`` drives
 both with the same random event sequences and requires the same decisions and state.
@@ -12,7 +13,10 @@ both with the same random event sequences and requires the same decisions and st
 
 import math
 
+cimport cython
+from cpython.object cimport PyObject_GenericSetAttr
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
+from libc.math cimport isfinite
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
 
@@ -82,10 +86,12 @@ _PRESENCE_NAMES = (LOGGED_OUT, READY, PAUSED)
 _PRESENCE_CODE = {name: i for i, name in enumerate(_PRESENCE_NAMES)}
 _STATE_NAMES = (WAITING, OFFERED, CALLBACK_WAITING, CALLBACK_DIALLING, CALLBACK_RETRY)
 _STATE_CODE = {name: i for i, name in enumerate(_STATE_NAMES)}
-_PRESENCE_TABLE = {(_PRESENCE_CODE[s], what): _PRESENCE_CODE[n]
-                   for (s, what), n in PRESENCE_TRANSITIONS.items()}
-_CALLER_TABLE = {(_STATE_CODE[s], what): (S_GONE if n is None else _STATE_CODE[n])
-                 for (s, what), n in CALLER_TRANSITIONS.items()}
+# The same tables indexed by state code, then by input: no key tuple to build per transition.
+_PRESENCE_TABLE = [{what: _PRESENCE_CODE[n] for (s, what), n in PRESENCE_TRANSITIONS.items()
+                    if s == name} for name in _PRESENCE_NAMES]
+_CALLER_TABLE = [{what: (S_GONE if n is None else _STATE_CODE[n])
+                  for (s, what), n in CALLER_TRANSITIONS.items() if s == name}
+                 for name in _STATE_NAMES]
 
 cdef enum:
     ST_RING_ALL = 0
@@ -125,25 +131,54 @@ cdef enum:
     K_STEP = 3      # a skill relaxation step of a waiting caller or callback
     K_WRAP = 4      # an agent's wrap-up end
 
-# _route merges the callers of the staffed queues when there are at most this many staffed
-# queues; with more, one walk of the global order costs less than the merge.
-cdef int MERGE_MAX = 8
-
-
+# The router's own objects hold no reference back to a caller (the per-queue orders and the
+# callers ringing at an agent live in the Router, by object or by call id), so they form no
+# reference cycle and stay out of the cycle collector: with 10,000 waiting callers its passes
+# over them cost more than the routing itself.
+@cython.no_gc
 cdef class _Agent:
     pass
 
 
+@cython.no_gc
 cdef class _Member:
     pass
 
 
+@cython.no_gc
 cdef class _Queue:
     pass
 
 
+@cython.no_gc
 cdef class _Caller:
     pass
+
+
+def _order_key(_Caller c):
+    """A caller's place in the global order: (priority, place time, seq), as in the reference."""
+    return (-c.priority, c.place_time, c.seq)
+
+
+cdef object _new_object = object.__new__
+
+
+cdef object _offer(str call, tuple agents, str queue):
+    """``Offer(call, agents, queue)`` without the frozen dataclass's ``__init__``, whose three
+    ``object.__setattr__`` calls go through Python: the same fields, an equal object."""
+    o = _new_object(Offer)
+    PyObject_GenericSetAttr(o, "call", call)
+    PyObject_GenericSetAttr(o, "agents", agents)
+    PyObject_GenericSetAttr(o, "queue", queue)
+    return o
+
+
+cdef object _cancel_offer(str call, tuple agents):
+    """``CancelOffer(call, agents)``, built as ``_offer`` builds an Offer."""
+    o = _new_object(CancelOffer)
+    PyObject_GenericSetAttr(o, "call", call)
+    PyObject_GenericSetAttr(o, "agents", agents)
+    return o
 
 
 cdef inline bint _before(_Caller x, _Caller y) noexcept:
@@ -156,7 +191,7 @@ cdef inline bint _before(_Caller x, _Caller y) noexcept:
 
 
 cdef int _presence_next(_Agent a, str what) except -2:
-    nxt = _PRESENCE_TABLE.get((a.presence, what))
+    nxt = (<dict>(<list>_PRESENCE_TABLE)[a.presence]).get(what)
     if nxt is None:
         raise LocalProtocolError(
             f"agent {a.id!r}: cannot {what} while {_PRESENCE_NAMES[a.presence]}")
@@ -164,7 +199,7 @@ cdef int _presence_next(_Agent a, str what) except -2:
 
 
 cdef int _caller_next(_Caller c, str what) except -2:
-    nxt = _CALLER_TABLE.get((c.state, what))
+    nxt = (<dict>(<list>_CALLER_TABLE)[c.state]).get(what) if c.state >= 0 else None
     if nxt is None:
         raise LocalProtocolError(f"call {c.id!r}: cannot {what} while {_STATE_NAMES[c.state]}")
     return nxt
@@ -211,6 +246,7 @@ cdef class Router:
         self._free = NULL
         self._sq = NULL
         self._sq_at = NULL
+        self._heads = NULL
         self._timers = NULL
         self._n_timers = 0
         self._timers_cap = 0
@@ -230,6 +266,7 @@ cdef class Router:
         free(self._free)
         free(self._sq)
         free(self._sq_at)
+        free(self._heads)
         self._clear_timers()
         free(self._timers)
 
@@ -256,6 +293,7 @@ cdef class Router:
         self._n_free = 0
         self._sq = <int*>_alloc(self._nq, sizeof(int))
         self._sq_at = <Py_ssize_t*>_alloc(self._nq, sizeof(Py_ssize_t))
+        self._heads = <int*>_alloc(self._nq, sizeof(int))
         self._timer_tie = 0
         self._timer_limit = 1024
         for i in range(self._na * self._nq):
@@ -276,6 +314,7 @@ cdef class Router:
             a.missed = 0
             a.idle_since = 0.0
             a.free_pos = -1
+            a.offered_calls = set()
             for k in range(self._ns):
                 self._levels[i * self._ns + k] = plan.agent_levels[i][k]
             self._agents.append(a)
@@ -322,7 +361,6 @@ cdef class Router:
             q.rr_last = -1
             q.samples = []
             q.n_callers = 0
-            q.order = []
             q.members = []
             for k, (ai, penalty, weight) in enumerate(plan.queue_members[qi]):
                 m = _Member()
@@ -352,8 +390,8 @@ cdef class Router:
             self._queues.append(q)
         self._queue_by_name = {q.name: q for q in self._queues}
         self._callers = {}
-        self._order = []
-        self._holes = 0
+        self._orders = [[] for qi in range(self._nq)]
+        self._n_callers = 0
         self._seq = 0
         self._rng = <uint64_t>(config.seed & 0xFFFFFFFFFFFFFFFF)
         self._now = -INF
@@ -417,7 +455,7 @@ cdef class Router:
         cdef list out = []
         cdef _Caller c
         cdef _Agent a
-        cdef list agents
+        cdef tuple agents
         cdef int kind
         cdef dict rings = {}, wraps = {}, retries = {}, overflows = {}
         self._now = t
@@ -448,13 +486,14 @@ cdef class Router:
             if c is None or c.state != S_OFFERED:
                 continue
             agents = c.offered
-            out.append(CancelOffer(c.id, tuple([a.id for a in agents])))
+            out.append(_cancel_offer(c.id, tuple([a.id for a in agents])))
             c.state = _caller_next(c, "decline")
-            c.offered = []
+            c.offered = ()
+            if c.tried is None:
+                c.tried = set()
             for a in agents:
-                a.ringing -= 1
+                self._unring(c, a)
                 c.tried.add(a.index)
-                self._refresh(a)
             self._arm_steps(c, t)
             for a in agents:
                 self._missed(a, out)
@@ -495,7 +534,7 @@ cdef class Router:
     def queue_estimated_wait(self, queue):
         """Estimated wait of a new caller of priority 0 joining ``queue`` now."""
         cdef _Queue q = self._queue(queue)
-        cdef list lst = q.order
+        cdef list lst = self._orders[q.index]
         cdef Py_ssize_t lo = 0, hi = len(lst), mid
         # The queue's callers of priority 0 and above come first in its order.
         while lo < hi:
@@ -510,7 +549,7 @@ cdef class Router:
         """Calls of ``queue`` in the global order (callbacks included)."""
         cdef _Queue q = self._queue(queue)
         cdef _Caller c
-        return tuple([c.id for c in q.order])
+        return tuple([c.id for c in <list>self._orders[q.index]])
 
     def agent_view(self, agent):
         """The agent's routing state."""
@@ -532,7 +571,8 @@ cdef class Router:
             "now": self._now,
             "rng": int(self._rng),
             "agents": tuple([self._agent_view(a) for a in self._agents]),
-            "callers": tuple([self._caller_view(c) for c in self._live()]),
+            "callers": tuple([self._caller_view(c)
+                              for c in self._in_order(self._callers.values())]),
             "queues": tuple([
                 (q.name, q.rr_last, tuple(q.samples),
                  tuple([(m.calls, m.talk_time) for m in q.members]))
@@ -563,9 +603,11 @@ cdef class Router:
         a.pause_reason = ""
         a.in_wrap = False
         self._refresh(a)
-        for c in list(self._live()):
-            if c.state == S_OFFERED and a in c.offered:
-                out.append(CancelOffer(c.id, (a.id,)))
+        # The offers ringing at the agent, in the global order (not a walk of every caller).
+        ringing = [self._callers[call] for call in a.offered_calls]
+        for c in self._in_order(ringing):
+            if c.state == S_OFFERED:
+                out.append(_cancel_offer(c.id, (a.id,)))
                 self._decline(c, a, False, out)
         self._leave_empty(a, out)
         self._route(now, out)
@@ -614,7 +656,7 @@ cdef class Router:
             out.append(Overflow(call, q.name, OverflowReason.NO_AGENTS, q.target))
             return
         if ((q.max_length >= 0 and q.n_callers >= q.max_length)
-                or len(self._order) - self._holes >= self._max_waiting):
+                or self._n_callers >= self._max_waiting):
             out.append(Overflow(call, q.name, OverflowReason.MAX_LENGTH, q.target))
             return
         place_time = now
@@ -638,15 +680,15 @@ cdef class Router:
         c.place_time = place_time
         c.seq = seq
         c.state = S_WAITING
-        c.offered = []
+        c.offered = ()
         c.deadline = 0.0
-        c.tried = set()
+        c.tried = None
         c.overflow_at = INF
         c.cb_number = ""
         c.attempts = 0
         c.retry_at = 0.0
         if q.has_max_ewt:
-            ahead = _find_in(q.order, c)  # the queue's callers ahead of the newcomer
+            ahead = _find_in(self._orders[q.index], c)  # the queue's callers ahead of the newcomer
             if self._ewt(q, ahead + 1) > q.max_ewt:
                 out.append(Overflow(call, q.name, OverflowReason.ESTIMATED_WAIT, q.target))
                 return
@@ -668,14 +710,11 @@ cdef class Router:
         cdef int was = c.state
         _caller_next(c, "abandon")
         if was == S_OFFERED:
-            out.append(CancelOffer(c.id, tuple([a.id for a in c.offered])))
+            out.append(_cancel_offer(c.id, tuple([a.id for a in c.offered])))
             for a in c.offered:
-                a.ringing -= 1
-                self._refresh(a)
+                self._unring(c, a)
         elif was == S_CB_DIALLING:
-            a = c.offered[0]
-            a.ringing -= 1
-            self._refresh(a)
+            self._unring(c, c.offered[0])
         self._remove(c)
         if (c.number and c.queue.rejoin_window > 0 and (was == S_WAITING or was == S_OFFERED)
                 and self._max_rejoin > 0):
@@ -693,10 +732,9 @@ cdef class Router:
         _caller_next(c, "accept")
         others = tuple([o.id for o in c.offered if o is not a])
         if others:
-            out.append(CancelOffer(c.id, others))
+            out.append(_cancel_offer(c.id, others))
         for o in c.offered:
-            o.ringing -= 1
-            self._refresh(o)
+            self._unring(c, o)
         self._connect(c, a, now)
         self._route(now, out)
 
@@ -752,11 +790,10 @@ cdef class Router:
         was = c.state
         c.state = _caller_next(c, "callback")
         if was == S_OFFERED:
-            out.append(CancelOffer(c.id, tuple([a.id for a in c.offered])))
+            out.append(_cancel_offer(c.id, tuple([a.id for a in c.offered])))
             for a in c.offered:
-                a.ringing -= 1
-                self._refresh(a)
-            c.offered = []
+                self._unring(c, a)
+            c.offered = ()
         c.cb_number = ev.number
         c.overflow_at = INF
         self._arm_steps(c, now)
@@ -771,17 +808,14 @@ cdef class Router:
         if ev.answered:
             _caller_next(c, "answered")
             a = c.offered[0]
-            a.ringing -= 1
-            self._refresh(a)
+            self._unring(c, a)
             self._connect(c, a, now)
             out.append(CallbackOutcome(c.id, q.name, True, c.attempts))
         else:
             final = c.attempts > q.retries
             nxt = _caller_next(c, "gave-up" if final else "failed")
-            a = c.offered[0]
-            a.ringing -= 1
-            self._refresh(a)
-            c.offered = []
+            self._unring(c, c.offered[0])
+            c.offered = ()
             if final:
                 self._remove(c)
                 out.append(CallbackOutcome(c.id, q.name, False, c.attempts))
@@ -850,61 +884,42 @@ cdef class Router:
     cdef int _route(self, double now, list out) except -1:
         """Offer each waiting caller, in the global order, to the agents free for them.
 
-        Only callers of a queue with an available member can be offered. With few such queues
-        their per-queue orders are merged (a freed agent looks only at their own queues);
-        otherwise the global order is walked. Both visit the same callers in the same order."""
+        Only callers of a queue with an available member can be offered, so only those queues'
+        orders are merged (a binary heap of their head callers): a freed agent looks at the
+        heads of their own queues, never at every waiting caller."""
         cdef int n_avail = self._collect_avail()
-        cdef int n_sq = 0, qi, k, best, j, keep
-        cdef Py_ssize_t at, n
-        cdef _Caller c, head
+        cdef int n_sq = 0, n_heads = 0, qi, k, j, keep
+        cdef Py_ssize_t at
+        cdef _Caller c
         cdef list lst
         if n_avail == 0:
             return 0
         self._mark_staffed(n_avail)
         for qi in range(self._nq):
             if self._staffed[qi]:
-                self._sq[n_sq] = qi
-                self._sq_at[n_sq] = 0
-                n_sq += 1
-        if n_sq > MERGE_MAX:
-            for c in self._live():
-                if not self._staffed[c.queue.index]:
-                    continue  # no available member at all: nothing to check
-                if not self._try_route(c, n_avail, now, out):
-                    continue
-                keep = 0
-                for j in range(n_avail):
-                    if self._available(<_Agent>self._agents[self._avail[j]]):
-                        self._avail[keep] = self._avail[j]
-                        keep += 1
-                n_avail = keep
-                if n_avail == 0:
-                    return 0
-                self._mark_staffed(n_avail)
-            return 0
-        while True:
-            head = None
-            best = -1
-            for k in range(n_sq):
-                qi = self._sq[k]
-                if not self._staffed[qi]:
-                    continue
-                lst = (<_Queue>self._queues[qi]).order
-                n = len(lst)
-                at = self._sq_at[k]
-                while at < n:
-                    c = <_Caller>lst[at]
-                    if c.state == S_WAITING or c.state == S_CB_WAITING:
-                        break
-                    at += 1
-                self._sq_at[k] = at
-                if at < n and (head is None or _before(c, head)):
-                    head = c
-                    best = k
-            if head is None:
-                return 0
-            self._sq_at[best] += 1
-            if not self._try_route(head, n_avail, now, out):
+                lst = self._orders[qi]
+                at = self._skip_busy(lst, 0)
+                if at < len(lst):
+                    self._sq[n_sq] = qi
+                    self._sq_at[n_sq] = at
+                    self._heads_push(n_heads, n_sq)
+                    n_heads += 1
+                    n_sq += 1
+        while n_heads:
+            k = self._heads_pop(n_heads)
+            n_heads -= 1
+            qi = self._sq[k]
+            if not self._staffed[qi]:
+                continue  # its last available member was just taken: nothing more to offer
+            lst = self._orders[qi]
+            at = self._sq_at[k]
+            c = <_Caller>lst[at]
+            at = self._skip_busy(lst, at + 1)
+            self._sq_at[k] = at
+            if at < len(lst):
+                self._heads_push(n_heads, k)
+                n_heads += 1
+            if not self._try_route(c, n_avail, now, out):
                 continue
             keep = 0
             for j in range(n_avail):
@@ -915,6 +930,55 @@ cdef class Router:
             if n_avail == 0:
                 return 0
             self._mark_staffed(n_avail)
+        return 0
+
+    cdef Py_ssize_t _skip_busy(self, list lst, Py_ssize_t at) noexcept:
+        """The first index from ``at`` of a caller routing may offer (waiting or a callback
+        waiting), or ``len(lst)``."""
+        cdef Py_ssize_t n = len(lst)
+        cdef _Caller c
+        while at < n:
+            c = <_Caller>lst[at]
+            if c.state == S_WAITING or c.state == S_CB_WAITING:
+                return at
+            at += 1
+        return n
+
+    cdef bint _slot_before(self, int x, int y) noexcept:
+        """Whether merge slot ``x``'s head caller is ahead of slot ``y``'s."""
+        return _before(<_Caller>(<list>self._orders[self._sq[x]])[self._sq_at[x]],
+                       <_Caller>(<list>self._orders[self._sq[y]])[self._sq_at[y]])
+
+    cdef void _heads_push(self, int n, int slot) noexcept:
+        """Add ``slot`` to the heap ``_heads[:n]``."""
+        cdef int i = n, parent
+        while i > 0:
+            parent = (i - 1) >> 1
+            if not self._slot_before(slot, self._heads[parent]):
+                break
+            self._heads[i] = self._heads[parent]
+            i = parent
+        self._heads[i] = slot
+
+    cdef int _heads_pop(self, int n) noexcept:
+        """Take the slot with the earliest head caller off the heap ``_heads[:n]``."""
+        cdef int top = self._heads[0], last, i = 0, child
+        n -= 1
+        if n:
+            last = self._heads[n]
+            while True:
+                child = 2 * i + 1
+                if child >= n:
+                    break
+                if child + 1 < n and self._slot_before(self._heads[child + 1],
+                                                       self._heads[child]):
+                    child += 1
+                if not self._slot_before(self._heads[child], last):
+                    break
+                self._heads[i] = self._heads[child]
+                i = child
+            self._heads[i] = last
+        return top
 
     cdef int _try_route(self, _Caller c, int n_avail, double now, list out) except -1:
         """Offer (or dial for) caller ``c`` if any of the first ``n_avail`` agents of
@@ -953,7 +1017,7 @@ cdef class Router:
                 n += 1
         if n == 0:
             return 0
-        if c.tried:
+        if c.tried is not None and c.tried:
             keep = 0
             for j in range(n):
                 if self._cand[j] not in c.tried:
@@ -987,19 +1051,24 @@ cdef class Router:
             a = (<_Member>members[self._cand[0]]).agent
             c.state = _caller_next(c, "dial")
             c.attempts += 1
-            c.offered = [a]
-            a.ringing += 1
-            self._refresh(a)
+            c.offered = (a,)
+            self._ring(c, a)
             out.append(DialCallback(c.id, a.id, q.name, c.cb_number, c.attempts))
         else:
             c.state = _caller_next(c, "offer")
-            c.offered = [(<_Member>members[self._cand[j]]).agent for j in range(picked)]
+            if picked == 1:
+                a = (<_Member>members[self._cand[0]]).agent
+                c.offered = (a,)
+                ids = (a.id,)
+            else:
+                c.offered = tuple([(<_Member>members[self._cand[j]]).agent
+                                   for j in range(picked)])
+                ids = tuple([a.id for a in c.offered])
             c.deadline = now + q.ring_timeout
             self._push_timer(c.deadline, K_RING, c)
             for a in c.offered:
-                a.ringing += 1
-                self._refresh(a)
-            out.append(Offer(c.id, tuple([a.id for a in c.offered]), q.name))
+                self._ring(c, a)
+            out.append(_offer(c.id, ids, q.name))
         return 1
 
     cdef void _mark_staffed(self, int n_avail) noexcept:
@@ -1087,12 +1156,13 @@ cdef class Router:
 
     cdef int _decline(self, _Caller c, _Agent a, bint missed, list out) except -1:
         cdef _Agent o
-        remaining = [o for o in c.offered if o is not a]
+        remaining = tuple([o for o in c.offered if o is not a])
         c.state = _caller_next(c, "decline-one" if remaining else "decline")
         c.offered = remaining
+        if c.tried is None:
+            c.tried = set()
         c.tried.add(a.index)
-        a.ringing -= 1
-        self._refresh(a)
+        self._unring(c, a)
         if not remaining:
             self._arm_steps(c, self._now)  # waiting again: its relaxation steps count again
         if missed:
@@ -1123,10 +1193,9 @@ cdef class Router:
         cdef _Agent a
         _caller_next(c, "overflow")
         if was == S_OFFERED:
-            out.append(CancelOffer(c.id, tuple([a.id for a in c.offered])))
+            out.append(_cancel_offer(c.id, tuple([a.id for a in c.offered])))
             for a in c.offered:
-                a.ringing -= 1
-                self._refresh(a)
+                self._unring(c, a)
         self._remove(c)
         out.append(Overflow(c.id, c.queue.name, reason, c.queue.target))
         return 0
@@ -1142,9 +1211,14 @@ cdef class Router:
                 empty.add(qi)
         if not empty:
             return 0
-        for c in list(self._live()):
-            if c.queue.index in empty and (c.state == S_WAITING or c.state == S_OFFERED):
-                self._overflow(c, OverflowReason.NO_AGENTS, out)
+        # Only the callers of the queues now empty, in the global order.
+        leaving = []
+        for qi in empty:
+            for c in <list>self._orders[qi]:
+                if c.state == S_WAITING or c.state == S_OFFERED:
+                    leaving.append(c)
+        for c in self._in_order(leaving):
+            self._overflow(c, OverflowReason.NO_AGENTS, out)
         return 0
 
     cdef bint _is_empty(self, _Queue q, int rule) noexcept:
@@ -1160,7 +1234,7 @@ cdef class Router:
 
     cdef long long _position(self, _Caller c) except -1:
         # The queue's own order holds exactly its callers, in the global order.
-        cdef list lst = c.queue.order
+        cdef list lst = self._orders[c.queue.index]
         cdef Py_ssize_t k = _find_in(lst, c)
         if k >= len(lst) or lst[k] is not c:
             raise AssertionError("queued caller missing from the order")
@@ -1187,35 +1261,41 @@ cdef class Router:
         return handle * <double>position / <double>staffed
 
     cdef int _insert(self, _Caller c) except -1:
-        self._order.insert(_find_in(self._order, c), c)
-        c.queue.order.insert(_find_in(c.queue.order, c), c)
+        cdef list lst = self._orders[c.queue.index]
+        lst.insert(_find_in(lst, c), c)
         c.queue.n_callers += 1
+        self._n_callers += 1
         return 0
 
     cdef int _remove(self, _Caller c) except -1:
-        cdef Py_ssize_t i = _find_in(self._order, c)
-        cdef Py_ssize_t k = _find_in(c.queue.order, c)
-        if (i >= len(self._order) or self._order[i] is not c
-                or k >= len(c.queue.order) or c.queue.order[k] is not c):
+        cdef list lst = self._orders[c.queue.index]
+        cdef Py_ssize_t k = _find_in(lst, c)
+        if k >= len(lst) or lst[k] is not c:
             raise AssertionError("order out of step")
-        del c.queue.order[k]
+        del lst[k]
         del self._callers[c.id]
         c.queue.n_callers -= 1
-        # The caller stays in the global order as a hole (deleting near the front of a long
-        # list moves all of it); holes keep their place, so the binary search still holds.
+        self._n_callers -= 1
         c.state = S_GONE  # its timers still in the heap are stale now
-        self._holes += 1
-        if self._holes > 64 and 2 * self._holes > len(self._order):
-            self._live()
         return 0
 
-    cdef list _live(self):
-        """The global order without holes (compacted on demand: amortised O(1) a removal)."""
-        cdef _Caller c
-        if self._holes:
-            self._order = [c for c in self._order if c.state != S_GONE]
-            self._holes = 0
-        return self._order
+    cdef list _in_order(self, object callers):
+        """``callers`` (any iterable of them) sorted into the global order."""
+        return sorted(callers, key=_order_key)
+
+    cdef int _ring(self, _Caller c, _Agent a) except -1:
+        """An offer of ``c`` (or its callback dial) now rings at ``a``."""
+        a.ringing += 1
+        a.offered_calls.add(c.id)
+        self._refresh(a)
+        return 0
+
+    cdef int _unring(self, _Caller c, _Agent a) except -1:
+        """The offer of ``c`` (or its callback dial) no longer rings at ``a``."""
+        a.ringing -= 1
+        a.offered_calls.discard(c.id)
+        self._refresh(a)
+        return 0
 
     # ---------------------------------------------------------------- timers
 
@@ -1314,7 +1394,7 @@ cdef class Router:
         cdef _Agent a
         cdef int st
         self._clear_timers()
-        for c in self._live():
+        for c in self._callers.values():
             st = c.state
             if st == S_OFFERED:
                 self._push_timer(c.deadline, K_RING, c)
@@ -1333,6 +1413,11 @@ cdef class Router:
     # ---------------------------------------------------------------- lookups
 
     cdef double _check_now(self, now) except? -1.0:
+        cdef double t
+        if type(now) is float:  # the usual case, checked in C; anything else as below
+            t = <double>now
+            if isfinite(t) and t >= self._now:
+                return t
         if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
             raise LocalProtocolError(f"now must be a finite number, got {now!r}")
         if now < self._now:
