@@ -438,6 +438,34 @@ def test_watchdog_forgets_a_suspect_that_comes_back(db_path: Path) -> None:
     assert desk.watchdog({}, {}, T0 + 22, held=held) == [m.CallEnded("c1", "1001")]
 
 
+def test_stray_callers_are_abandoned_after_the_grace_and_audited(db_path: Path) -> None:
+    desk = open_desk(db_path, watchdog_grace=10.0)
+    router = ReferenceRouter(router_config())
+    RouterDeskService(desk, router, clock=lambda: 1.0).apply(
+        desk.login("1001", T0, actor="a", source="s"))
+    # "gone" rings 1001 and "later" waits behind it; call control carries only "later".
+    router.handle(m.CallerJoin("gone", "sales"), 2.0)
+    router.handle(m.CallerJoin("later", "sales"), 2.0)
+    queued = [c.call for c in router.snapshot()["callers"]]
+    assert queued == ["gone", "later"]
+    assert desk.stray_callers(queued, {"later"}, T0) == []
+    assert desk.stray_callers(queued, {"later"}, T0 + 9) == []
+    # Explained again (call control caught up) forgets the suspect: its grace starts over.
+    assert desk.stray_callers(queued, {"gone", "later"}, T0 + 9.5) == []
+    assert desk.stray_callers(queued, {"later"}, T0 + 15) == []
+    cleared = desk.stray_callers(queued, {"later"}, T0 + 25)
+    assert cleared == [m.CallerAbandon("gone")]
+    # The router lets go: 1001's ringing offer goes to the living caller.
+    decisions = router.handle(cleared[0], 3.0)
+    assert m.Offer("later", ("1001",), "sales") in decisions
+    assert router.waiting("sales") == ("later",)
+    assert desk.stray_callers(["later"], {"later"}, T0 + 40) == []
+    assert desk.flush(10)
+    assert rows(desk, "SELECT actor, action, detail FROM audit_log WHERE action = "
+                      "'queue.watchdog'") == [
+        ("watchdog", "queue.watchdog", "call_id=gone cleared=queued source=watchdog")]
+
+
 # ---------------------------------------------------------------------------- feature codes
 
 

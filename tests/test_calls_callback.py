@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,14 @@ def test_pending_callback_survives_a_restart(tmp_path_factory, tmp_path) -> None
         assert second.run(router.waiting, "support") == (r,)
         view = second.run(router.caller_view, r)
         assert (view.state, view.queue) == ("callback-waiting", "support")
+        # It rejoined at its stored place, not at the restart: on the router's clock it has
+        # waited as long as it has on the wall clock since its place (the first run, its stop
+        # and this start included), so relaxation steps and waits count from there.
+        [(place_at,)] = query(site, "SELECT place_at FROM callback_requests WHERE call_id = ?",
+                              (r,))
+        wall = time.time()
+        waited = second.run(second.calls.control._router_clock) - view.place_time
+        assert abs(waited - (wall - place_at)) < 0.25, (waited, wall - place_at)
         assert "event=callbacks_restored restored=1 pending=1" in second.log_text()
         # What the IVR learnt comes back with it (for the attempts' screen pops).
         restored = second.run(lambda: dict(second.calls.control.callbacks[r].variables))

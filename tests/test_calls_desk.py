@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 from peers import (
+    DID,
+    Agent,
     LiveAppliance,
     agent_phone,
     carrier_for,
@@ -28,7 +30,9 @@ from peers import (
     with_carrier,
 )
 
+from appliance.acd import model as acd
 from appliance.acd.desk import DeskError, FeatureCode, Presence, parse_feature_code
+from appliance.acd.model import AUTO_PAUSE_REASON
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (sip-tester) missing"),
@@ -110,9 +114,13 @@ def test_feature_codes_drive_desk_and_router(live, tmp_path) -> None:
         assert _dial(live, agent, "*71") == 403  # already logged out
     # Every change is audited; feature-code calls leave no call record.
     assert desk.flush(10)  # the desk's writer commits behind the answers
-    actions = [a for (a,) in query(live.site, "SELECT action FROM audit_log WHERE actor = '1001'"
-                                             " ORDER BY id")]
-    assert actions == ["agent.login", "agent.pause", "agent.unpause", "agent.logout"]
+    rows = query(live.site, "SELECT action, detail, at FROM audit_log WHERE actor = '1001' "
+                            "ORDER BY id")
+    assert [a for a, _, _ in rows] == ["agent.login", "agent.pause", "agent.unpause",
+                                       "agent.logout"]
+    # Who (the actor), from where (the phone's extension) and when, on every row.
+    assert all("agent=1001" in d and "source=sip:1001" in d and at > 0 for _, d, at in rows)
+    assert "reason=lunch" in rows[1][1]
     records = {c for (c,) in query(live.site, "SELECT call_id FROM call_records")}
     assert records == {first, second}
     # The confirmation calls released their engine legs.
@@ -142,11 +150,42 @@ def carrier_port() -> int:
     return free_port()
 
 
+RING_TIMEOUT = 1.0
+"""Seconds an offer rings in ``support`` on the ``live_out`` site before it counts as missed."""
+AUTO_PAUSE_AFTER = 2
+"""Missed offers in a row after which the router pauses the agent (``live_out`` site)."""
+SALES_WRAP_UP = 120.0
+"""Wrap-up after a ``sales`` call (``live_out`` site): longer than any test step, so the wrap-up
+test never depends on how fast the box is."""
+
+
+def _routing_site(data: dict) -> None:
+    """``support`` (menu 1): 1001 and 1002, linear, short ring, no wrap-up, rejoin window;
+    ``sales`` (menu 2): 1001 only, a long wrap-up; auto-pause after 2 missed offers; a watchdog
+    that runs often with a short grace."""
+    data["queues"][0].update(members=["1001", "1002"], strategy="linear",
+                             ring_timeout=RING_TIMEOUT, wrap_up=0.0, rejoin_window=300.0,
+                             record=False)
+    data["queues"].append({"name": "sales", "members": ["1001"], "strategy": "linear",
+                           "ring_timeout": 10.0, "wrap_up": SALES_WRAP_UP, "record": False})
+    nodes = data["ivr"]["flows"]["main"]["nodes"]
+    nodes["welcome"]["options"]["2"] = "sales"
+    nodes["sales"] = {"type": "queue", "queue": "sales"}
+    data["agents"].update(auto_pause_after=AUTO_PAUSE_AFTER, watchdog_interval=0.2,
+                          watchdog_grace=0.5)
+
+
 @pytest.fixture(scope="module")
 def live_out(tmp_path_factory, carrier_port) -> Iterator[LiveAppliance]:
-    """A desk site whose calls to numbers go to SIPp as the carrier on ``carrier_port``."""
-    with live_site(tmp_path_factory.mktemp("calls-desk-out-site"),
-                   lambda data: with_carrier(data, carrier_port), desk=True) as appliance:
+    """A desk site whose calls to numbers go to SIPp as the carrier on ``carrier_port``, with
+    the queues of ``_routing_site`` (one appliance serves the dialling and the routing tests)."""
+
+    def edit(data: dict) -> None:
+        with_carrier(data, carrier_port)
+        _routing_site(data)
+
+    with live_site(tmp_path_factory.mktemp("calls-desk-out-site"), edit,
+                   desk=True) as appliance:
         yield appliance
 
 
@@ -175,3 +214,201 @@ def test_an_e164_number_the_dial_rules_refuse_gets_their_answer_not_484(live_out
     assert gone["code"] == 403
     text = live_out.log_text()[mark:]
     assert "reason=international" in text and "feature_code_refused" not in text
+
+
+# ------------------------------------------------------------------ routing with live phones
+
+
+def _shown(live: LiveAppliance, agent: str) -> str:
+    """What a supervisor sees of ``agent`` (``/api/agents``: the desk's view over the router's);
+    on the event loop's thread."""
+    return str(live.desk.view(agent, live.calls.control.router_view(agent))["state"])
+
+
+def _state(live: LiveAppliance, agent: str) -> str:
+    """``_shown`` from the test's thread."""
+    return str(live.run(_shown, live, agent))
+
+
+def _audit_rows(live: LiveAppliance, action: str, since: int) -> list[tuple[str, str]]:
+    assert live.desk.flush(10)  # the desk's writer commits behind the changes
+    return query(live.site, "SELECT actor, detail FROM audit_log WHERE action = ? AND id > ? "
+                            "ORDER BY id", (action, since))
+
+
+def _last_audit_id(live: LiveAppliance) -> int:
+    assert live.desk.flush(10)
+    return int(query(live.site, "SELECT COALESCE(MAX(id), 0) FROM audit_log")[0][0])
+
+
+def _caller(tmp_path, live: LiveAppliance, number: str, menu: str = "1") -> tuple[Agent, str]:
+    """A pjsua2 caller from the carrier (``number``) choosing ``menu``; its call id once it
+    has entered the queue."""
+    mark = len(live.events)
+    caller = Agent(tmp_path, live.site, live.port, number, f"trunk:{DID}/{menu}")
+    entered = live.wait_event("queue.enter", match=lambda p: p["caller"] == number and all(
+        p is not q for _, q in live.events[:mark]))
+    return caller, entered["call_id"]
+
+
+def _hang_up(caller: Agent) -> None:
+    try:
+        caller.command("hangup")
+        caller.next("disconnected")
+    finally:
+        caller.close()
+
+
+def test_missed_offers_pause_the_agent_audited_with_the_reason(live_out, tmp_path) -> None:
+    live = live_out
+    since = _last_audit_id(live)
+    with agent_phone(tmp_path, live.site, live, "idle", user="1001") as phone:
+        assert _dial(live, phone, "*70") == 200
+        assert _state(live, "1001") == "available"
+        caller, call_id = _caller(tmp_path, live, "+15551239001")
+        try:
+            # The phone rings and is never answered: each offer rings out and counts.
+            for _ in range(AUTO_PAUSE_AFTER):
+                phone.next("incoming")
+                assert phone.next("disconnected")["code"] == 487  # CANCELled at ring timeout
+            paused = live.wait_event("agent.pause", match=lambda p: p["actor"] == "router")
+            assert (paused["agent"], paused["reason"], paused["missed"]) == (
+                "1001", AUTO_PAUSE_REASON, AUTO_PAUSE_AFTER)
+            assert live.desk.presence("1001") is Presence.PAUSED
+            assert live.desk.reason("1001") == AUTO_PAUSE_REASON
+            assert _state(live, "1001") == "paused"
+            # The caller keeps waiting, offered to nobody.
+            router = live.calls.control.router
+            assert live.run(router.waiting, "support") == (call_id,)
+            assert live.run(router.caller_view, call_id).offered_to == ()
+            ringing = [p["agent"] for k, p in live.events
+                       if k == "call.ringing" and p["call_id"] == call_id]
+            assert ringing == ["1001"] * AUTO_PAUSE_AFTER
+        finally:
+            _hang_up(caller)
+        # Audited: by the router, the reason, before and after.
+        [(actor, detail)] = _audit_rows(live, "agent.pause", since)
+        assert actor == "router"
+        assert all(part in detail for part in ("agent=1001", "before=available",
+                                               "after=paused", f"reason={AUTO_PAUSE_REASON}",
+                                               "source=router"))
+        # The agent takes calls again only by choice.
+        assert _dial(live, phone, "*73") == 200
+        assert _state(live, "1001") == "available"
+        assert _dial(live, phone, "*71") == 200
+        assert _state(live, "1001") == "logged-out"
+
+
+def test_watchdog_clears_router_holds_and_callers_no_call_explains(live_out, tmp_path) -> None:
+    live = live_out
+    control = live.calls.control
+    since = _last_audit_id(live)
+    with agent_phone(tmp_path, live.site, live, "idle", user="1001") as phone:
+        assert _dial(live, phone, "*70") == 200
+
+        def ghost() -> tuple[list, str, str]:
+            # A call the router routed and was answered, but call control never carried (as
+            # when a call is lost without the router being told): on the loop, so the
+            # watchdog's runs fall before or after, never between.
+            router, now = control.router, control._router_clock
+            offered = router.handle(acd.CallerJoin("ghost-1", "support"), now())
+            ringing = _shown(live, "1001")
+            router.handle(acd.OfferAccepted("ghost-1", "1001"), now())
+            return offered, ringing, _shown(live, "1001")
+
+        offered, ringing, held = live.run(ghost)
+        assert offered == [acd.Offer("ghost-1", ("1001",), "support")]
+        assert (ringing, held) == ("ringing", "on-call")
+        wait_for(lambda: _state(live, "1001") == "available", 15,
+                 "the watchdog clearing 1001's call", live)
+        view = live.run(live.calls.router_view, "1001")
+        assert (view.presence, view.interactions, view.ringing) == ("ready", 0, 0)
+        [(actor, detail)] = _audit_rows(live, "agent.watchdog", since)
+        assert actor == "watchdog"
+        assert all(part in detail for part in ("agent=1001", "call_id=ghost-1",
+                                               "cleared=on-call", "source=watchdog"))
+        assert live.desk.presence("1001") is Presence.AVAILABLE  # the choice is untouched
+
+        # A caller the router still queues, ringing 1001, whose call is gone: dropped with its
+        # offer (else it would ring agent after agent and stay ahead of the living).
+        since = _last_audit_id(live)
+        offered = live.run(lambda: control.router.handle(
+            acd.CallerJoin("ghost-2", "support"), control._router_clock()))
+        assert offered == [acd.Offer("ghost-2", ("1001",), "support")]
+        wait_for(lambda: live.run(control.router.waiting, "support") == ()
+                 and _state(live, "1001") == "available", 15,
+                 "the watchdog dropping the stray caller", live)
+        assert _audit_rows(live, "queue.watchdog", since) == [
+            ("watchdog", "call_id=ghost-2 cleared=queued source=watchdog")]
+        assert _dial(live, phone, "*71") == 200
+
+
+def test_a_caller_who_abandons_and_calls_again_takes_their_old_place(live_out,
+                                                                      tmp_path) -> None:
+    live = live_out
+    router = live.calls.control.router
+    assert live.desk.presence("1001") is live.desk.presence("1002") is Presence.LOGGED_OUT
+    first, abandoned = _caller(tmp_path, live, "+15551239002")
+    _hang_up(first)
+    live.wait_event("queue.abandon", match=lambda p: p["call_id"] == abandoned)
+    later, later_id = _caller(tmp_path, live, "+15551239003")
+    try:
+        again, again_id = _caller(tmp_path, live, "+15551239002")
+        try:
+            # Within the window: ahead of the caller who joined after their first call.
+            assert live.run(router.waiting, "support") == (again_id, later_id)
+            assert live.run(router.position, again_id) == 1
+            assert live.run(router.position, later_id) == 2
+            assert (live.run(router.caller_view, again_id).place_time
+                    < live.run(router.caller_view, later_id).place_time)
+            # A third caller, new, queues behind both.
+            new, new_id = _caller(tmp_path, live, "+15551239004")
+            try:
+                assert live.run(router.waiting, "support") == (again_id, later_id, new_id)
+            finally:
+                _hang_up(new)
+        finally:
+            _hang_up(again)
+    finally:
+        _hang_up(later)
+
+
+def test_wrap_up_after_one_queue_holds_the_agent_in_all_of_them(live_out, tmp_path) -> None:
+    """Last in the module: 1001 stays in the long wrap-up of ``sales``."""
+    live = live_out
+    router = live.calls.control.router
+    since = _last_audit_id(live)
+    with agent_phone(tmp_path, live.site, live, "idle", user="1001") as phone:
+        assert _dial(live, phone, "*70") == 200
+        sale, sale_id = _caller(tmp_path, live, "+15551239005", menu="2")
+        phone.next("incoming")
+        phone.command("answer")
+        phone.next("answered")
+        sale.next("answered")
+        assert _state(live, "1001") == "on-call"
+        _hang_up(sale)
+        live.wait_event("call.ended", match=lambda p: p["call_id"] == sale_id)
+        assert _state(live, "1001") == "wrap-up"
+        # A caller for support (no wrap-up of its own) is not offered to 1001 in wrap-up.
+        support, support_id = _caller(tmp_path, live, "+15551239006", menu="1")
+        try:
+            assert live.run(router.waiting, "support") == (support_id,)
+            assert live.run(router.caller_view, support_id).offered_to == ()
+            view = live.run(live.calls.router_view, "1001")
+            assert (view.in_wrap_up, view.presence) == (True, "ready")
+            assert not [p for k, p in live.events
+                        if k == "call.ringing" and p["call_id"] == support_id]
+        finally:
+            _hang_up(support)
+        # In wrap-up the agent gives the call its disposition from the phone (*74 + code).
+        assert _dial(live, phone, "*741") == 200
+        [(actor, detail)] = _audit_rows(live, "agent.disposition", since)
+        assert actor == "1001"
+        assert all(part in detail for part in (f"call_id={sale_id}", "disposition=resolved",
+                                               "source=sip:1001"))
+        assert _dial(live, phone, "*749") == 484  # no such disposition
+    # No real call was ever cleared by the watchdog on this site.
+    cleared = query(live.site, "SELECT detail FROM audit_log WHERE action = 'agent.watchdog'")
+    assert all("call_id=ghost-" in d for (d,) in cleared)
+    assert query(live.site, "SELECT detail FROM audit_log WHERE action = 'queue.watchdog'") == [
+        ("call_id=ghost-2 cleared=queued source=watchdog",)]

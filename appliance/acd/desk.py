@@ -18,7 +18,8 @@ Rules of this file:
 - ``restore()`` returns the inputs that bring a fresh router back to the persisted presence.
 - ``watchdog()`` clears what the router holds for an agent (an offer ringing, a callback being
   dialled, a call in progress) that no live call explains, once it has stayed unexplained for
-  the grace period; it is audited with actor ``watchdog``.
+  the grace period; it is audited with actor ``watchdog``. ``stray_callers()`` does the same for
+  callers the router still queues whose call is gone.
 
 Time is a parameter; no clock, socket or event loop. The writer thread has a connection of its
 own to the database file given (the given connection is only read, at start).
@@ -32,7 +33,7 @@ import enum
 import logging
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,6 +50,7 @@ from appliance.acd.model import (
     AgentView,
     CallbackResult,
     CallEnded,
+    CallerAbandon,
     OfferRejected,
 )
 from appliance.dbwriter import DatabaseWriter, WriterClosed, WriterError
@@ -57,7 +59,7 @@ from appliance.log import kv
 log = logging.getLogger("edgecc.acd.desk")
 
 RouterInput = AgentLogin | AgentLogout | AgentPause | AgentUnpause | CallEnded | OfferRejected \
-    | CallbackResult
+    | CallbackResult | CallerAbandon
 """What the desk asks the router to do."""
 
 MAX_DIGITS = 32
@@ -394,6 +396,8 @@ class AgentDesk:
         self.watchdog_grace = watchdog_grace
         self._rows: dict[str, _Row] = {}
         self._suspects: dict[tuple[str, str], float] = {}
+        self._strays: dict[str, float] = {}
+        """Router callers no call explains -> when first seen so (``stray_callers``)."""
         self._held: dict[tuple[str, str], tuple[str, float]] = {}
         """(agent, call) -> (kind, since): what the router held at the last watchdog run, as
         persisted in ``agent_desk_calls``."""
@@ -632,6 +636,42 @@ class AgentDesk:
                     out.append(CallbackResult(call, False))
         self._suspects = suspects
         return out
+
+    def stray_callers(self, queued: Iterable[str], known: Container[str], now: float
+                      ) -> list[RouterInput]:
+        """``CallerAbandon`` for each caller the router queues (waiting, ringing an agent or a
+        queued callback) that call control no longer carries, once it has been so for
+        ``watchdog_grace`` seconds in a row: a caller whose call is gone must neither stay
+        ahead of the living nor keep ringing agents one after the other.
+
+        ``queued``: the router's caller ids (``router.snapshot()["callers"]``); ``known``: the
+        call ids and pending callback requests call control has. Each is audited as
+        ``queue.watchdog`` by actor ``watchdog`` (source ``watchdog``)."""
+        suspects: dict[str, float] = {}
+        due: list[str] = []
+        for call in queued:
+            if call in known:
+                continue
+            first = self._strays.get(call, now)
+            if now - first >= self.watchdog_grace:
+                due.append(call)
+            else:
+                suspects[call] = first
+        self._strays = suspects
+        if not due:
+            return []
+        self._check_room()
+        cleared = tuple(due)
+
+        def write(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
+            for call in cleared:
+                self._audit(conn, now, "watchdog", "queue.watchdog",
+                            {"call_id": call, "cleared": "queued", "source": "watchdog"})
+
+        self._submit("queue.watchdog", write)
+        for call in cleared:
+            log.warning(kv(event="queue_watchdog_cleared", call=call))
+        return [CallerAbandon(call) for call in cleared]
 
     # ------------------------------------------------------------------ inside
 

@@ -201,8 +201,9 @@ class QueuedCallbacks:
         self._hangup_caller(call, EndReason.SYSTEM)
 
     def _restore_callbacks(self) -> None:
-        """At start: the pending requests back into the router, oldest place first (so they
-        keep their order among themselves and stay ahead of every caller joining later)."""
+        """At start: the pending requests back into the router at their stored places (their
+        callers' first joins, ``CallerJoin.place_time``), oldest first, so they keep their
+        order among themselves and stay ahead of every caller joining later."""
         if self.router is None:
             return
         rows = self.db.execute(
@@ -223,10 +224,16 @@ class QueuedCallbacks:
                 continue
             request = CallbackRequest(call_id, queue, number, caller, priority, requested_at,
                                       place_at, attempts, variables=_variables(variables))
+            clock = self._router_clock()
+            # The router's clock is monotonic and restarts with the process; the stored place is
+            # wall-clock: it is carried over as the time since it (never after now), so the
+            # request keeps its place among the callers of its priority and its relaxation
+            # steps count from its first join, not from the restart.
+            place = clock - max(0.0, time.time() - float(place_at))
             try:
                 decisions = self.router.handle(acd.CallerJoin(
-                    call_id, queue, caller_number=caller, priority=priority),
-                    self._router_clock())
+                    call_id, queue, caller_number=caller, priority=priority,
+                    place_time=place), clock)
                 refused = next((d for d in decisions if isinstance(d, acd.Overflow)
                                 and d.call == call_id), None)
                 if refused is not None:

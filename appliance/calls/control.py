@@ -704,9 +704,17 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
             try:
                 views = {a: v for a in self.members
                          if (v := self.router_view(a)) is not None}
-                inputs = self.desk.watchdog(views, self.live_calls_by_agent(), time.time(),
-                                            held=router_calls(self.router.snapshot()))
-                self.apply_router_inputs(inputs)
+                snapshot, now = self.router.snapshot(), time.time()
+                inputs = self.desk.watchdog(views, self.live_calls_by_agent(), now,
+                                            held=router_calls(snapshot))
+                # Callers the router still queues whose call is gone are dropped, and the
+                # offers they hold with them (an input for one of them would be refused).
+                stray = self.desk.stray_callers(
+                    [c.call for c in snapshot.get("callers", ())],
+                    self.calls.keys() | self.callbacks.keys(), now)
+                gone = {s.call for s in stray}
+                self.apply_router_inputs([*stray, *(i for i in inputs
+                                                    if getattr(i, "call", None) not in gone)])
             except Exception:
                 log.exception(kv(event="call_internal_error", where="watchdog"))
 

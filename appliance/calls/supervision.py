@@ -97,9 +97,12 @@ class Supervision:
         leg.handle(LegInput.INVITE_RECEIVED, now)
         leg.handle(LegInput.ANSWER, now)
         signalling.answer(event.key, 200, headers=SDP_HEADERS, body=call.answer_sdp)
-        self._join_supervisor(call, target, supervisor)
+        self._join_supervisor(call, target, supervisor, f"sip:{supervisor}")
 
-    def _join_supervisor(self, call: Call, target: Call, by: str) -> None:
+    def _join_supervisor(self, call: Call, target: Call, by: str, source: str) -> None:
+        """Mix ``call`` (the supervisor's) into ``target`` and audit it: ``by`` is who asked
+        (the supervisor's extension, or the API user), ``source`` from where (``sip:EXT`` for a
+        feature code, ``api`` for ``supervise()``)."""
         assert call.supervising is not None
         mode = call.supervising[0]
         customer, agent_media = self._supervision_legs(target)
@@ -108,11 +111,12 @@ class Supervision:
         join(call.media, customer, agent_media)
         target.supervisors.append(call)
         self._audit(by, f"call.{mode}", kv(call=target.call_id, agent=target.agent or "",
-                                            supervisor=call.caller))
+                                            supervisor=call.caller, source=source))
         log.info(kv(event="supervisor_joined", call=target.call_id, supervisor=call.caller,
                     agent=target.agent or "", mode=mode))
         self._emit("call.supervise", {"call_id": target.call_id, "supervisor": call.caller,
-                                      "agent": target.agent, "mode": mode, "by": by},
+                                      "agent": target.agent, "mode": mode, "by": by,
+                                      "source": source},
                    time.time())
 
     def _supervisor_gone(self, call: Call) -> None:
@@ -201,4 +205,4 @@ class Supervision:
                 call.leg.handle(LegInput.HANGUP, now, reason=EndReason.SYSTEM)
             return
         self._apply_media(call.media, negotiated)
-        self._join_supervisor(call, target, call.ended_by or call.caller)
+        self._join_supervisor(call, target, call.ended_by or call.caller, "api")
