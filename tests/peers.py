@@ -793,3 +793,86 @@ def dominant_hz(samples: np.ndarray, rate: int) -> float:
     spectrum = np.abs(np.fft.rfft(samples.astype(np.float64) * np.hanning(samples.size)))
     spectrum[:int(60 * samples.size / rate)] = 0  # ignore DC and hum
     return float(np.fft.rfftfreq(samples.size, 1 / rate)[int(np.argmax(spectrum))])
+
+
+class HttpRequest(NamedTuple):
+    """One POST an ``HttpPeer`` received, and the status it answered."""
+
+    path: str
+    headers: dict[str, str]
+    """Lower-cased names."""
+    body: bytes
+    status: int
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+Answer = Callable[[str, dict[str, str], bytes, list[HttpRequest]], tuple[int, bytes]]
+"""(path, headers, body, the requests received before) -> (status, JSON body or b"")."""
+
+
+class HttpPeer:
+    """A web service on 127.0.0.1 the appliance talks to (a CRM's look-up, a screen-pop or
+    webhook receiver): answers each POST through ``answer`` (204 without one) and keeps every
+    request, in order."""
+
+    def __init__(self, answer: Answer | None = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[HttpRequest] = []
+        self.changed = threading.Condition()
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server hook's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                with peer.changed:
+                    status, reply = (answer(self.path, headers, body, list(peer.requests))
+                                     if answer is not None else (204, b""))
+                    peer.requests.append(HttpRequest(self.path, headers, body, status))
+                    peer.changed.notify_all()
+                self.send_response(status)
+                if reply:
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait(self, match: Callable[[HttpRequest], bool], timeout: float = 20.0
+             ) -> list[HttpRequest]:
+        """Every request ``match`` accepts, once there is one (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                found = [r for r in self.requests if match(r)]
+                if found:
+                    return found
+                left = deadline - time.monotonic()
+                assert left > 0, f"no matching request among {len(self.requests)}"
+                self.changed.wait(left)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@contextlib.contextmanager
+def http_peer(answer: Answer | None = None) -> Iterator[HttpPeer]:
+    """An ``HttpPeer`` for the length of a ``with`` block (or a fixture)."""
+    peer = HttpPeer(answer)
+    try:
+        yield peer
+    finally:
+        peer.close()

@@ -24,13 +24,12 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlite_utils
-from peers import free_port
+from peers import HttpPeer, free_port
 from test_web_pages import WebSite, close_web_site, start_web_site
 
 from appliance import eventlog
@@ -72,35 +71,6 @@ class Collected:
                 if left <= 0:
                     pytest.fail(f"no {what} within {timeout} s; got {self.items[-10:]}")
                 self.changed.wait(left)
-
-
-class WebhookReceiver:
-    """An HTTP server on 127.0.0.1 that records each POSTed JSON body and answers 204."""
-
-    def __init__(self) -> None:
-        self.posts = Collected()
-        posts = self.posts
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                posts.add({"event": self.headers.get("X-Edgecc-Event"),
-                           "body": json.loads(body)})
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/edgecc"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 class OptionsCarrier:
@@ -196,7 +166,7 @@ MAX_WAIT_S = 6.0
 @dataclass
 class Live:
     site: WebSite
-    hooks: WebhookReceiver
+    hooks: HttpPeer
     carrier: OptionsCarrier
     stream: Collected
     token: str
@@ -208,12 +178,12 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory) -> Iterator[Live]:
-    hooks, carrier = WebhookReceiver(), OptionsCarrier()
+    hooks, carrier = HttpPeer(), OptionsCarrier()
     directory = tmp_path_factory.mktemp("alerts-live")
 
     def edit(data: dict) -> None:
         data["alerts"] = ALERTS
-        data["webhooks"] = [{"url": hooks.url, "kinds": ["alert.raised", "alert.cleared"],
+        data["webhooks"] = [{"url": f"{hooks.url}/edgecc", "kinds": ["alert.raised", "alert.cleared"],
                              "retries": 2, "backoff": 0.2}]
         data["trunk"] = {"allowed_sources": ["127.0.0.2/32"],
                          "carrier": {"host": "127.0.0.1", "port": carrier.port},
@@ -352,10 +322,10 @@ def test_each_rule_reaches_the_log_the_websocket_the_webhook_and_the_banner(
     assert shown["data"]["message"] == logged["message"]
     assert shown["data"]["key"] == logged["key"]
     # 3. The webhook, signed for its kind, with the site and the alert.
-    post = live.hooks.posts.wait(lambda p: p["event"] == "alert.raised"
-                                 and ours(p["body"]["payload"]), f"the {rule} webhook post")
-    assert post["body"]["kind"] == "alert.raised" and post["body"]["site"]
-    assert post["body"]["payload"] == logged
+    post = live.hooks.wait(lambda r: r.headers.get("x-edgecc-event") == "alert.raised"
+                           and ours(r.json()["payload"]))[0].json()
+    assert post["kind"] == "alert.raised" and post["site"]
+    assert post["payload"] == logged
     # 4. The banner's data on load: /api/alerts, while the alert is active.
     if rule == "long_call":
         # Active only while the call lasts (it ends with the queue's timeout): its end

@@ -10,12 +10,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
 
 import pytest
-from peers import LiveAppliance, agent_phone, make_site, sipp, sipp_failed
+from peers import HttpPeer, LiveAppliance, agent_phone, http_peer, make_site, sipp, sipp_failed
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (sip-tester) missing"),
@@ -23,45 +22,28 @@ pytestmark = [
 ]
 
 
-class Crm:
-    """Answers each POST with the next queued (status, body); records what it was asked."""
+class Crm(NamedTuple):
+    """The customer's web service: answers each look-up with the next of ``answers`` (status,
+    body), 503 when none is left."""
 
-    def __init__(self) -> None:
-        self.answers: list[tuple[int, bytes]] = []
-        self.asked: list[dict] = []
-        crm = self
+    peer: HttpPeer
+    answers: list[tuple[int, bytes]]
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the http.server hook's name
-                length = int(self.headers.get("Content-Length") or 0)
-                crm.asked.append(json.loads(self.rfile.read(length)))
-                status, body = crm.answers.pop(0) if crm.answers else (503, b"{}")
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    @property
+    def url(self) -> str:
+        return f"{self.peer.url}/ivr/lookup"
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ivr/lookup"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    @property
+    def asked(self) -> list[dict]:
+        """What each look-up sent, in order."""
+        return [r.json() for r in self.peer.requests]
 
 
 @pytest.fixture(scope="module")
 def crm() -> Iterator[Crm]:
-    server = Crm()
-    try:
-        yield server
-    finally:
-        server.close()
+    answers: list[tuple[int, bytes]] = []
+    with http_peer(lambda *_: answers.pop(0) if answers else (503, b"{}")) as peer:
+        yield Crm(peer, answers)
 
 
 @pytest.fixture(scope="module")

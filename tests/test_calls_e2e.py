@@ -80,9 +80,10 @@ def test_call_reaches_agent_is_recorded_and_written_down(site, appliance, tmp_pa
         agent.wait("hanging_up")
         agent.wait("disconnected")
         agent.wait("closed")
-    # The IVR heard "1" as RFC 4733 events on the caller's leg.
+    # The IVR heard one digit as RFC 4733 events on the caller's leg (the trace below says it
+    # was "1"); the log never says which digit (callers key PINs and card numbers).
     digits = log_lines(appliance, "dtmf", mark)
-    assert [(d["digit"], d["method"]) for d in digits] == [("1", "rfc4733")]
+    assert [(d.get("digit"), d["method"]) for d in digits] == [(None, "rfc4733")]
     record = call_record(site, appliance, mark)
     assert record["caller"] == CALLER and record["dialled"] == DID
     assert (record["flow"], record["queue"], record["agent"]) == ("main", "support", "1001")

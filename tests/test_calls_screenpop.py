@@ -16,14 +16,13 @@ import json
 import shutil
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
-from peers import CALLER, DID, agent_phone, sipp, sipp_failed
+from peers import CALLER, DID, HttpPeer, agent_phone, http_peer, sipp, sipp_failed
 from test_web_pages import WebSite, close_web_site, start_web_site
 
 from appliance.webhooks import sign
@@ -37,75 +36,47 @@ API_KEY = "crm-api-key-7f3e9a1c5b"
 """The CRM's key the IVR's look-up sends (a header): must never reach a pop or the log."""
 SIGNING_KEY = b"screen-pop-signing-key-0123456789"
 ACCOUNT = "4271"
-KEYED = f"1{ACCOUNT}#"
+PIN = "583920"
+"""Keyed into a ``secret`` collect node: the CRM's look-up gets it, nothing else does."""
+KEYED = f"1{ACCOUNT}#{PIN}#"
 """The menu choice, then the account number ended by the terminator."""
 WAIT_S = 20.0
 
 
-class Crm:
-    """A CRM on 127.0.0.1: ``/lookup`` answers the IVR's look-up (records its headers),
-    ``/pop`` takes screen pops (204). Everything received is kept."""
+LOOKUP_ANSWER = json.dumps({"customer": {"name": "A. Customer", "priority": 40,
+                                        "tier": "gold"}}).encode()
 
-    def __init__(self) -> None:
-        self.lookups: list[tuple[dict[str, str], dict]] = []
-        self.pops: list[tuple[dict[str, str], bytes]] = []
-        self.changed = threading.Condition()
-        crm = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the http.server hook's name
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                if self.path == "/lookup":
-                    with crm.changed:
-                        crm.lookups.append((headers, json.loads(body)))
-                    answer = json.dumps({"customer": {
-                        "name": "A. Customer", "priority": 40, "tier": "gold"}}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                else:
-                    with crm.changed:
-                        crm.pops.append((headers, body))
-                        crm.changed.notify_all()
-                    answer = b""
-                    self.send_response(204)
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
+class Crm(NamedTuple):
+    """A CRM on 127.0.0.1: ``/lookup`` answers the IVR's look-up, ``/pop`` takes screen pops
+    (204). Everything received is kept."""
 
-            def log_message(self, *args: object) -> None:
-                pass
+    peer: HttpPeer
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    @property
+    def url(self) -> str:
+        return self.peer.url
+
+    @property
+    def lookups(self) -> list[tuple[dict[str, str], dict]]:
+        return [(r.headers, r.json()) for r in self.peer.requests if r.path == "/lookup"]
+
+    @property
+    def pops(self) -> list[tuple[dict[str, str], bytes]]:
+        return [(r.headers, r.body) for r in self.peer.requests if r.path == "/pop"]
 
     def pop(self, match, timeout: float = WAIT_S) -> tuple[dict[str, str], bytes, dict]:
         """The first screen pop whose payload satisfies ``match`` (bounded wait)."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for headers, body in self.pops:
-                    event = json.loads(body)
-                    if match(event["payload"]):
-                        return headers, body, event
-                left = deadline - time.monotonic()
-                assert left > 0, f"no matching screen pop among {len(self.pops)}"
-                self.changed.wait(left)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        first = self.peer.wait(lambda r: r.path == "/pop" and match(r.json()["payload"]),
+                               timeout)[0]
+        return first.headers, first.body, first.json()
 
 
 @pytest.fixture(scope="module")
 def crm() -> Iterator[Crm]:
-    server = Crm()
-    try:
-        yield server
-    finally:
-        server.close()
+    with http_peer(lambda path, *_: (200, LOOKUP_ANSWER) if path == "/lookup" else (204, b"")
+                   ) as peer:
+        yield Crm(peer)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +96,9 @@ def site(tmp_path_factory, crm: Crm) -> Iterator[WebSite]:
         nodes = data["ivr"]["flows"]["main"]["nodes"]
         nodes["welcome"]["options"]["1"] = "account"
         nodes["account"] = {"type": "collect", "variable": "account", "max_digits": 8,
-                            "timeout": 5, "next": "lookup", "on_failure": "support"}
+                            "timeout": 5, "next": "pin", "on_failure": "support"}
+        nodes["pin"] = {"type": "collect", "variable": "pin", "max_digits": 8, "secret": True,
+                        "timeout": 5, "next": "lookup", "on_failure": "support"}
         nodes["lookup"] = {
             "type": "http", "url": f"{crm.url}/lookup", "timeout": 3,
             "headers": {"X-Api-Key": API_KEY},
@@ -205,6 +178,7 @@ def test_the_pop_and_the_agents_desk_carry_the_ivr_data(site: WebSite, crm: Crm,
     headers, asked = crm.lookups[-1]
     assert headers["x-api-key"] == API_KEY
     assert asked["variables"]["account"] == ACCOUNT
+    assert asked["variables"]["pin"] == PIN  # the flow's own check of the PIN
 
     # The pops: at the offer (before the IVR: nothing learnt yet), and at the ringing.
     _, _, at_offer = crm.pop(lambda p: p["call_id"] == call_id and p["agent"] is None)
@@ -219,11 +193,14 @@ def test_the_pop_and_the_agents_desk_carry_the_ivr_data(site: WebSite, crm: Crm,
     assert hmac.compare_digest(pop_headers["x-edgecc-signature"],
                                sign(SIGNING_KEY, pop_headers["x-edgecc-timestamp"], body))
 
-    # No secret went anywhere: not in a pop, not on the desk, not in the log.
+    # No secret went anywhere: not in a pop, not on the desk, not in the log (the PIN, and no
+    # keyed digit at all: the log never carries a caller's digits).
     everything = [b for _, b in crm.pops] + [json.dumps(e).encode() for e in seen]
-    for secret in (API_KEY.encode(), SIGNING_KEY):
+    log_text = site.log_text()
+    for secret in (API_KEY.encode(), SIGNING_KEY, PIN.encode()):
         assert not any(secret in blob for blob in everything)
-        assert secret.decode() not in site.log_text()
+        assert secret.decode() not in log_text
+    assert "digit=" not in log_text
 
 
 def _assert_ivr_facts(pop: dict, call_id: str) -> None:
@@ -232,6 +209,7 @@ def _assert_ivr_facts(pop: dict, call_id: str) -> None:
     assert (pop["priority"], pop["tier"]) == (40, "gold")
     variables = pop["variables"]
     assert variables["account"] == ACCOUNT  # the digits keyed in the IVR
+    assert "pin" not in variables
     assert variables["menu_choice"] == "1"
     assert (variables["customer_name"], variables["priority"], variables["tier"]) == (
         "A. Customer", "40", "gold")

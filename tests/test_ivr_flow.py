@@ -356,6 +356,8 @@ def test_unknown_queue(tmp_path: Path) -> None:
         ("{type: http, url: ftp://x, next: a, on_failure: a}", "x:", "http:// or https://"),
         ("{type: transfer, number: call me}", "x:", "number must be digits"),
         ("{type: hangup, colour: red}", "x:", "unknown key 'colour'"),
+        ("{type: collect, variable: pin, next: a, on_failure: a, secret: 'yes'}", "x:",
+         "secret must be true or false, got 'yes'"),
     ],
 )
 def test_node_field_errors_name_the_line(
@@ -490,6 +492,44 @@ def test_collect_with_terminator_then_set_variables(flows) -> None:  # type: ign
     assert isinstance(route, RouteToQueue)
     assert route.variables["account"] == "12345"
     assert (route.queue, route.priority, route.tier) == ("support", 7, "gold")  # from the set node
+
+
+def test_a_secret_collect_is_used_by_the_flow_but_never_leaves_it(tmp_path: Path) -> None:
+    # The PIN goes to the flow's own check (the http look-up) and nowhere else: not in the
+    # queue's variables (the screen pop and the agent's desk read those), nor a callback's.
+    _, flows = load_text(tmp_path, """\
+        flows:
+          main:
+            start: pin
+            nodes:
+              pin: {type: collect, variable: pin, secret: true, next: check, on_failure: bye}
+              check: {type: http, url: "https://crm.example.com/pin", next: account,
+                      on_failure: bye}
+              account: {type: collect, variable: account, next: offer, on_failure: bye}
+              offer: {type: callback, prompt: offer_callback, queue: sales, on_decline: sales,
+                      next: bye}
+              sales: {type: queue, queue: sales}
+              bye: {type: hangup}
+        """)
+    assert flows["main"].secrets == {"pin"}
+    run = FlowRun(flows["main"], OPEN, "+4915112345")
+    assert run.take_actions() == [StartCollect(16, "#"), StartTimer(OPEN + 5)]
+    for d in "9317":
+        run.handle(DigitPressed(d), OPEN + 1)
+    (lookup,) = run.handle(DigitPressed("#"), OPEN + 1)[:1]
+    assert isinstance(lookup, HttpLookup) and lookup.payload["variables"]["pin"] == "9317"
+    assert run.handle(HttpResult(lookup.request_id, 200, {}), OPEN + 2) == [
+        StartCollect(16, "#"), StartTimer(OPEN + 7)]
+    for d in "42":
+        run.handle(DigitPressed(d), OPEN + 3)
+    run.handle(DigitPressed("#"), OPEN + 3)  # to the callback offer
+    assert run.variables["pin"] == "9317" and run.shared_variables()["account"] == "42"
+    assert "pin" not in run.shared_variables()
+    run.handle(PromptFinished("offer_callback"), OPEN + 4)
+    actions = run.handle(DigitPressed("2"), OPEN + 5)  # declines the callback: to the queue
+    (route,) = [a for a in actions if isinstance(a, RouteToQueue)]
+    assert route.variables["account"] == "42" and "pin" not in route.variables
+    assert "9317" not in repr(route)
 
 
 def test_collect_max_digits_and_inter_digit_timeout(flows) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
-import json
 import re
 import shutil
 import time
@@ -20,7 +19,17 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from peers import CALLER, Carrier, agent_phone, free_port, sipp, sipp_failed
+from peers import (
+    CALLER,
+    Carrier,
+    HttpPeer,
+    HttpRequest,
+    agent_phone,
+    free_port,
+    http_peer,
+    sipp,
+    sipp_failed,
+)
 from test_web_pages import HEIGHT, WIDTH, Browser, WebSite, close_web_site, log_in, png_pixels
 from test_web_pages import start_web_site as start_site
 
@@ -52,66 +61,19 @@ def carrier_port() -> int:
 CRM_KEY = b"crm-signing-key-0123456789"
 
 
-class CrmReceiver:
-    """A CRM's screen-pop endpoint on 127.0.0.1: the first attempt of each delivery is answered
-    503 (the appliance must try again), the next 204. Keeps every request."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        self.requests: list[tuple[dict[str, str], bytes, int]] = []
-        self.changed = threading.Condition()
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (the http.server name)
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with receiver.changed:
-                    tried = any(h.get("x-edgecc-delivery") == headers.get("x-edgecc-delivery")
-                                for h, _, _ in receiver.requests)
-                    status = 204 if tried else 503
-                    receiver.requests.append((headers, body, status))
-                    receiver.changed.notify_all()
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def delivered(self, match, timeout: float = 20.0) -> list[tuple[dict[str, str], dict]]:
-        """The screen pops accepted (204) whose payload satisfies ``match``, once there is
-        one (bounded wait)."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                found = [(h, json.loads(b)) for h, b, status in self.requests
-                         if status == 204 and match(json.loads(b)["payload"])]
-                if found:
-                    return found
-                left = deadline - time.monotonic()
-                assert left > 0, f"no matching screen pop; got {len(self.requests)} requests"
-                self.changed.wait(left)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def _refuse_first_attempt(path: str, headers: dict[str, str], body: bytes,
+                          before: list[HttpRequest]) -> tuple[int, bytes]:
+    """A CRM's screen-pop endpoint that answers the first attempt of each delivery 503 (the
+    appliance must try again) and the next 204."""
+    delivery = headers.get("x-edgecc-delivery")
+    return (204 if any(r.headers.get("x-edgecc-delivery") == delivery for r in before)
+            else 503), b""
 
 
 @pytest.fixture(scope="module")
-def crm() -> Iterator[CrmReceiver]:
-    receiver = CrmReceiver()
-    try:
-        yield receiver
-    finally:
-        receiver.close()
+def crm() -> Iterator[HttpPeer]:
+    with http_peer(_refuse_first_attempt) as peer:
+        yield peer
 
 
 @pytest.fixture(scope="module")
@@ -231,27 +193,31 @@ def test_a_supervisor_holds_resumes_and_hangs_up_a_live_call_by_api(site: WebSit
     _check_screen_pops(crm, call_id)
 
 
-def _check_screen_pops(crm: CrmReceiver, call_id: str) -> None:
+def _check_screen_pops(crm: HttpPeer, call_id: str) -> None:
     """The CRM got the call's screen pop at the offer and again when 1001's phone rang, each
     signed, each refused once and delivered again with the same delivery id."""
     import hmac
 
     from appliance.webhooks import sign
 
-    offered = crm.delivered(lambda p: p["call_id"] == call_id and p["agent"] is None)
-    ringing = crm.delivered(lambda p: p["call_id"] == call_id and p["agent"] == "1001")
-    for headers, event in (offered[0], ringing[0]):
+    def delivered(match) -> HttpRequest:
+        """The first screen pop accepted (204) whose payload satisfies ``match``."""
+        return crm.wait(lambda r: r.status == 204 and match(r.json()["payload"]))[0]
+
+    offered = delivered(lambda p: p["call_id"] == call_id and p["agent"] is None)
+    ringing = delivered(lambda p: p["call_id"] == call_id and p["agent"] == "1001")
+    for accepted in (offered, ringing):
+        event = accepted.json()
         pop = event["payload"]
         assert (event["kind"], pop["caller"], pop["dialled"], pop["flow"]) == (
             "screen.pop", CALLER, "+15550100", "main"), event
-        attempts = [(h, b) for h, b, _ in crm.requests
-                    if h["x-edgecc-delivery"] == headers["x-edgecc-delivery"]]
-        assert [status for h, _, status in crm.requests
-                if h["x-edgecc-delivery"] == headers["x-edgecc-delivery"]] == [503, 204]
-        for h, body in attempts:
-            assert hmac.compare_digest(h["x-edgecc-signature"],
-                                       sign(CRM_KEY, h["x-edgecc-timestamp"], body))
-    assert ringing[0][1]["payload"]["queue"] == "support"
+        attempts = [r for r in crm.requests
+                    if r.headers["x-edgecc-delivery"] == accepted.headers["x-edgecc-delivery"]]
+        assert [r.status for r in attempts] == [503, 204]
+        for r in attempts:
+            assert hmac.compare_digest(r.headers["x-edgecc-signature"],
+                                       sign(CRM_KEY, r.headers["x-edgecc-timestamp"], r.body))
+    assert ringing.json()["payload"]["queue"] == "support"
 
 
 def _held_call(site: WebSite, desk: Browser, token: str, tmp_path) -> str:

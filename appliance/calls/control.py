@@ -1839,7 +1839,8 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         serialised after the flow changed them)."""
         variables = call.variables
         if not variables and call.run is not None:
-            variables = call.run.variables  # still in the IVR (an IVR transfer, the offer)
+            # Still in the IVR (an IVR transfer, the offer): never a secret variable.
+            variables = call.run.shared_variables()
         return {"caller": call.caller, "dialled": call.dialled, "flow": call.flow_name,
                 "priority": call.priority, "tier": call.tier, "variables": dict(variables)}
 
@@ -1906,8 +1907,8 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
                 return
             call = self._by_media.get(event.leg)
             if call is not None and call.connected is None:
-                log.info(kv(event="dtmf", call=call.call_id, digit=event.digit,
-                            method=event.method))
+                # Never the digit itself: callers key PINs and card numbers.
+                log.info(kv(event="dtmf", call=call.call_id, method=event.method))
                 if not self._voicemail_digit(call, event.digit):
                     self._feed_ivr(call, ivr.DigitPressed(event.digit))
         elif isinstance(event, PromptFinished):

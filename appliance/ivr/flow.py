@@ -238,6 +238,10 @@ class CollectNode(Node):
     retries: int = 3
     invalid_prompt: str | None = None
     on_failure: str = ""
+    secret: bool = False
+    """A PIN or card number: the variable is used inside the flow (conditions, ``http``
+    look-ups) but never leaves it — not in the screen pop, the agent's desk, a callback or
+    voicemail row, nor the log (see ``Flow.secrets``)."""
     kind = "collect"
 
     def exits(self) -> list[tuple[str, str]]:
@@ -416,6 +420,8 @@ class Flow:
     variables: frozenset[str] = frozenset()
     """Variables the flow declares (``variables:``), besides the built-in ones."""
     variable_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+    secrets: frozenset[str] = frozenset()
+    """Variables a ``collect`` node marked ``secret`` writes: kept inside the flow."""
 
     def node(self, node_id: str) -> Node:
         return self.nodes[node_id]
@@ -510,6 +516,14 @@ class _Fields:
             return default
         return value
 
+    def flag(self, key: str, default: bool) -> bool:
+        self.used.add(key)
+        value = self.raw.get(key, default)
+        if not isinstance(value, bool):
+            self.problem(key, f"{key} must be true or false, got {value!r}")
+            return default
+        return value
+
     def mapping(self, key: str, *, required: bool = False) -> Mapping[str, Any]:
         self.used.add(key)
         value = self.raw.get(key)
@@ -595,8 +609,11 @@ def _build(document: Any, file: str, problems: list[FlowProblem]) -> dict[str, F
                                _line_of(raw_nodes, node_id), problems)
             if node is not None:
                 nodes[str(node_id)] = node
+        secrets = frozenset(n.variable for n in nodes.values()
+                            if isinstance(n, CollectNode) and n.secret)
         flows[flow_name] = Flow(flow_name, start or "", nodes, file, line,
-                                variables=frozenset(declared), variable_lines=declared)
+                                variables=frozenset(declared), variable_lines=declared,
+                                secrets=secrets)
     return flows
 
 
@@ -650,6 +667,7 @@ def _build_node(node_id: str, raw: Any, file: str, flow: str, line: int | None,
             timeout=f.number("timeout", 5.0, low=0.5, high=120),
             inter_digit_timeout=f.number("inter_digit_timeout", 3.0, low=0.5, high=60),
             retries=f.integer("retries", 3, low=1, high=10),
+            secret=f.flag("secret", False),
             invalid_prompt=f.text("invalid_prompt"),
             on_failure=f.text("on_failure", required=True) or "",
         )

@@ -316,6 +316,15 @@ class FlowRun:
 
     # -- adapter interface ---------------------------------------------------------------------
 
+    def shared_variables(self) -> dict[str, str]:
+        """The variables that may leave the flow (to a queue, the screen pop, a callback or
+        voicemail row): all but the flow's ``secrets``. Only an ``http`` look-up, the flow's
+        own check of a PIN for example, is sent every variable."""
+        secrets = self.flow.secrets
+        if not secrets:
+            return dict(self.variables)
+        return {k: v for k, v in self.variables.items() if k not in secrets}
+
     @property
     def finished(self) -> bool:
         return self.waiting is Waiting.DONE
@@ -395,7 +404,8 @@ class FlowRun:
             return None
         if isinstance(node, QueueNode):
             self._finish(RouteToQueue(node.queue, self._priority(node),
-                                      self.variables.get("tier") or None, dict(self.variables)))
+                                      self.variables.get("tier") or None,
+                                      self.shared_variables()))
         elif isinstance(node, TransferNode):
             # The flow waits for the outcome; ``result`` says what is ending it meanwhile.
             self.result = Transfer(node.number, node.role, node.timeout)
@@ -403,7 +413,7 @@ class FlowRun:
             self.waiting = Waiting.TRANSFER
         elif isinstance(node, VoicemailNode):
             self._finish(Voicemail(node.mailbox, node.prompt, node.max_seconds, node.queue,
-                                   dict(self.variables)))
+                                   self.shared_variables()))
         elif isinstance(node, HangupNode):
             self._finish(Hangup())
         else:  # pragma: no cover - NODE_KINDS and this dispatch are kept in step
@@ -562,7 +572,7 @@ class FlowRun:
 
     def _callback_accepted(self, node: CallbackNode, number: str, now: float) -> None:
         self.variables["callback_number"] = number
-        self._out.append(OfferCallback(node.queue, number, dict(self.variables)))
+        self._out.append(OfferCallback(node.queue, number, self.shared_variables()))
         if node.next:
             self._enter(node.next, now)
         else:
