@@ -20,7 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peers import Agent, agent_phone, free_port, log_lines, make_site, query, wait_for
+from peers import (
+    Agent,
+    agent_phone,
+    decrypt_recording,
+    free_port,
+    log_lines,
+    make_site,
+    query,
+    wait_for,
+)
 from test_register_peers import Running, Site, stop
 from test_register_peers import start as start_appliance
 
@@ -45,6 +54,20 @@ def site(tmp_path: Path) -> Site:
         data["agents"] = {"watchdog_interval": 0.5, "watchdog_grace": 1.0}
 
     return make_site(tmp_path / "site", agents=2, edit=edit)
+
+
+def scratch_wavs(site: Site) -> list[Path]:
+    """The plaintext WAVs in this site's recording scratch directories (appliance/calls/
+    control.py: ``_scratch_dir``, each with an owner file naming the site database)."""
+    from appliance.calls.control import SCRATCH_OWNER, _scratch_base
+
+    found = []
+    for directory in _scratch_base().glob("edgecc-*-rec-*"):
+        with contextlib.suppress(OSError, ValueError):
+            owner = (directory / SCRATCH_OWNER).read_text().splitlines()
+            if owner[1] == str(Path(site.database).resolve()):
+                found += directory.glob("*.wav")
+    return found
 
 
 @pytest.fixture
@@ -111,8 +134,14 @@ def test_agents_and_call_across_a_restart(site: Site, appliances: list[Running],
                 caller.wait("disconnected")
                 alice.wait("closed")  # the phone's script ends with its call
             else:
+                # The call is being recorded: the engine's plaintext WAV grows in the site's
+                # scratch directory (in RAM) until the call's end encrypts it.
+                wav = wait_for(lambda: [w for w in scratch_wavs(site) if w.name ==
+                                        f"{call_id}.wav" and w.stat().st_size > 44 + 8000],
+                               15, "the call's recording under way", first)[0]
                 first.proc.send_signal(signal.SIGKILL)
                 assert first.proc.wait(15) == -signal.SIGKILL
+                assert wav.exists()  # what the crash leaves: plaintext audio
 
             audits_before = query(site, "SELECT COUNT(*) FROM audit_log")[0][0]
             second = start_appliance(site, "second.log")
@@ -138,8 +167,15 @@ def test_agents_and_call_across_a_restart(site: Site, appliances: list[Running],
             if how == "sigterm":
                 assert records == [("appliance-stopped", "1001")]
             else:
-                # Recorded at the start after the crash, from calls_in_progress.
+                # Recorded at the start after the crash, from calls_in_progress, with the
+                # audio recorded until the crash: encrypted, and no plaintext left behind.
                 assert records == [("appliance-crashed", "1001")]
+                [(recording_id,)] = query(site, "SELECT recording_id FROM call_records "
+                                                "WHERE call_id = ?", (call_id,))
+                assert recording_id is not None
+                assert decrypt_recording(site, recording_id).shape[0] > 2000
+                assert not wav.exists() and not wav.parent.exists()
+                assert scratch_wavs(site) == []
         finally:
             caller.close()
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import glob
 import ipaddress
 import json
 import logging
@@ -295,6 +296,7 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         await asyncio.to_thread(self.writer.close)
         if self._scratch is not None and self._scratch_given is None:
             with contextlib.suppress(OSError):
+                (self._scratch / SCRATCH_OWNER).unlink()
                 self._scratch.rmdir()  # empty unless a call was cut off mid-recording
 
     async def _stop_live_calls(self) -> None:
@@ -1254,7 +1256,7 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
     def _start_recording(self, call: Call, customer: int, agent: int, now: float) -> None:
         """Stereo recording of the bridged call: the customer left, the agent right."""
         if self._scratch is None:
-            self._scratch = _scratch_dir(self.config.site.id)
+            self._scratch = _scratch_dir(self.config.site.id, self.config.storage.database)
         path = self._scratch / f"{call.call_id}.wav"
         try:
             call.recording = self.engine.record_start(str(path), customer, agent)
@@ -1790,9 +1792,10 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         rows = self.db.conn.execute(
             "SELECT call_id, sip_call_id, caller, dialled, flow, direction, started_at, queue,"
             " agent, answered_at FROM calls_in_progress ORDER BY started_at").fetchall()
+        last = self.db.conn.execute("SELECT MAX(occurred_at) FROM events").fetchone()[0]
+        recorded = self._recover_recordings({r[0]: r for r in rows}, min(last or now, now))
         if not rows:
             return
-        last = self.db.conn.execute("SELECT MAX(occurred_at) FROM events").fetchone()[0]
         with eventlog.transaction(self.db) as conn:
             for (call_id, sip_call_id, caller, dialled, flow, direction, started_at, queue,
                  agent, answered_at) in rows:
@@ -1802,19 +1805,60 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
                     "dialled": dialled, "flow": flow, "queue": queue, "agent": agent,
                     "started_at": started_at, "offered_at": None, "answered_at": answered_at,
                     "ended_at": ended_at, "end_reason": "appliance-crashed", "end_code": None,
-                    "recording_id": None, "direction": direction, "holds": [],
-                    "ended_by": None, "recording_decision": None}
+                    "recording_id": recorded.get(call_id), "direction": direction,
+                    "holds": [], "ended_by": None, "recording_decision": None}
                 conn.execute(
                     "INSERT OR IGNORE INTO call_records (call_id, sip_call_id, caller, dialled,"
                     " flow, queue, agent, started_at, answered_at, ended_at, end_reason, legs,"
-                    " direction) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', ?)",
+                    " direction, recording_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', ?,"
+                    " ?)",
                     (call_id, sip_call_id, caller, dialled, flow, queue, agent, started_at,
-                     answered_at, ended_at, "appliance-crashed", direction))
+                     answered_at, ended_at, "appliance-crashed", direction,
+                     recorded.get(call_id)))
                 eventlog.append(self.db, "call.record", {**record, "legs": [], "ivr_trace": []},
                                 occurred_at=ended_at)
                 log.warning(kv(event="call_interrupted", call=call_id, agent=agent or "",
                                reason="appliance-crashed"))
             conn.execute("DELETE FROM calls_in_progress")
+
+    def _recover_recordings(self, in_progress: dict[str, tuple[Any, ...]], last: float
+                            ) -> dict[str, str]:
+        """Database thread, at start: the plaintext WAVs a crashed run left in its scratch
+        directory are made whole (``media_core.recorder.repair``), encrypted into the store and
+        removed, and the directory with them; returns call id -> recording id, for the
+        interrupted calls' records (``last``: when a recording with no call left starts). A
+        file too torn to keep is removed (logged)."""
+        if self._scratch_given is not None:
+            return {}
+        from media_core.recorder import RecordingError, repair
+
+        recorded: dict[str, str] = {}
+        for directory in left_scratch_dirs(self.config.site.id, self.config.storage.database):
+            for path in sorted(directory.glob("*.wav")):
+                call_id = path.stem
+                row = in_progress.get(call_id)
+                started = (row[9] or row[6]) if row else last
+                try:
+                    repair(path)
+                    # As long as the audio it holds: stereo 16-bit at 8 kHz after the header.
+                    seconds = max(0, path.stat().st_size - 44) / (8000 * 2 * 2)
+                    if self.recordings is not None:
+                        recorded[call_id] = self.recordings.import_wav(
+                            path, call_id=call_id, caller=row[2] if row else None,
+                            started_at=started, ended_at=started + seconds,
+                            agent=row[8] if row else None, queue=row[7] if row else None)
+                        log.warning(kv(event="recording_recovered", call=call_id,
+                                       recording=recorded[call_id]))
+                except (OSError, RecordingError, ValueError) as exc:
+                    log.error(kv(event="recording_unrecoverable", call=call_id,
+                                 error=str(exc)))
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()  # never leave plaintext audio behind
+            with contextlib.suppress(OSError):
+                for leftover in directory.iterdir():
+                    leftover.unlink()
+                directory.rmdir()
+        return recorded
 
     def _audit(self, actor: str, action: str, detail: str) -> None:
         """An audit-log row, committed by the writer (never on the loop)."""
@@ -2083,13 +2127,46 @@ def _feature_codes(config: SiteConfig) -> Any:
                         dispositions=tuple(section.dispositions))
 
 
-def _scratch_dir(site_id: str) -> Path:
+SCRATCH_OWNER = "owner"
+"""File in a scratch directory: the PID that made it and the site database it records for."""
+
+
+def _scratch_base() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def _scratch_dir(site_id: str, database: str) -> Path:
     """A private directory for the engine's WAV output until it is encrypted; in RAM
-    (/dev/shm) where available, so plaintext audio does not reach a disk."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    path = Path(tempfile.mkdtemp(prefix=f"edgecc-{site_id}-rec-", dir=base))
+    (/dev/shm) where available, so plaintext audio does not reach a disk. Its owner file
+    lets the next start of the same site find what a crash left in it."""
+    path = Path(tempfile.mkdtemp(prefix=f"edgecc-{site_id}-rec-", dir=_scratch_base()))
     os.chmod(path, 0o700)
+    (path / SCRATCH_OWNER).write_text(f"{os.getpid()}\n{str(Path(database).resolve())}\n")
     return path
+
+
+def left_scratch_dirs(site_id: str, database: str) -> list[Path]:
+    """Scratch directories an earlier run of this site left behind: made for the same
+    database by a process that is gone (or by this PID, before it re-executed itself)."""
+    found = []
+    for path in _scratch_base().glob(f"edgecc-{glob.escape(site_id)}-rec-*"):
+        try:
+            pid_text, owner_db = (path / SCRATCH_OWNER).read_text().splitlines()[:2]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue  # not ours, or being made right now
+        if owner_db != str(Path(database).resolve()):
+            continue
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # still running: another appliance's live calls
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        found.append(path)
+    return found
 
 
 def build_router(config: SiteConfig) -> Any | None:
