@@ -255,9 +255,11 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         """Read the engine's events; with a desk, bring the router to the persisted presence
         and run the watchdog, else keep presence in step with registrations."""
         self._events_task = asyncio.create_task(self._read_media_events())
-        # Calls the previous run left in progress (a crash): each gets its record now.
+        # Calls the previous run left in progress (a crash): each gets its record now, with
+        # the recording the crash cut short.
+        now = time.time()
         await asyncio.get_running_loop().run_in_executor(
-            self._db_thread, self._record_interrupted, time.time())
+            self._db_thread, lambda: self._record_interrupted(now, self._recover_recordings()))
         if self.desk is not None:
             self.apply_router_inputs(self.desk.restore(time.time()))
             self._watchdog_task = asyncio.create_task(self._watchdog_loop())
@@ -1785,17 +1787,19 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
         except WriterError as exc:  # stopping, or the database is stuck: the call goes on
             log.error(kv(event="call_in_progress_failed", call=call.call_id, error=str(exc)))
 
-    def _record_interrupted(self, now: float) -> None:
+    def _record_interrupted(self, now: float, recorded: Mapping[str, str] | None = None
+                            ) -> None:
         """Database thread, at start: a call record (end reason ``appliance-crashed``) and its
-        ``call.record`` event for every call the previous run left in progress. It ended at
-        the last event the site committed before the crash (at least when it started)."""
+        ``call.record`` event for every call the previous run left in progress, with its
+        recording from ``recorded`` (call id -> recording id). It ended at the last event the
+        site committed before the crash (at least when it started)."""
+        recorded = recorded or {}
         rows = self.db.conn.execute(
             "SELECT call_id, sip_call_id, caller, dialled, flow, direction, started_at, queue,"
             " agent, answered_at FROM calls_in_progress ORDER BY started_at").fetchall()
-        last = self.db.conn.execute("SELECT MAX(occurred_at) FROM events").fetchone()[0]
-        recorded = self._recover_recordings({r[0]: r for r in rows}, min(last or now, now))
         if not rows:
             return
+        last = self.db.conn.execute("SELECT MAX(occurred_at) FROM events").fetchone()[0]
         with eventlog.transaction(self.db) as conn:
             for (call_id, sip_call_id, caller, dialled, flow, direction, started_at, queue,
                  agent, answered_at) in rows:
@@ -1821,23 +1825,25 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
                                reason="appliance-crashed"))
             conn.execute("DELETE FROM calls_in_progress")
 
-    def _recover_recordings(self, in_progress: dict[str, tuple[Any, ...]], last: float
-                            ) -> dict[str, str]:
+    def _recover_recordings(self) -> dict[str, str]:
         """Database thread, at start: the plaintext WAVs a crashed run left in its scratch
         directory are made whole (``media_core.recorder.repair``), encrypted into the store and
         removed, and the directory with them; returns call id -> recording id, for the
-        interrupted calls' records (``last``: when a recording with no call left starts). A
-        file too torn to keep is removed (logged)."""
+        interrupted calls' records. A file too torn to keep is removed (logged)."""
         if self._scratch_given is not None:
             return {}
         from media_core.recorder import RecordingError, repair
 
+        in_progress = {r[0]: r for r in self.db.conn.execute(
+            "SELECT call_id, sip_call_id, caller, dialled, flow, direction, started_at, queue,"
+            " agent, answered_at FROM calls_in_progress")}
+        now = time.time()  # the start of a recording whose call left no row
         recorded: dict[str, str] = {}
         for directory in left_scratch_dirs(self.config.site.id, self.config.storage.database):
             for path in sorted(directory.glob("*.wav")):
                 call_id = path.stem
                 row = in_progress.get(call_id)
-                started = (row[9] or row[6]) if row else last
+                started = (row[9] or row[6]) if row else now
                 try:
                     repair(path)
                     # As long as the audio it holds: stereo 16-bit at 8 kHz after the header.
