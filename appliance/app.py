@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import inspect
@@ -54,6 +55,7 @@ from appliance.sip.service import SipService
 from appliance.sip.trunk import TrunkLink, TrunkState, TrunkStateChanged
 from appliance.store import audit, open_site_db, running_config_version
 from appliance.webhooks import Poster, ScreenPop, WebhookRouter
+from edge_agent.config import link_report_stale_after_s
 
 log = logging.getLogger("edgecc.appliance")
 
@@ -122,15 +124,26 @@ class LinkWatch:
     ``interval_s`` and, when the state changes, hands a ``link.state`` event {state, since,
     lag_events, lag_seconds, detail} to the live feed: the wallboard shows it and the
     ``link_down`` alert rule hears it; ``on_state`` (the ``ComponentLog``) gets the state too.
-    No row (no edge agent yet): nothing is said."""
+    No row (no edge agent yet): nothing is said.
+
+    The agent rewrites its row every ``state_interval_s``; a row older than ``stale_after()``
+    seconds (``edge_agent.config.link_report_stale_after_s``) is the last word of an agent that
+    is no longer running (killed, crashed, hung), so the link counts as offline from the row's
+    ``updated_at`` whatever the row says."""
 
     def __init__(self, feed: Callable[[str, Mapping[str, Any]], None], database: os.PathLike[str] | str,
                  *, interval_s: float = 1.0,
-                 on_state: Callable[[eventlog.LinkState], None] | None = None) -> None:
+                 on_state: Callable[[eventlog.LinkState], None] | None = None,
+                 stale_after: Callable[[], float] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.feed = feed
         self.on_state = on_state
         self.database = str(database)
         self.interval_s = interval_s
+        self._stale_after = stale_after or functools.partial(link_report_stale_after_s, None)
+        self._clock = clock
+        self.stale_after_s = self._stale_after()
+        """Age of the agent's row beyond which the agent counts as gone."""
         self.current: eventlog.LinkState | None = None
         """The last state read."""
         self._task: asyncio.Task[None] | None = None
@@ -147,6 +160,7 @@ class LinkWatch:
                 log.warning(kv(event="link_state_unreadable", error=repr(exc)))
                 state = None
             if state is not None:
+                state = self._believed(state)
                 self.current = state
                 if said != (state.state, state.since):
                     said = (state.state, state.since)
@@ -164,6 +178,19 @@ class LinkWatch:
     def _read(self) -> eventlog.LinkState | None:
         with _read_only(self.database) as conn:
             return eventlog.read_link_state(sqlite_utils.Database(conn))
+
+    def _believed(self, state: eventlog.LinkState) -> eventlog.LinkState:
+        """The row as read, or offline since its ``updated_at`` when the agent went silent."""
+        age = self._clock() - state.updated_at
+        if age <= self.stale_after_s or state.state == "offline":
+            return state
+        self.stale_after_s = self._stale_after()  # cloud.yaml may have changed since
+        if age <= self.stale_after_s:
+            return state
+        return dataclasses.replace(
+            state, state="offline", since=state.updated_at,
+            detail=(f"edge agent silent for {age:.0f} s (its last report: {state.state}); "
+                    "is it running?"))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -460,7 +487,9 @@ class Appliance:
                 loop.call_soon_threadsafe(feed, kind, data)
 
             # The cloud link as the edge agent reports it: wallboard, /health, link_down alert.
-            link = LinkWatch(feed, config.storage.database, on_state=components.on_link)
+            link = LinkWatch(feed, config.storage.database, on_state=components.on_link,
+                             stale_after=functools.partial(link_report_stale_after_s,
+                                                           config.site_dir))
             link.start()
             stack.append(("link-watch", link.stop))
             # The agents' own choices (login, pause, logout), persisted and audited; on the

@@ -120,6 +120,17 @@ class SiteView:
     """Queue KPIs of the calls that entered a queue in the last ``KPI_WINDOW_S`` (offered,
     answered, abandoned, short_abandoned, timed_out, waiting, answered_within,
     service_level, asa; see ``cloud_bridge.analytics``); None when the store has none."""
+    link_state: str = "offline"
+    """``online`` (linked, nothing held), ``degraded`` (linked, events held behind a gap: the
+    ack cannot move), ``offline`` (no link: closed, or silent until the cloud's keepalive
+    ended it) or ``never linked``."""
+
+
+def link_state_of(connected: bool, ever_linked: bool, held_events: int) -> str:
+    """The console's link state of a site (``SiteView.link_state``)."""
+    if connected:
+        return "degraded" if held_events else "online"
+    return "offline" if ever_linked else "never linked"
 
 
 def site_views(store: CloudStore, links: Mapping[str, LinkState], now: float,
@@ -186,6 +197,8 @@ def site_views(store: CloudStore, links: Mapping[str, LinkState], now: float,
             config_version=hello.get("config_version"),
             config_refused=refused,
             kpis=kpis.get(site.site_id),
+            link_state=link_state_of(link.connected, link.since is not None
+                                     or site.last_seen_at is not None, site.held_events),
         ))
     return views
 
@@ -232,6 +245,7 @@ th,td{border:1px solid #d5d9e0;padding:.35rem .55rem;text-align:left;vertical-al
 th{background:#e9ecf1}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .up{color:#0b7a2e;font-weight:600}.down{color:#b3261e;font-weight:600}
+.warn{color:#8a5a00;font-weight:600}
 section#alerts{background:#fff4e5;border:1px solid #f0b35a;padding:.5rem 1rem;margin:0 0 1rem}
 ul.kinds{margin:0;padding-left:1rem}
 td.site-id,td.link,td.since,td.backup,td.kinds{white-space:nowrap}
@@ -263,12 +277,8 @@ def render_page(views: list[SiteView], now: float) -> str:
         parts.append('<tr><td colspan="11">No site yet: issue an enrolment token with '
                      "<code>edgecc cloud token --site ID</code>.</td></tr>")
     for v in views:
-        if v.connected:
-            state = '<span class="up">connected</span>'
-        elif v.link_since is None:
-            state = '<span class="down">never linked</span>'
-        else:
-            state = '<span class="down">down</span>'
+        look = {"online": "up", "degraded": "warn"}.get(v.link_state, "down")
+        state = f'<span class="{look}">{_e(v.link_state)}</span>'
         backup = "-"
         if v.last_backup is not None:
             backup = (f"{_e(v.last_backup.backup_id)}<br>{v.last_backup.size} bytes, "

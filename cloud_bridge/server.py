@@ -21,6 +21,7 @@ The same process serves the central IT console over HTTP (``cloud_bridge.console
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import functools
@@ -78,6 +79,9 @@ INGEST_QUEUE_BYTES = 16 * 1024 * 1024
 """Event bytes of one link read ahead of the store at most; past it the link is not read (the
 site's HTTP/2 flow control then holds its sending)."""
 
+INGEST_DEPTH = 2
+"""Batches of one link handed to the store's worker at a time (one storing, one waiting)."""
+
 _END = object()
 
 
@@ -116,6 +120,10 @@ class CloudConfig:
     heartbeat_s: float = 5.0
     """A link quiet this long gets its current Ack again, so that the site knows the cloud still
     hears it (the edge agent ends a stream that stays silent, docs/edge-agent.md)."""
+    site_silence_s: float = 20.0
+    """A link on which nothing has come from the site for this long (it answers each repeated
+    Ack with a Heartbeat), with nothing of it waiting to be stored, is ended: the site is behind
+    a dead path, and the console shows it offline (docs/central-it.md)."""
 
 
 REPORTS_DIR = "site-reports"
@@ -194,6 +202,8 @@ class _Link:
     """Bytes of events read but not yet stored (bounded by ``INGEST_QUEUE_BYTES``)."""
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when ingest took records off the queue."""
+    heard_at: float = 0.0
+    """When the last message came from the site (the link's opening at first)."""
 
 
 @dataclass(frozen=True)
@@ -529,7 +539,7 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
     async def SiteLink(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         cloud = self.cloud
         site = current_site()
-        link = _Link(site)
+        link = _Link(site, heard_at=cloud.clock())
         previous = cloud._links.get(site.site_id)
         if previous is not None:
             cloud._offer(previous, _Abort(grpc.StatusCode.ABORTED, "replaced by a newer link"))
@@ -558,6 +568,13 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
                 try:
                     item = await asyncio.wait_for(link.outbound.get(), heartbeat)
                 except TimeoutError:
+                    silent = cloud.clock() - link.heard_at
+                    if silent > cloud.config.site_silence_s and not link.queued_bytes:
+                        # The site answers every repeated Ack: it is behind a dead path.
+                        log.warning("event=site_silent site=%s silent_s=%.0f", site.site_id,
+                                    silent)
+                        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                            f"site silent for {silent:.0f} s")
                     # Quiet link: repeat the Ack so that the site can tell a live cloud from a
                     # silent path (sockets open, nothing forwarded).
                     item = _ack(link.acked)
@@ -580,6 +597,7 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
         site_id = link.site.site_id
         try:
             async for message in request_iterator:
+                link.heard_at = cloud.clock()
                 body = message.WhichOneof("body")
                 if body in ("events", "columns", "event"):
                     if body == "events":
@@ -627,6 +645,8 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
                         await link.outbound.put(_config_message(latest))
                     else:
                         link.config_version = max(link.config_version, hello.config_version)
+                elif body == "heartbeat":
+                    pass  # heard: that is all it says
                 elif body == "config_applied":
                     applied = message.config_applied
                     log.info("event=config_applied site=%s version=%d ok=%s error=%r", site_id,
@@ -654,30 +674,30 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
         """Store events in batches, each followed by an Ack; pass a stop on to the writer.
 
         One transaction takes what is queued, up to ``ingest_batch`` events (a message is
-        never split).
+        never split). While one batch is being stored, the next one already waits on the
+        worker thread (``INGEST_DEPTH``): the worker goes from one commit straight to the next
+        insert instead of waiting for this loop. The worker is one thread, so batches commit
+        in order, and each Ack is sent once its batch (and every earlier one) committed.
         """
         cloud = self.cloud
         limit = cloud.config.ingest_batch
-        while True:
-            parts: list[EventColumns] = []
-            count = 0
-            stop: Any = None
-            item = await inbound.get()
+        loop = asyncio.get_running_loop()
+        storing: collections.deque[asyncio.Future[int | None]] = collections.deque()
+        stop: Any = None
+        try:
             while True:
-                if isinstance(item, EventColumns):
-                    parts.append(item)
-                    count += len(item)
-                    link.queued_bytes -= _queued_size(item)
-                    link.drained.set()
-                else:
-                    stop = item
+                # Queue batches on the worker: always one when nothing is being stored (waiting
+                # for the link), more only while the link has messages ready.
+                while stop is None and len(storing) < INGEST_DEPTH and (
+                        not storing or not inbound.empty()):
+                    parts, stop = await self._take(inbound, link, limit)
+                    if parts:
+                        storing.append(loop.run_in_executor(
+                            cloud._worker, self._store_batch, link.site, _joined(parts)))
+                if not storing:
                     break
-                if count >= limit or inbound.empty():
-                    break
-                item = inbound.get_nowait()
-            if parts:
                 try:
-                    acked = await cloud.run(self._store_batch, link.site, _joined(parts))
+                    acked = await storing.popleft()
                 except Exception as exc:
                     # Nothing of the batch is acknowledged: the site sends it again later.
                     log.error("event=ingest_failed site=%s error=%r", link.site.site_id, exc)
@@ -692,9 +712,29 @@ class _BridgeServicer(pb_grpc.BridgeServicer):
                     return
                 link.acked = acked
                 await link.outbound.put(_ack(acked))
-            if stop is not None:
-                await link.outbound.put(stop)
-                return
+            await link.outbound.put(stop)
+        finally:
+            for future in storing:  # queued after a failure: they store or absorb, unacked
+                future.cancel()
+
+    @staticmethod
+    async def _take(inbound: asyncio.Queue[Any], link: _Link, limit: int
+                    ) -> tuple[list[EventColumns], Any]:
+        """The next batch from the link (whole messages, up to ``limit`` events once at least
+        one is taken), and the stop that followed it, if any."""
+        parts: list[EventColumns] = []
+        count = 0
+        item = await inbound.get()
+        while True:
+            if not isinstance(item, EventColumns):
+                return parts, item
+            parts.append(item)
+            count += len(item)
+            link.queued_bytes -= _queued_size(item)
+            link.drained.set()
+            if count >= limit or inbound.empty():
+                return parts, None
+            item = inbound.get_nowait()
 
     def _store_batch(self, site: SiteCertificate, batch: EventColumns) -> int | None:
         """On the worker thread: refuse a revoked certificate, else ingest and return the ack."""

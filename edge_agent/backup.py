@@ -43,6 +43,9 @@ BACKUP_DIR = SCRATCH_DIRS[0]
 """Where bundles wait for their upload, inside the site directory (mode 0700)."""
 STATUS_TIMEOUT_S = 30.0
 """Bound on one BackupStatus call (it waits for the channel to reconnect)."""
+UPLOAD_TIMEOUT_S = 600.0
+"""Deadline of one UploadBackup stream: one that outlives it is cut like any other and resumes
+from the cloud's committed offset (1 MiB chunks; a slow link goes on in the next stream)."""
 
 
 class UploadError(Exception):
@@ -84,12 +87,14 @@ def upload_file(
     stop: threading.Event | None = None, max_attempts: int = 100,
     retry_initial_s: float = 0.2, retry_max_s: float = 30.0,
     on_chunk: Callable[[int, int], None] | None = None,
+    upload_timeout_s: float = UPLOAD_TIMEOUT_S,
 ) -> UploadResult:
     """Upload ``path`` as backup ``backup_id``, resuming from what the cloud committed.
 
     Connection problems are retried (exponential backoff, at most ``max_attempts`` streams);
     a refusal (bad id, too large, SHA-256 mismatch twice) raises UploadError. ``on_chunk``
-    is called with (offset, size) before each chunk is handed to gRPC.
+    is called with (offset, size) before each chunk is handed to gRPC. Every stream has the
+    deadline ``upload_timeout_s``; one that passes it is a cut, resumed like the others.
     """
     stop = stop or threading.Event()
     file = Path(path)
@@ -119,7 +124,7 @@ def upload_file(
             receipt = stub.UploadBackup(
                 _chunks(stub, file, backup_id, committed, size, sha256, chunk_bytes, stop,
                         counter, on_chunk),
-                wait_for_ready=True,
+                timeout=upload_timeout_s, wait_for_ready=True,
             )
             if receipt.complete:
                 if bytes(receipt.sha256) != sha256:

@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge_agent.link_state import stale_after_s
+
 CLOUD_FILE = "cloud.yaml"
 SITE_FILE = "site.yaml"
 DEFAULT_DATABASE = "edgecc.db"
@@ -42,8 +44,8 @@ class Reconnect(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     initial_ms: int = Field(default=1000, ge=50, le=60_000)
     """First retry delay."""
-    max_ms: int = Field(default=60_000, ge=100, le=600_000)
-    """Cap on the delay between attempts."""
+    max_ms: int = Field(default=60_000, ge=100, le=60_000)
+    """Cap on the delay between attempts (at most 60 s: a link back is used within a minute)."""
 
 
 class Keepalive(BaseModel):
@@ -94,6 +96,9 @@ class CloudSection(BaseModel):
     """How often the outbox is looked at for new events."""
     state_interval_s: float = Field(default=1.0, gt=0, le=60)
     """How often link_state is written (and on every change of state)."""
+    stream_deadline_s: float = Field(default=3600.0, ge=1, le=86_400)
+    """Deadline of one SiteLink stream (every call has one): a stream that reaches it is
+    opened again at once from the last ack, the link still counted up."""
 
 
 class BackupSection(BaseModel):
@@ -177,6 +182,22 @@ def load_edge_config(site_dir: Path | str) -> EdgeConfig:
         key=_resolve(directory, section.key),
         backup=backup,
     )
+
+
+def link_report_stale_after_s(site_dir: Path | str | None) -> float:
+    """How old the site's link-state row may grow before the edge agent counts as gone: from
+    ``cloud.state_interval_s`` of ``cloud.yaml`` (its default when the site is not enrolled or
+    the file cannot be read; the agent refuses such a file anyway)."""
+    interval = CloudSection.model_fields["state_interval_s"].default
+    if site_dir is not None:
+        try:
+            data = _load_yaml(Path(site_dir) / CLOUD_FILE).get("cloud") or {}
+            value = data.get("state_interval_s", interval) if isinstance(data, dict) else interval
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                interval = float(value)
+        except EdgeConfigError:
+            pass
+    return stale_after_s(interval)
 
 
 def _resolve(site_dir: Path, path: str) -> Path:

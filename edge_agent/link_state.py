@@ -111,3 +111,15 @@ class LinkMonitor:
             self.state = following
             self.since = now
         return Change(following, changed, detail)
+
+
+#: The edge agent rewrites its link-state row every ``state_interval_s``. A row this many
+#: intervals old (and at least ``STALE_FLOOR_S``) means the agent is no longer running (killed,
+#: crashed, hung): its last word ("online") must not be believed.
+STALE_REPORTS = 10
+STALE_FLOOR_S = 2.0
+
+
+def stale_after_s(state_interval_s: float) -> float:
+    """Age beyond which the agent's link-state row no longer tells the link's state."""
+    return max(STALE_FLOOR_S, STALE_REPORTS * state_interval_s)

@@ -89,11 +89,11 @@ class _Counters:
 class _Stream:
     """One SiteLink call: a queue feeds the request side, a thread drains the response side."""
 
-    def __init__(self, stub: Any) -> None:
+    def __init__(self, stub: Any, deadline_s: float) -> None:
         self.outgoing: queue.Queue[Any] = queue.Queue()
         self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         # wait_for_ready: the call waits for the channel, which reconnects with its backoff.
-        self.call = stub.SiteLink(self._requests(), wait_for_ready=True)
+        self.call = stub.SiteLink(self._requests(), wait_for_ready=True, timeout=deadline_s)
         self._reader = threading.Thread(target=self._read, name="site-link-reader", daemon=True)
         self._reader.start()
 
@@ -161,6 +161,7 @@ class EdgeAgent:
         self._linked = False
         self._lost_at: float | None = None
         self._reason = "not connected yet"
+        self._renew = False  # the last stream ended at its deadline: open the next at once
         self._problem = ""
         self._next_state_at = 0.0
         self._state_written: State | None = None
@@ -239,6 +240,9 @@ class EdgeAgent:
                 linked = self._session(stub)
                 if self.stop.is_set():
                     break
+                if self._renew:  # the stream reached its deadline: no backoff
+                    self._renew = False
+                    continue
                 # Streams that fail at once (refused, revoked) must not spin: back off too.
                 if linked and self.clock() - started > delay:
                     delay = self.cloud.reconnect.initial_ms / 1000.0
@@ -268,7 +272,8 @@ class EdgeAgent:
 
     def _session(self, stub: Any) -> bool:
         """One SiteLink stream until it ends; True when it was linked (got its first Ack)."""
-        stream = _Stream(stub)
+        stream = _Stream(stub, self.cloud.stream_deadline_s)
+        opened = self.clock()
         sent_upto: int | None = None  # None until the first Ack says where to resume
         was_linked = False
         self._sent.clear()
@@ -300,6 +305,8 @@ class EdgeAgent:
                                         batches=self._batches, columns=self._columns))
                         if first or seq != self.counters.acked_seq:  # not a heartbeat
                             self._on_ack(seq, force=first)
+                        else:  # the cloud's repeated Ack: answer, so it hears us too
+                            stream.send(pb.SiteMessage(heartbeat=pb.Heartbeat(acked_seq=seq)))
                         # Held events of ours the cloud already had: no need to send them again.
                         sent_upto = max(sent_upto, seq)
                     elif body == "config":
@@ -313,6 +320,15 @@ class EdgeAgent:
                     else:
                         log.info(kv(event="command_ignored", site=self.site_id, body=body))
                 elif kind in ("error", "end"):
+                    if (was_linked and item is not None
+                            and item.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                            and self.clock() - opened >= self.cloud.stream_deadline_s * 0.9):
+                        # The stream's own deadline, not a fault: a new one at once, from the
+                        # last ack; the link is not counted lost meanwhile.
+                        log.info(kv(event="link_renewed", site=self.site_id,
+                                    ack=self.counters.acked_seq))
+                        self._renew = True
+                        return was_linked
                     self._link_lost(item)
                     return was_linked
                 # Liveness: a path that swallows everything (sockets open, nothing forwarded)

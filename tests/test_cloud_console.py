@@ -256,6 +256,7 @@ def test_console_shows_link_lag_backups_kinds_and_alerts(running: RunningCloud,
     enrol(running, "lyon-2")  # enrolled, never linked
     before = api_site(running, "paris-1")
     assert (before["connected"], before["acked_seq"], before["alerts"]) == (False, 0, [])
+    assert before["link_state"] == "never linked"
 
     hostile = "<img src=x onerror=alert(1)>"
     occurred = time.time() - 30  # the events reach the cloud at least 30 s late
@@ -275,6 +276,7 @@ def test_console_shows_link_lag_backups_kinds_and_alerts(running: RunningCloud,
 
         paris = api_site(running, "paris-1")
         assert paris["connected"] is True
+        assert paris["link_state"] == "degraded"  # linked, but the ack is stuck at a gap
         assert (paris["acked_seq"], paris["newest_seq"], paris["lag_events"],
                 paris["held_events"]) == (3, 6, 3, 2)
         assert paris["lag_seconds"] >= 30
@@ -287,7 +289,7 @@ def test_console_shows_link_lag_backups_kinds_and_alerts(running: RunningCloud,
         dom = chromium(tmp_path, "--dump-dom", running.console).stdout
         page = parse_console(dom)
         row = page.rows["paris-1"]
-        assert row["link"] == "connected"
+        assert row["link"] == "degraded"
         assert (row["ack"], row["lag-events"], row["held"]) == ("3", "3", "2")
         assert float(row["lag-seconds"]) >= 30
         assert "nightly-1" in row["backup"]
@@ -304,6 +306,7 @@ def test_console_shows_link_lag_backups_kinds_and_alerts(running: RunningCloud,
         page = parse_console(html)
         assert page.alerts is None  # nothing to say: no alerts section at all
         assert (page.rows["paris-1"]["lag-events"], page.rows["paris-1"]["held"]) == ("0", "0")
+        assert page.rows["paris-1"]["link"] == "online"
 
         shot = tmp_path / "console.png"
         chromium(tmp_path, "--window-size=1280,400", f"--screenshot={shot}", running.console)
@@ -313,7 +316,7 @@ def test_console_shows_link_lag_backups_kinds_and_alerts(running: RunningCloud,
         link.finish()
 
     after = api_site(running, "paris-1")
-    assert after["connected"] is False
+    assert after["connected"] is False and after["link_state"] == "offline"
     assert after["link_since"] >= paris["link_since"]
 
 

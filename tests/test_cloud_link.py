@@ -15,6 +15,7 @@ import os
 import queue
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -876,16 +877,33 @@ def test_column_ingest_admits_the_usual_batch_whole_and_checks_the_rest(
 
 
 def test_a_quiet_link_hears_the_ack_again(tmp_path) -> None:
-    quiet = Cloud(tmp_path / "quiet", heartbeat_s=0.2)
+    quiet = Cloud(tmp_path / "quiet", heartbeat_s=0.2, site_silence_s=2.0)
     try:
         site = enrol(quiet, "paris-1")
         channel, link = open_link(quiet, site)
         with channel:
             link.event(1)
             assert link.wait_ack(1)[-1] == 1
-            # Nothing sent any more: the cloud repeats its Ack (the site's liveness signal).
-            repeats = [link.recv() for _ in range(3)]
-            assert [m.ack.seq for m in repeats] == [1, 1, 1]
+            # Nothing sent any more: the cloud repeats its Ack (the site's liveness signal),
+            # and a site that answers each with a Heartbeat keeps its link past site_silence_s.
+            repeats = []
+            for _ in range(15):  # 15 x heartbeat_s: past site_silence_s
+                repeats.append(link.recv())
+                link.send(pb.SiteMessage(heartbeat=pb.Heartbeat(acked_seq=1)))
+            assert [m.ack.seq for m in repeats] == [1] * 15
+            assert quiet.server.link_states()["paris-1"].connected
             link.finish()
+        # A site that stops answering (behind a dead path) has its link ended.
+        channel, link = open_link(quiet, site)
+        with channel:
+            assert link.wait_ack(1) == [1]
+            ended = link.error()
+            assert ended.code() == grpc.StatusCode.UNAVAILABLE
+            assert "site silent" in (ended.details() or "")
+        # The link's end is recorded as the handler returns, right after the status is sent.
+        deadline = time.monotonic() + WAIT
+        while quiet.server.link_states()["paris-1"].connected:
+            assert time.monotonic() < deadline, "the ended link still counted connected"
+            threading.Event().wait(0.01)  # polling interval of a bounded wait
     finally:
         quiet.close()

@@ -10,8 +10,11 @@ polls a database or a process; the assertions are on what the databases hold.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,10 +41,12 @@ from test_edge_agent import (
 
 from appliance import eventlog
 from appliance.store import open_site_db
+from edge_agent.link_state import stale_after_s
 
 SEED = int(os.environ.get("EDGECC_FAULT_SEED", "20261125"))
-WRITE_RATE = 3000  # events/s the writer aims at (the floor asked for is 2,000; it prints what it got)
-WRITE_SECONDS = 12.0  # how long the writer runs: bounds the test
+WRITE_RATE = 3000  # events/s the writer aims at
+WRITE_FLOOR = 2000  # events/s the writer must reach while the kills happen (issue 7 §6)
+WRITE_SECONDS = 60.0  # the longest the writer runs: bounds the test
 KILLS = 6  # kills per test
 
 
@@ -48,7 +54,8 @@ class PacedWriter:
     """The appliance: appends ``rate`` events/s in small transactions until stopped.
 
     ``committed`` counts the events whose transaction committed: those the site promised to
-    keep, so every one of them must reach the cloud exactly once.
+    keep, so every one of them must reach the cloud exactly once. ``rate_achieved`` is measured
+    over the writer's own run (until stopped, or ``seconds``).
     """
 
     def __init__(self, site_dir: Path, rate: int, seconds: float, *,
@@ -64,6 +71,7 @@ class PacedWriter:
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.started = time.monotonic()
+        self.ended: float | None = None
         self.thread = threading.Thread(target=self._run, name="appliance-writer")
         self.thread.start()
 
@@ -86,9 +94,17 @@ class PacedWriter:
                 self.stop.wait(max(0.0, due - time.monotonic()))
         except BaseException as exc:  # e.g. "database is locked": the agent held it too long
             self.errors.append(exc)
+        finally:
+            self.ended = time.monotonic()
+
+    def writing(self) -> bool:
+        """Still appending (not stopped, not past ``seconds``, no error)."""
+        return self.thread.is_alive() and not self.stop.is_set()
 
     def rate_achieved(self) -> float:
-        return self.committed / max(time.monotonic() - self.started, 1e-6)
+        """Committed events per second over the writer's run so far."""
+        end = self.ended if self.ended is not None else time.monotonic()
+        return self.committed / max(end - self.started, 1e-6)
 
     def finish(self) -> float:
         """Stop, check the writes were never disturbed; return the achieved rate."""
@@ -157,6 +173,7 @@ def test_kill_9_of_agent_and_cloud_at_random_moments_under_load(
         for victim, after in plan:
             pause.wait(after)
             floor = _cloud_acked_never_lost(site, cloud, floor)
+            assert writer.writing(), "a kill came after the appliance stopped writing"
             if victim == "agent":
                 assert site.kill_agent() == -signal.SIGKILL
                 site.start_agent()
@@ -174,6 +191,8 @@ def test_kill_9_of_agent_and_cloud_at_random_moments_under_load(
     finally:
         rate = writer.finish()
     print(f"writer_rate={rate:.0f}/s written={writer.committed}")
+    # The kills happened under the load the issue asks for, as measured, not as aimed at.
+    assert rate >= WRITE_FLOOR, f"the appliance wrote {rate:.0f} events/s, under {WRITE_FLOOR}"
     last = eventlog.last_seq(site.db)
     assert last == writer.committed  # every committed event is in the site's log
     wait_for(lambda: cloud.acked() == last, f"all {last} events acknowledged", timeout=60)
@@ -270,8 +289,10 @@ CUT_WRITE_RATE = 100  # events/s the site appends besides its calls while the li
 
 
 @pytest.fixture
-def hybrid_site(tmp_path: Path) -> Iterator[tuple[Any, Any, CloudProcess, BlackHoleProxy]]:
-    """A demo appliance (SIP on free ports) enrolled with a real cloud behind a black hole."""
+def hybrid_site(tmp_path: Path) -> Iterator[tuple[Any, Any, CloudProcess, BlackHoleProxy,
+                                                  subprocess.Popen[bytes]]]:
+    """A demo appliance (SIP on free ports) enrolled with a real cloud behind a black hole, and
+    its edge agent's process."""
     pytest.importorskip("pjsua2")
     if shutil.which("sipp") is None:
         pytest.fail("sipp missing: install the Debian package sip-tester", pytrace=False)
@@ -309,7 +330,7 @@ def hybrid_site(tmp_path: Path) -> Iterator[tuple[Any, Any, CloudProcess, BlackH
                                  stderr=log)
         log.close()
         try:
-            yield site, running, cloud, proxy
+            yield site, running, cloud, proxy, agent
         finally:
             if agent.poll() is None:
                 agent.terminate()
@@ -390,14 +411,14 @@ def test_a_silent_link_is_noticed_then_drained_once_in_order(
 
 @pytest.mark.timeout(300)
 def test_a_black_holed_link_leaves_calls_untouched_and_drains_in_order(
-    hybrid_site: tuple[Any, Any, CloudProcess, BlackHoleProxy], tmp_path: Path
+    hybrid_site: tuple[Any, Any, CloudProcess, BlackHoleProxy, subprocess.Popen[bytes]],
+    tmp_path: Path,
 ) -> None:
-    site, running, cloud, proxy = hybrid_site
+    site, running, cloud, proxy, agent = hybrid_site
     sid = site_id(site)
-    before = _call(tmp_path, site, running)
-    assert before["end_reason"] == "caller-hung-up"
+    # The appliance's own first events (component.up ...) in the cloud: the link carries.
     wait_for(lambda: _last_seq(site) > 0 and cloud.acked(sid) == _last_seq(site),
-             "the first call's events in the cloud")
+             "the site's first events in the cloud")
     wait_for(lambda: (_link_state(site) or eventlog.LinkState(
         "", 0, 0, 0, 0, "", 0, 0, 0, 0)).state == "online", "the link online")
 
@@ -415,6 +436,11 @@ def test_a_black_holed_link_leaves_calls_untouched_and_drains_in_order(
                            timeout=max(0.0, OFFLINE_WITHIN_S - (time.monotonic() - cut_at)))
         print(f"offline_after_s={time.monotonic() - cut_at:.1f} detail={offline.detail!r}")
         assert offline.lag_events > 0
+        # The cloud's side too: its keepalive ends the silent site's link, the console says so.
+        wait_for(lambda: cloud.sites()[sid]["link_state"] == "offline",
+                 "the console showing the link offline",
+                 timeout=max(0.0, OFFLINE_WITHIN_S - (time.monotonic() - cut_at)))
+        print(f"console_offline_after_s={time.monotonic() - cut_at:.1f}")
         # The cut lasts CUT_S whatever happens meanwhile.
         threading.Event().wait(max(0.0, CUT_S - (time.monotonic() - cut_at)))
     finally:
@@ -431,6 +457,7 @@ def test_a_black_holed_link_leaves_calls_untouched_and_drains_in_order(
     assert drain_rate >= 10 * ingest_rate
     wait_for(lambda: (s := _link_state(site)) is not None and s.state == "online",
              "the link online again")
+    wait_for(lambda: cloud.sites()[sid]["link_state"] == "online", "the console online again")
     # The appliance goes on writing (component.up cloud-link when the link is back): the cloud
     # catches up with the site's log as it now stands.
     def caught_up() -> int:
@@ -462,3 +489,51 @@ def test_a_black_holed_link_leaves_calls_untouched_and_drains_in_order(
         conn.close()
     for record in during:  # the calls made during the cut reached the cloud afterwards
         assert any(record["call_id"] in payload for payload in records)
+
+    # The agent's crash: its row still says online, but the appliance no longer believes a
+    # row the agent stopped rewriting, and counts the link down from the agent's last report.
+    mark = _last_seq(site)
+    agent.send_signal(signal.SIGKILL)
+    assert agent.wait(10) == -signal.SIGKILL
+    killed_at = time.time()
+    left = _link_state(site)
+    assert left is not None and left.state == "online" and left.updated_at <= killed_at
+    bound = stale_after_s(yaml.safe_load((site.directory / "cloud.yaml").read_text())
+                          ["cloud"]["state_interval_s"])
+    # A call with the agent dead is answered and recorded like any other (made while the
+    # appliance notices the silence, so the two waits overlap).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        calling = pool.submit(_call, tmp_path, site, running)
+        down = wait_for(lambda: _component_rows(site, mark, "component.down", "cloud-link"),
+                        "the appliance counting the dead agent's link down", timeout=bound + 15)
+        noticed_after_s = time.time() - killed_at
+        after = calling.result(timeout=120)
+    assert after["end_reason"] == "caller-hung-up" and after["answered_at"]
+    occurred_at, detail = down[0]
+    print(f"agent_killed down_after_s={noticed_after_s:.1f} detail={detail!r}")
+    assert "edge agent silent" in detail and "last report: online" in detail
+    assert occurred_at == pytest.approx(left.updated_at)  # down from the last report on
+    with urllib.request.urlopen(f"{_http(running)}/health", timeout=10) as answer:
+        assert json.loads(answer.read())["link"] == "offline"
+    assert running.proc.poll() is None  # the appliance itself carries on
+
+
+def _http(running: Any) -> str:
+    """The appliance's HTTP address, from its ``http_started`` log line."""
+    found = re.findall(r"event=http_started host=(\S+) port=(\d+)", running.log_text())
+    assert found, "the appliance logged no http_started line"
+    host, port = found[-1]
+    return f"http://{host}:{port}"
+
+
+def _component_rows(site: Any, after: int, kind: str, component: str
+                    ) -> list[tuple[float, str]]:
+    """(occurred_at, detail) of the site's ``kind`` rows for ``component`` after seq ``after``."""
+    conn = sqlite3.connect(f"file:{site.database}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = conn.execute("SELECT occurred_at, payload FROM events WHERE seq > ? AND kind = ?"
+                            " ORDER BY seq", (after, kind)).fetchall()
+    finally:
+        conn.close()
+    found = [(float(at), json.loads(p)) for at, p in rows]
+    return [(at, str(p.get("detail", ""))) for at, p in found if p.get("component") == component]

@@ -15,6 +15,7 @@ import random
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,16 +112,22 @@ def cloud(tmp_path: Path):  # type: ignore[no-untyped-def]
         c.close()
 
 
-def test_an_upload_cut_twenty_times_ends_with_the_right_sha256(
-    tmp_path: Path, cloud  # type: ignore[no-untyped-def]
-) -> None:
-    rng = random.Random(7)
-    token = cloud.token("paris-1")
-    key_pem, csr_pem = make_site_key_and_csr("paris-1")
+def _enrol(cloud, site_id: str) -> tuple[bytes, Any]:  # type: ignore[no-untyped-def]
+    """(site key PEM, EnrolReply) for ``site_id``."""
+    token = cloud.token(site_id)
+    key_pem, csr_pem = make_site_key_and_csr(site_id)
     with secure_channel(f"127.0.0.1:{cloud.server.enrol_port}", CloudSection(address="x:1"),
                         cloud.server.ca.certificate_pem) as channel:
         reply = pb_grpc.EnrolmentStub(channel).Enrol(
             pb.EnrolRequest(token=token, csr_pem=csr_pem), timeout=WAIT)
+    return key_pem, reply
+
+
+def test_an_upload_cut_twenty_times_ends_with_the_right_sha256(
+    tmp_path: Path, cloud  # type: ignore[no-untyped-def]
+) -> None:
+    rng = random.Random(7)
+    key_pem, reply = _enrol(cloud, "paris-1")
     bundle = tmp_path / "bundle"
     bundle.write_bytes(rng.randbytes(SIZE))
     # Each connection dies after 1 KiB (inside the TLS handshake) to 400 KiB of upload.
@@ -147,3 +154,39 @@ def test_an_upload_cut_twenty_times_ends_with_the_right_sha256(
     print(f"cuts={relay.done_cuts} attempts={result.attempts} resent={resent} bytes")
     assert 0 <= resent <= CUTS * CHUNK
     assert not os.path.exists(cloud.server.backups.part_path("paris-1", "cut-20"))
+
+
+def test_an_upload_stream_past_its_deadline_resumes_from_the_committed_offset(
+    tmp_path: Path, cloud  # type: ignore[no-untyped-def]
+) -> None:
+    """UploadBackup has a deadline like every call: a stream that stops carrying chunks is
+    ended by it, and the next stream resumes where the cloud's commit stands."""
+    key_pem, reply = _enrol(cloud, "lyon-1")
+    bundle = tmp_path / "bundle"
+    bundle.write_bytes(random.Random(11).randbytes(4 * CHUNK + 777))
+    stalled, next_stream = threading.Event(), threading.Event()
+    offsets: list[int] = []
+
+    def on_chunk(offset: int, _size: int) -> None:
+        offsets.append(offset)
+        if offset == 2 * CHUNK and not stalled.is_set():
+            # The first stream stops here (a link that carries nothing more) until the next
+            # stream sends its first chunk: only the deadline can end it.
+            stalled.set()
+            next_stream.wait(WAIT)
+        elif stalled.is_set():
+            next_stream.set()
+
+    section = CloudSection(address=f"127.0.0.1:{cloud.server.link_port}")
+    with secure_channel(section.address, section, reply.ca_certificate_pem, key_pem,
+                        reply.certificate_pem) as channel:
+        result = upload_file(pb_grpc.BridgeStub(channel), bundle, "deadline-1",
+                             chunk_bytes=CHUNK, retry_initial_s=0.05, upload_timeout_s=1.0,
+                             on_chunk=on_chunk)
+    assert stalled.is_set() and next_stream.is_set()
+    assert result.attempts == 2  # the stalled stream, then one that finished
+    assert result.sha256 == hashlib.sha256(bundle.read_bytes()).digest()
+    # The second stream began at the committed offset: what the first sent, at most one chunk
+    # less (the one in flight at the deadline).
+    second = offsets[offsets.index(2 * CHUNK) + 1]
+    assert CHUNK <= second <= 2 * CHUNK, offsets
