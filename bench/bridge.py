@@ -228,13 +228,18 @@ def raw_run(work: Path, count: int) -> float:
         )
         kinds = ("queue.enter", "queue.connect", "queue.complete", "call.record")
         now = time.time()
-        rows = [(SITE, n, kinds[n % 4], eventlog.encode_payload(payload(n)).encode(), now, now)
-                for n in range(1, count + 1)]
+        values = [v for n in range(1, count + 1) for v in (
+            SITE, n, kinds[n % 4], eventlog.encode_payload(payload(n)).encode(), now, now)]
+        # The fastest plain way: one multi-row INSERT per batch (as the cloud writes), the
+        # parameters flattened before the clock starts.
+        batches = [(f"INSERT INTO events VALUES {', '.join(['(?, ?, ?, ?, ?, ?)'] * size)}",
+                    values[at * 6:(at + size) * 6])
+                   for at in range(0, count, INGEST_BATCH)
+                   for size in [min(INGEST_BATCH, count - at)]]
         started = time.perf_counter()
-        for at in range(0, count, INGEST_BATCH):
+        for sql, params in batches:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-                             rows[at:at + INGEST_BATCH])
+            conn.execute(sql, params)
             conn.execute("COMMIT")
         return count / (time.perf_counter() - started)
     finally:
