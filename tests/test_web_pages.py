@@ -582,6 +582,40 @@ def test_an_alert_shows_on_the_wallboard_banner_and_clears(site: WebSite,
     site.api("POST", "/api/agents/1002/logout", token=token)
 
 
+def test_the_wallboard_shows_the_cloud_link_as_the_edge_agent_reports_it(
+        site: WebSite, browser: Browser) -> None:
+    # The edge agent's link-state row (edge_agent/relay.py writes it every state interval):
+    # online, then offline; then an "online" row the agent stopped renewing (a dead agent),
+    # which the wallboard must show as offline, not believe.
+    import sqlite_utils
+
+    from appliance import eventlog
+
+    def agent_reports(state: str, updated_at: float) -> None:
+        db = sqlite_utils.Database(site.directory / "edgecc.db")
+        try:
+            eventlog.write_link_state(db, eventlog.LinkState(
+                state, updated_at - 1, 0, 0, 0.0, "", 0, 0, 0, updated_at))
+        finally:
+            db.close()
+
+    open_as(browser, site, "sue", "wallboard.html")  # (sue logged in by the form just before)
+    browser.wait_for("document.getElementById('live').textContent === 'live'", "the wallboard")
+    pill = "document.getElementById('link')"
+    agent_reports("online", time.time())
+    browser.wait_for(f"{pill}.textContent === 'cloud: online' && "
+                     f"{pill}.classList.contains('available')", "the link shown online")
+    agent_reports("offline", time.time())
+    browser.wait_for(f"{pill}.textContent === 'cloud: offline' && "
+                     f"{pill}.classList.contains('offline')", "the link shown offline")
+    agent_reports("online", time.time())
+    browser.wait_for(f"{pill}.textContent === 'cloud: online'", "the link online again")
+    agent_reports("online", time.time() - 3600)  # the agent's last word, an hour ago
+    browser.wait_for(f"{pill}.textContent === 'cloud: offline'", "a silent agent's link offline")
+    status, health = site.api("GET", "/health", token=site.token("sue"))
+    assert status == 200 and health["link"] == "offline", health
+
+
 def test_admin_sees_queues_and_agents_and_flow_errors_by_line(site: WebSite, browser: Browser,
                                                               tmp_path: Path) -> None:
     log_in(browser, site, "ada")
