@@ -201,6 +201,10 @@ class LinkWatch:
 
 #: The link states (``eventlog.LinkState.state``) in which the cloud link counts as up.
 LINK_UP_STATES = frozenset({"online", "degraded"})
+AUDIT_ANCHOR_S = 60.0
+"""How often the audit chain's head is looked at (and sent when it moved)."""
+AUDIT_ANCHOR_REFRESH_S = 3600.0
+"""The head is sent at least this often, moved or not."""
 
 
 class ComponentLog:
@@ -405,6 +409,79 @@ class AlertLoop:
         self._writer.close(timeout)
 
 
+class AuditAnchor:
+    """Sends the head of the audit chain (its last row's id and hash) towards the cloud as an
+    ``audit.head`` event (essential: the outbox never drops it) whenever the head has moved, at
+    most every ``interval_s``, and at least every ``refresh_s`` even when it has not (so the
+    cloud finds the newest one near the end of a site's events). That copy outside the site is
+    what exposes a rewrite of the whole chain by someone who can write the database: give the
+    hash ``edgecc cloud audit-head SITE`` prints to ``edgecc audit verify --expect-head``
+    (docs/security.md). Events are committed by a ``DatabaseWriter`` of its own."""
+
+    def __init__(self, db: sqlite_utils.Database, *, interval_s: float = AUDIT_ANCHOR_S,
+                 refresh_s: float = AUDIT_ANCHOR_REFRESH_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._writer = DatabaseWriter(db, name="audit-anchor")
+        self.interval_s = interval_s
+        self.refresh_s = refresh_s
+        self._clock = clock
+        self.sent: tuple[int, str] | None = None
+        """The head last committed as an ``audit.head`` event (id, hash)."""
+        self._sent_at = -math.inf
+        self._task: asyncio.Task[None] | None = None
+
+    def anchor(self) -> tuple[int, str] | None:
+        """Write an ``audit.head`` event now if the head moved since the last one (or
+        ``refresh_s`` passed); return the head written, or None. Blocks until committed."""
+        now = self._clock()
+        sent, sent_at = self.sent, self._sent_at
+
+        def job(conn: sqlite3.Connection, db: sqlite_utils.Database) -> tuple[int, str] | None:
+            row = conn.execute("SELECT head_id, head_hash FROM audit_chain WHERE id = 1"
+                               ).fetchone()
+            if row is None or row[1] is None:
+                return None  # no chained row yet
+            head = (int(row[0]), str(row[1]))
+            if head == sent and now - sent_at < self.refresh_s:
+                return None
+            eventlog.append(db, "audit.head", {"id": head[0], "hash": head[1]},
+                            occurred_at=now, priority=eventlog.ESSENTIAL)
+            return head
+
+        head = self._writer.write("audit anchor", job).result(30)
+        if head is not None:
+            self.sent, self._sent_at = head, now
+            log.info(kv(event="audit_anchored", id=head[0], hash=head[1][:16]))
+        return head
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.anchor)
+            except Exception as exc:
+                log.error(kv(event="audit_anchor_failed", error=repr(exc)))
+            await asyncio.sleep(self.interval_s)
+
+    async def stop(self) -> None:
+        """Send the last head (the ``stop`` row's) and stop the writer."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+        def last() -> None:
+            try:
+                self.anchor()
+            except Exception as exc:
+                log.error(kv(event="audit_anchor_failed", error=repr(exc)))
+            self._writer.close()
+
+        await asyncio.to_thread(last)
+
+
 def _log_failure(event: str, future: Future[Any]) -> None:
     if future.cancelled():
         log.error(kv(event=event, error="cancelled at stop"))
@@ -445,6 +522,11 @@ class Appliance:
             components = ComponentLog(components_db)
             stack.append(("components", components.close))
             await asyncio.to_thread(components.recover)
+            # The audit chain's head, sent to the cloud (a copy the site cannot rewrite).
+            anchor_db = open_site_db(config.storage.database)
+            stack.append(("audit-anchor-db", anchor_db.close))
+            anchor = AuditAnchor(anchor_db)
+            stack.append(("audit-anchor", anchor.stop))
             guard = Guard(config.guard)
             # A fresh nonce secret per run: nonces from before a restart answer stale=true,
             # and phones retry at once (RFC 7616 §3.3).
@@ -531,6 +613,7 @@ class Appliance:
             await _stop_all(stack)
             raise
         audit(db, "appliance", "start", kv(site=config.site.id, pid=os.getpid()))
+        anchor.start()  # (after the start row: its head is the first sent)
         components.set("appliance", True, detail="started")
         return cls(config, db, guard, auth, bindings, registrar, sip, http, started_at, stack,
                    api=api, components=components)

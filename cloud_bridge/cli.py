@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import datetime as dt
 import hashlib
+import json
 import logging
 import signal
 import sys
@@ -195,6 +196,15 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                       help="service-level threshold in seconds (default 20)")
     kpis.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     kpis.set_defaults(handler=_cmd_kpis)
+
+    head = sub.add_parser(
+        "audit-head", help="the site's newest audit chain head sent to the cloud (id and hash)",
+        description="Prints the last audit.head event the site sent: give its hash to "
+                    "'edgecc audit verify --expect-head HASH' on the site to prove the site's "
+                    "audit log was not rewritten since.")
+    _common(head, suppress=True)
+    head.add_argument("site", type=_site_id, help="site id")
+    head.set_defaults(handler=_cmd_audit_head)
     return cloud
 
 
@@ -444,6 +454,29 @@ def _percent(value: float | None) -> str:
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def _cmd_audit_head(args: argparse.Namespace) -> int:
+    store = _open(args)
+    if store is None:
+        return 2
+    try:
+        event = store.latest_event(args.site, "audit.head")
+    finally:
+        store.close()
+    if event is None:
+        print(f"no audit head from site {args.site} yet", file=sys.stderr)
+        return 1
+    try:
+        head = json.loads(event.payload)
+        row_id, digest = int(head["id"]), str(head["hash"])
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"error: the stored audit.head event {event.seq} cannot be read: {exc!r}",
+              file=sys.stderr)
+        return 2
+    print(f"site={args.site} id={row_id} hash={digest} at={_when(event.occurred_at)} "
+          f"seq={event.seq}")
+    return 0
 
 
 def _cmd_kpis(args: argparse.Namespace) -> int:

@@ -303,6 +303,10 @@ class CloudStore(Protocol):
         """Stored events of a site in seq order, from ``after + 1``."""
         ...
 
+    def latest_event(self, site_id: str, kind: str) -> EventRecord | None:
+        """The stored event of ``kind`` with the highest seq for the site, or None."""
+        ...
+
     def queue_events(
         self, since: float, until: float, site_id: str | None = None
     ) -> list[EventRecord]:
@@ -696,6 +700,18 @@ class SqlCloudStore:
             (site_id, after, limit),
         ).fetchall()
         return [EventRecord(site_id, int(r[0]), r[1], bytes(r[2]), r[3]) for r in rows]
+
+    def latest_event(self, site_id: str, kind: str) -> EventRecord | None:
+        """The stored event of ``kind`` with the highest seq for the site, or None. Walks the
+        site's events back from the newest (kinds that recur, like ``audit.head``, are found
+        near the end)."""
+        row = self._execute(
+            "SELECT seq, kind, payload, occurred_at FROM events"
+            " WHERE site_id = ? AND kind = ? ORDER BY seq DESC LIMIT 1",
+            (site_id, kind),
+        ).fetchone()
+        return None if row is None else EventRecord(site_id, int(row[0]), row[1],
+                                                    bytes(row[2]), row[3])
 
     def queue_events(
         self, since: float, until: float, site_id: str | None = None

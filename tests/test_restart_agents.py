@@ -129,6 +129,11 @@ def test_agents_and_call_across_a_restart(site: Site, appliances: list[Running],
 
             if how == "sigterm":
                 assert stop(first.proc) == 0
+                # The audit chain's head as it stopped (its "stop" row) went out for the cloud.
+                [(payload,)] = query(site, "SELECT payload FROM events WHERE kind = "
+                                           "'audit.head' ORDER BY seq DESC LIMIT 1")
+                assert [(json.loads(payload)["id"], json.loads(payload)["hash"])] == query(
+                    site, "SELECT head_id, head_hash FROM audit_chain")
                 # A stop hangs up both sides and writes the record.
                 alice.next("disconnected")
                 caller.wait("disconnected")
