@@ -225,6 +225,33 @@ def test_disposition_is_audited_and_logged(db_path: Path) -> None:
     assert payload["disposition"] == "follow-up" and payload["agent"] == "1003"
 
 
+def test_ready_ends_wrap_up_unpauses_a_paused_agent_and_refuses_otherwise(
+        db_path: Path) -> None:
+    events = Events()
+    desk = open_desk(db_path, events)
+    desk.login("1001", T0, actor="1001", source="sip:1001")
+    # Available, in wrap-up: only the wrap-up ends (the presence row stays).
+    assert desk.unpause("1001", T0 + 1, actor="1001", source="sip:1001",
+                        in_wrap_up=True) == [m.WrapUpEnded("1001")]
+    assert events.seen[-1] == ("agent.ready", {"agent": "1001", "actor": "1001",
+                                               "source": "sip:1001", "at": T0 + 1})
+    # Paused, in wrap-up: unpaused, then the wrap-up ends.
+    desk.pause("1001", "1", T0 + 2, actor="1001", source="sip:1001")
+    assert desk.unpause("1001", T0 + 3, actor="1001", source="sip:1001", in_wrap_up=True) == [
+        m.AgentUnpause("1001"), m.WrapUpEnded("1001")]
+    assert desk.view("1001", None)["presence"] == "available"
+    # Neither paused nor in wrap-up, or logged out: refused, nothing written.
+    assert desk.flush(10)
+    before = counts(desk)
+    with pytest.raises(DeskError) as refused:
+        desk.unpause("1001", T0 + 4, actor="1001", source="sip:1001")
+    assert refused.value.status == 409
+    with pytest.raises(DeskError) as logged_out:
+        desk.unpause("1002", T0 + 4, actor="1002", source="sip:1002", in_wrap_up=True)
+    assert logged_out.value.status == 409
+    assert desk.flush(10) and counts(desk) == before
+
+
 def test_a_failing_write_rolls_back_all_three_rows(db_path: Path, caplog: Any) -> None:
     desk = open_desk(db_path)
     conn = desk._db.conn

@@ -224,6 +224,33 @@ def test_supervisor_pauses_an_agent_and_the_router_follows(api: AgentsApi) -> No
                      "agent.logout"]
 
 
+def test_an_agent_in_wrap_up_is_made_ready_early_and_it_is_audited(api: AgentsApi) -> None:
+    # A queue with a long wrap-up: "ready" (/unpause) ends the agent's after-call work at once.
+    api.router = ReferenceRouter(m.RouterConfig(
+        queues=(m.QueueConfig("sales", tuple(m.Member(a) for a in AGENTS),
+                              strategy=m.Strategy.LINEAR, wrap_up=600.0),),
+        agents=tuple(m.AgentConfig(a) for a in AGENTS)))
+    api.service = RouterDeskService(api.desk, api.router, clock=api.tick,
+                                    on_decisions=api.decisions.extend)
+    assert api.as_("alex", "POST", "/api/agents/1001/login").status == 200
+    for event in (m.CallerJoin("c1", "sales"), m.OfferAccepted("c1", "1001"),
+                  m.CallEnded("c1", "1001")):
+        api.call_soon(lambda event=event: api.router.handle(event, api.tick()))
+    assert api.as_("alex", "GET", "/api/agents/1001").body["state"] == "wrap-up"
+    reply = api.as_("alex", "POST", "/api/agents/1001/unpause")
+    assert reply.status == 200, reply.body
+    assert (reply.body["state"], reply.body["presence"]) == ("available", "available")
+    assert api.call_soon(lambda: api.router.agent_view("1001")).in_wrap_up is False
+    # Ready already: nothing to end, refused, nothing written.
+    assert api.as_("alex", "POST", "/api/agents/1001/unpause").status == 409
+    ready = [r for r in api.audit() if r["action"] == "agent.ready"]
+    assert [r["actor"] for r in ready] == ["api:alex"]
+    assert "agent=1001" in ready[0]["detail"] and "source=127.0.0.1:" in ready[0]["detail"]
+    kinds = [r[0] for r in api.call_soon(lambda: api.desk._db.conn.execute(
+        "SELECT kind FROM events ORDER BY seq").fetchall())]
+    assert kinds == ["agent.login", "agent.ready"]
+
+
 def test_every_action_is_audited_with_actor_and_source(api: AgentsApi) -> None:
     assert api.as_("alex", "POST", "/api/agents/1001/login").status == 200
     assert api.as_("alex", "POST", "/api/agents/1001/disposition",

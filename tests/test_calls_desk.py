@@ -374,7 +374,8 @@ def test_a_caller_who_abandons_and_calls_again_takes_their_old_place(live_out,
 
 
 def test_wrap_up_after_one_queue_holds_the_agent_in_all_of_them(live_out, tmp_path) -> None:
-    """Last in the module: 1001 stays in the long wrap-up of ``sales``."""
+    """1001 in the long wrap-up of ``sales`` is offered nothing, gives the call its disposition
+    and ends the wrap-up early with ``*73`` (ready)."""
     live = live_out
     router = live.calls.control.router
     since = _last_audit_id(live)
@@ -407,6 +408,14 @@ def test_wrap_up_after_one_queue_holds_the_agent_in_all_of_them(live_out, tmp_pa
         assert all(part in detail for part in (f"call_id={sale_id}", "disposition=resolved",
                                                "source=sip:1001"))
         assert _dial(live, phone, "*749") == 484  # no such disposition
+        # Ready: the wrap-up ends now (audited), and the desk stays as it was.
+        assert _dial(live, phone, "*73") == 200
+        view = live.run(live.calls.router_view, "1001")
+        assert (view.in_wrap_up, view.presence) == (False, "ready")
+        assert _state(live, "1001") == "available"
+        [(actor, detail)] = _audit_rows(live, "agent.ready", since)
+        assert actor == "1001" and "source=sip:1001" in detail
+        assert _dial(live, phone, "*73") == 403  # neither paused nor in wrap-up
     # No real call was ever cleared by the watchdog on this site.
     cleared = query(live.site, "SELECT detail FROM audit_log WHERE action = 'agent.watchdog'")
     assert all("call_id=ghost-" in d for (d,) in cleared)

@@ -52,6 +52,7 @@ from appliance.acd.model import (
     CallEnded,
     CallerAbandon,
     OfferRejected,
+    WrapUpEnded,
 )
 from appliance.dbwriter import DatabaseWriter, WriterClosed, WriterError
 from appliance.log import kv
@@ -59,7 +60,7 @@ from appliance.log import kv
 log = logging.getLogger("edgecc.acd.desk")
 
 RouterInput = AgentLogin | AgentLogout | AgentPause | AgentUnpause | CallEnded | OfferRejected \
-    | CallbackResult | CallerAbandon
+    | CallbackResult | CallerAbandon | WrapUpEnded
 """What the desk asks the router to do."""
 
 MAX_DIGITS = 32
@@ -532,9 +533,33 @@ class AgentDesk:
         """Pause ``agent``; ``reason`` is a pause reason code or name (None: no reason)."""
         return self._change(agent, "pause", self._reason_name(reason), now, actor, source)
 
-    def unpause(self, agent: str, now: float, *, actor: str, source: str) -> list[RouterInput]:
-        """Make a paused ``agent`` available again."""
-        return self._change(agent, "unpause", None, now, actor, source)
+    def unpause(self, agent: str, now: float, *, actor: str, source: str,
+                in_wrap_up: bool = False) -> list[RouterInput]:
+        """Make ``agent`` ready: available again if paused, and done with after-call work early
+        when ``in_wrap_up`` (the router's view; audited, and in the event log, as ``agent.ready``).
+        Refused (409) when the agent is neither paused nor in wrap-up."""
+        row = self._row(agent)
+        if not in_wrap_up or row.presence is Presence.PAUSED:
+            inputs = self._change(agent, "unpause", None, now, actor, source)
+            if not in_wrap_up:
+                return inputs
+        elif row.presence is not Presence.AVAILABLE:
+            raise DeskError(409, f"agent {agent} {_WHY_NOT['unpause']}")
+        else:
+            inputs = []
+        self._check_room()
+        payload = {"agent": agent, "actor": actor, "source": source}
+        site_id = self.site_id
+
+        def write(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
+            self._audit(conn, now, actor, "agent.ready", payload)
+            eventlog.append(db, "agent.ready", payload, occurred_at=now,
+                            site_id=site_id, now=now)
+
+        self._submit(f"agent.ready:{agent}", write)
+        log.info(kv(event="agent_ready", agent=agent, actor=actor, source=source))
+        self._emit("agent.ready", payload, now)
+        return [*inputs, WrapUpEnded(agent)]
 
     def auto_paused(self, agent: str, missed: int, now: float) -> None:
         """Record that the router paused ``agent`` after ``missed`` offers rang out."""

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.acd.desk import MAX_CALL_ID_CHARS, DeskError, DeskService
+from appliance.acd.desk import MAX_CALL_ID_CHARS, DeskError, DeskService, RouterInput
 from appliance.api.auth import require
 from appliance.api.errors import ApiError, responses
 from appliance.api.middleware import note
@@ -195,9 +195,12 @@ def build_agents_router(desk_provider: Callable[[], DeskService | None],
                  responses=responses(400, *_AUTH_ERRORS, 404, 409, 413, 422, 503))
     async def unpause(agent: AgentId, request: Request,
                       principal: Annotated[Principal, Depends(any_role)]) -> AgentOut:
-        return await act(request, principal, agent, "unpause",
-                   lambda s, now, actor, src: s.desk.unpause(agent, now, actor=actor,
-                                                             source=src))
+        def ready(s: DeskService, now: float, actor: str, src: str) -> list[RouterInput]:
+            view = s.router_view(agent)
+            return s.desk.unpause(agent, now, actor=actor, source=src,
+                                  in_wrap_up=view is not None and view.in_wrap_up)
+
+        return await act(request, principal, agent, "unpause", ready)
 
     @router.post("/{agent}/disposition", response_model=AgentOut,
                  summary="Record the outcome of a call",

@@ -589,7 +589,9 @@ class CallControl(QueuedCallbacks, VoicemailTaking, OutboundCalls, Transfers, Su
             elif code.action == "pause":
                 inputs = desk.pause(agent, code.argument, now, actor=agent, source=source)
             elif code.action == "unpause":
-                inputs = desk.unpause(agent, now, actor=agent, source=source)
+                view = self.router_view(agent)
+                inputs = desk.unpause(agent, now, actor=agent, source=source,
+                                      in_wrap_up=view is not None and view.in_wrap_up)
             elif code.action == "disposition":
                 last = self._last_call.get(agent)
                 if last is None:
