@@ -160,7 +160,6 @@ class LinkWatch:
                 log.warning(kv(event="link_state_unreadable", error=repr(exc)))
                 state = None
             if state is not None:
-                state = self._believed(state)
                 self.current = state
                 if said != (state.state, state.since):
                     said = (state.state, state.since)
@@ -176,11 +175,14 @@ class LinkWatch:
             await asyncio.sleep(self.interval_s)
 
     def _read(self) -> eventlog.LinkState | None:
+        """Worker thread: the agent's row, as believed (``_believed``), or None."""
         with _read_only(self.database) as conn:
-            return eventlog.read_link_state(sqlite_utils.Database(conn))
+            state = eventlog.read_link_state(sqlite_utils.Database(conn))
+        return None if state is None else self._believed(state)
 
     def _believed(self, state: eventlog.LinkState) -> eventlog.LinkState:
-        """The row as read, or offline since its ``updated_at`` when the agent went silent."""
+        """The row as read, or offline since its ``updated_at`` when the agent went silent
+        (worker thread: a silent agent's ``cloud.yaml`` is read again each time)."""
         age = self._clock() - state.updated_at
         if age <= self.stale_after_s or state.state == "offline":
             return state

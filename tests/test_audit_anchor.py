@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_audit_chain import GENESIS, attacker, edgecc, fill, row_hash, site, template_site  # noqa: F401 (fixtures)
+from test_audit_chain import edgecc, fill, rewritten_chain, site, template_site  # noqa: F401 (fixtures)
 
 from appliance import eventlog
 from appliance.app import AuditAnchor
@@ -100,18 +100,7 @@ def test_the_clouds_copy_exposes_a_rewritten_chain(site: Path, tmp_path) -> None
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # Someone who can write the file rewrites every row from the first and the head: the
     # chain is consistent in itself, and only the cloud's copy of the head says otherwise.
-    conn = attacker(path)
-    conn.execute("DROP INDEX audit_log_prev_hash")
-    conn.execute("UPDATE audit_log SET detail = 'n=0 (rewritten)' WHERE id = 1")
-    prev = GENESIS
-    for row_id, at, actor, action, detail in conn.execute(
-            "SELECT id, at, actor, action, detail FROM audit_log ORDER BY id").fetchall():
-        digest = row_hash(prev, row_id, at, actor, action, detail)
-        conn.execute("UPDATE audit_log SET prev_hash = ?, hash = ? WHERE id = ?",
-                     (prev, digest, row_id))
-        prev = digest
-    conn.execute("UPDATE audit_chain SET head_hash = ?", (prev,))
-    conn.close()
+    rewritten_chain(path).close()
     alone = edgecc("audit", "verify", "--site-dir", str(site))
     assert alone.returncode == 0, alone.stdout  # nothing on site can tell
     caught = edgecc("audit", "verify", "--site-dir", str(site), "--expect-head", sent)

@@ -56,6 +56,23 @@ def attacker(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def rewritten_chain(path: Path) -> sqlite3.Connection:
+    """The attacker edits the first row, then recomputes every hash from it on and the head
+    (SHA-256 has no key): the chain is consistent in itself again. Returns their connection."""
+    conn = attacker(path)
+    conn.execute("DROP INDEX audit_log_prev_hash")
+    conn.execute("UPDATE audit_log SET detail = 'n=0 (rewritten)' WHERE id = 1")
+    prev = GENESIS
+    for row_id, at, actor, action, detail in conn.execute(
+            "SELECT id, at, actor, action, detail FROM audit_log ORDER BY id").fetchall():
+        digest = row_hash(prev, row_id, at, actor, action, detail)
+        conn.execute("UPDATE audit_log SET prev_hash = ?, hash = ? WHERE id = ?",
+                     (prev, digest, row_id))
+        prev = digest
+    conn.execute("UPDATE audit_chain SET head_hash = ?", (prev,))
+    return conn
+
+
 # --------------------------------------------------------------------------- the chain
 
 
@@ -223,18 +240,7 @@ def test_a_rewritten_chain_is_found_only_against_a_head_kept_elsewhere(tmp_path:
     fill(db, 5)
     kept = verify(db.conn).head_hash
     db.conn.close()
-    conn = attacker(path)
-    conn.execute("DROP INDEX audit_log_prev_hash")
-    conn.execute("UPDATE audit_log SET detail = 'n=0 (rewritten)' WHERE id = 1")
-    # Recompute every hash from the edited row on, and the head: SHA-256 has no key.
-    prev = GENESIS
-    for row_id, at, actor, action, detail in conn.execute(
-            "SELECT id, at, actor, action, detail FROM audit_log ORDER BY id").fetchall():
-        digest = row_hash(prev, row_id, at, actor, action, detail)
-        conn.execute("UPDATE audit_log SET prev_hash = ?, hash = ? WHERE id = ?",
-                     (prev, digest, row_id))
-        prev = digest
-    conn.execute("UPDATE audit_chain SET head_hash = ?", (prev,))
+    conn = rewritten_chain(path)
     assert verify(conn).ok  # the honest limit: a full rewrite is consistent in itself
     report = verify(conn, expect_head=kept)
     conn.close()

@@ -539,26 +539,16 @@ class AgentDesk:
         when ``in_wrap_up`` (the router's view; audited, and in the event log, as ``agent.ready``).
         Refused (409) when the agent is neither paused nor in wrap-up."""
         row = self._row(agent)
-        if not in_wrap_up or row.presence is Presence.PAUSED:
-            inputs = self._change(agent, "unpause", None, now, actor, source)
-            if not in_wrap_up:
-                return inputs
-        elif row.presence is not Presence.AVAILABLE:
+        if not in_wrap_up:
+            return self._change(agent, "unpause", None, now, actor, source)
+        if row.presence is Presence.LOGGED_OUT:
             raise DeskError(409, f"agent {agent} {_WHY_NOT['unpause']}")
-        else:
-            inputs = []
-        self._check_room()
-        payload = {"agent": agent, "actor": actor, "source": source}
-        site_id = self.site_id
-
-        def write(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
-            self._audit(conn, now, actor, "agent.ready", payload)
-            eventlog.append(db, "agent.ready", payload, occurred_at=now,
-                            site_id=site_id, now=now)
-
-        self._submit(f"agent.ready:{agent}", write)
+        self._check_room()  # before either change: both are written, or neither
+        inputs = (self._change(agent, "unpause", None, now, actor, source)
+                  if row.presence is Presence.PAUSED else [])
+        self._action("agent.ready", agent, {"agent": agent, "actor": actor, "source": source},
+                     now, actor)
         log.info(kv(event="agent_ready", agent=agent, actor=actor, source=source))
-        self._emit("agent.ready", payload, now)
         return [*inputs, WrapUpEnded(agent)]
 
     def auto_paused(self, agent: str, missed: int, now: float) -> None:
@@ -577,16 +567,21 @@ class AgentDesk:
         key = self._lookup(code, self.dispositions, "disposition", "code")
         payload = {"agent": agent, "call_id": call_id, "code": key,
                    "disposition": self.dispositions[key], "actor": actor, "source": source}
+        self._action("agent.disposition", agent, payload, now, actor)
+        log.info(kv(event="agent_disposition", agent=agent, call=call_id, code=key))
+
+    def _action(self, kind: str, agent: str, payload: dict[str, Any], now: float,
+                actor: str) -> None:
+        """An audited action that changes no presence: its audit row and ``kind`` event in
+        one transaction of the writer, then the live feed."""
         site_id = self.site_id
 
         def write(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
-            self._audit(conn, now, actor, "agent.disposition", payload)
-            eventlog.append(db, "agent.disposition", payload, occurred_at=now,
-                            site_id=site_id, now=now)
+            self._audit(conn, now, actor, kind, payload)
+            eventlog.append(db, kind, payload, occurred_at=now, site_id=site_id, now=now)
 
-        self._submit(f"agent.disposition:{agent}", write)
-        log.info(kv(event="agent_disposition", agent=agent, call=call_id, code=key))
-        self._emit("agent.disposition", payload, now)
+        self._submit(f"{kind}:{agent}", write)
+        self._emit(kind, payload, now)
 
     def watchdog(self, router_views: Mapping[str, AgentView], live: Mapping[str, set[str]],
                  now: float, *, held: Mapping[str, Mapping[str, str]] | None = None
